@@ -1,0 +1,189 @@
+"""The paper's four augmentations, fused into one resampling pass.
+
+The paper imitates blurry shop photos with (1) a constant-colour border of random width
+0..30 px, (2) a random crop of up to 10 px, (3) a random perspective transform and (4) a
+brightness change within +-20 %. (1)-(3) and the model's resize + centre crop are all
+projective maps of the plane, so they compose into ONE 3x3 matrix and the image is
+resampled once (``PIL.Image.transform``); the border is simply the fill colour of pixels
+that map outside the source image. (4) is a 256-entry lookup table. On CPU this costs less
+than the JPEG decode that precedes it; the same parameters drive the GPU path.
+
+Parameter ranges (each switchable, magnitude configurable):
+
+* border: one width ``b ~ U{0..border_max}`` on all four sides, colour ``border_fill``
+  (``"random"``: a uniform random RGB per image; or a grey level 0..255);
+* crop: each dimension shrinks by ``d ~ U{0..crop_max}`` px, window at a random offset;
+* perspective: with probability ``perspective_p``, each corner moves inward by up to
+  ``perspective_scale`` x half the width/height (torchvision ``RandomPerspective``);
+* brightness: pixel values times ``f ~ U[1 - brightness_max, 1 + brightness_max]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+Point = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Switches and magnitudes of the paper's augmentations (all in pixels or fractions)."""
+
+    border: bool = True
+    border_max: int = 30
+    border_fill: str | int = "random"
+    crop: bool = True
+    crop_max: int = 10
+    perspective: bool = True
+    perspective_scale: float = 0.2
+    perspective_p: float = 0.5
+    brightness: bool = True
+    brightness_max: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.border_max < 0 or self.crop_max < 0:
+            raise ValueError("border_max and crop_max must be >= 0 px")
+        if not 0.0 <= self.perspective_scale < 1.0:
+            raise ValueError(f"perspective_scale must be in [0, 1), got {self.perspective_scale}")
+        if not 0.0 <= self.perspective_p <= 1.0:
+            raise ValueError(f"perspective_p must be in [0, 1], got {self.perspective_p}")
+        if not 0.0 <= self.brightness_max < 1.0:
+            raise ValueError(f"brightness_max must be in [0, 1), got {self.brightness_max}")
+        if self.border_fill != "random" and not (
+            isinstance(self.border_fill, int) and 0 <= self.border_fill <= 255
+        ):
+            raise ValueError(f"border_fill must be 'random' or a grey level 0..255, got {self.border_fill!r}")
+
+    @classmethod
+    def off(cls) -> "AugmentConfig":
+        """No augmentation at all (evaluation, and the paper's 'without augmentation')."""
+        return cls(border=False, crop=False, perspective=False, brightness=False)
+
+    @property
+    def any(self) -> bool:
+        return self.border or self.crop or self.perspective or self.brightness
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Random draws for one image. Coordinates are in the bordered image's pixels."""
+
+    border: int
+    fill: tuple[int, int, int]
+    crop: tuple[int, int, int, int]  # left, top, width, height of the window
+    perspective: tuple[Point, Point, Point, Point] | None  # where the window's corners go
+    brightness: float
+
+
+def sample_params(
+    rng: np.random.Generator, width: int, height: int, config: AugmentConfig
+) -> AugmentParams:
+    """Draw the augmentation parameters for a ``width`` x ``height`` image."""
+    border = int(rng.integers(0, config.border_max + 1)) if config.border else 0
+    if config.border_fill == "random":
+        fill = tuple(int(v) for v in rng.integers(0, 256, size=3))
+    else:
+        fill = (int(config.border_fill),) * 3
+    w, h = width + 2 * border, height + 2 * border
+    left = top = 0
+    if config.crop:
+        dx = int(rng.integers(0, min(config.crop_max, w - 1) + 1))
+        dy = int(rng.integers(0, min(config.crop_max, h - 1) + 1))
+        left, top = int(rng.integers(0, dx + 1)), int(rng.integers(0, dy + 1))
+        w, h = w - dx, h - dy
+    perspective = None
+    if config.perspective and rng.random() < config.perspective_p:
+        mx, my = config.perspective_scale * w / 2, config.perspective_scale * h / 2
+        jx, jy = rng.uniform(0, mx, size=4), rng.uniform(0, my, size=4)
+        perspective = (
+            (jx[0], jy[0]),
+            (w - 1 - jx[1], jy[1]),
+            (w - 1 - jx[2], h - 1 - jy[2]),
+            (jx[3], h - 1 - jy[3]),
+        )
+    brightness = 1.0
+    if config.brightness:
+        brightness = float(rng.uniform(1 - config.brightness_max, 1 + config.brightness_max))
+    return AugmentParams(border, fill, (left, top, w, h), perspective, brightness)
+
+
+def homography(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The 3x3 matrix H with ``H @ [x, y, 1] ~ [x', y', 1]`` for four point pairs."""
+    rows, rhs = [], []
+    for (x, y), (u, v) in zip(src, dst):
+        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+        rhs.extend([u, v])
+    solution = np.linalg.solve(np.asarray(rows, float), np.asarray(rhs, float))
+    return np.append(solution, 1.0).reshape(3, 3)
+
+
+def _translate(dx: float, dy: float) -> np.ndarray:
+    return np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1]], float)
+
+
+def output_to_source(
+    params: AugmentParams, resize: int | None = None, crop_size: int | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Matrix mapping output pixels to source pixels, and the output size.
+
+    Without ``resize`` the output is the crop window itself (used by tests to check each
+    augmentation's bounds); with it, the window is scaled so its shorter side is
+    ``resize`` and centre-cropped to ``crop_size`` x ``crop_size``.
+    """
+    left, top, w, h = params.crop
+    # output -> window coordinates
+    if resize is None:
+        to_window = np.eye(3)
+        size = (w, h)
+    else:
+        crop_size = crop_size or resize
+        scale = resize / min(w, h)
+        ox, oy = (w * scale - crop_size) / 2, (h * scale - crop_size) / 2
+        to_window = np.diag([1 / scale, 1 / scale, 1]) @ _translate(ox, oy)
+        size = (crop_size, crop_size)
+    # window after perspective -> window before perspective
+    if params.perspective is not None:
+        corners = np.array([(0, 0), (w - 1, 0), (w - 1, h - 1), (0, h - 1)], float)
+        to_window = homography(np.asarray(params.perspective, float), corners) @ to_window
+    # window -> bordered image -> source image
+    matrix = _translate(left - params.border, top - params.border) @ to_window
+    return matrix / matrix[2, 2], size
+
+
+def brightness_lut(factor: float) -> list[int]:
+    """Lookup table (3 x 256 entries) multiplying every channel by ``factor``."""
+    table = np.clip(np.round(np.arange(256) * factor), 0, 255).astype(int).tolist()
+    return table * 3
+
+
+def apply(
+    image: Image.Image,
+    params: AugmentParams,
+    resize: int | None = None,
+    crop_size: int | None = None,
+) -> Image.Image:
+    """Border + crop + perspective (+ resize and centre crop) in one bilinear resampling,
+    then brightness. ``image`` must be RGB."""
+    matrix, size = output_to_source(params, resize, crop_size)
+    # Shrinking by 2x or more: box-reduce first so bilinear sampling does not alias.
+    shrink = int(abs(matrix[0, 0])) if resize is not None else 1  # source px per output px
+    if shrink >= 2:
+        image = image.reduce(shrink)
+        matrix = np.diag([1 / shrink, 1 / shrink, 1]) @ matrix
+        matrix = matrix / matrix[2, 2]
+    identity = np.allclose(matrix, np.eye(3)) and size == image.size
+    if not identity:
+        image = image.transform(
+            size,
+            Image.Transform.PERSPECTIVE,
+            tuple(matrix.flatten()[:8]),
+            Image.Resampling.BILINEAR,
+            fillcolor=params.fill,
+        )
+    if params.brightness != 1.0:
+        image = image.point(brightness_lut(params.brightness))
+    return image

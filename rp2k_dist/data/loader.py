@@ -1,0 +1,336 @@
+"""Stream shards to DDP ranks: equal steps for training, exactly-once for evaluation.
+
+The work of one epoch is planned from the manifest alone, so every rank computes the
+same plan without talking to the others:
+
+1. the split's shards are shuffled with a seed derived from ``(seed, epoch)``;
+2. they are dealt to ranks (``shards[rank::world]``) and then to the rank's loader
+   workers; when there are fewer shards than readers, readers share shards and keep
+   every m-th sample instead (``i % m == k``), so splitting stays exact;
+3. each reader (rank x worker) knows its sample count, hence its number of full batches;
+   a training epoch has ``min`` over ranks of the rank's full batches, and each worker
+   gets a quota that adds up to exactly that. Evaluation keeps partial batches and no
+   quota, so every test sample is seen exactly once whatever the world size.
+
+Inside a reader: WebDataset tar reading -> shuffle buffer -> decode + transform ->
+``partial=False`` batching. Samples that fail to decode are counted and skipped (no
+sleeping warn-and-continue); if skips leave a rank short of its planned steps, a second,
+differently shuffled pass tops it up, so DDP never sees unequal step counts. Too many
+corrupt samples abort the run with :class:`CorruptDataError`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .images import DECODE_ERRORS
+from .manifest import Manifest
+
+Transform = Callable[[bytes, np.random.Generator], torch.Tensor]
+
+
+class CorruptDataError(RuntimeError):
+    """More samples failed to decode than ``max_corrupt_fraction`` allows."""
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Streaming loader settings (per rank)."""
+
+    batch_size: int = 64  # images per rank per step
+    workers: int = 2  # loader processes per rank; 0 = read in the training process
+    shuffle_buffer: int = 2000  # samples held for shuffling inside each worker
+    seed: int = 0
+    max_corrupt_fraction: float = 0.01  # of an epoch's samples; above it the run stops
+    prefetch_factor: int = 4  # batches in flight per worker
+    start_method: str = "forkserver"  # fork is unsafe inside Ray actors (threads)
+    pin_memory: bool = False  # set when batches go to a CUDA device
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if not 0.0 <= self.max_corrupt_fraction <= 1.0:
+            raise ValueError(f"max_corrupt_fraction must be in [0, 1], got {self.max_corrupt_fraction}")
+        if self.start_method not in mp.get_all_start_methods():
+            raise ValueError(f"start_method {self.start_method!r} not in {mp.get_all_start_methods()}")
+
+
+@dataclass(frozen=True)
+class ReaderPlan:
+    """What one reader (rank x loader worker) reads in one epoch."""
+
+    shards: tuple[str, ...]
+    modulo: tuple[int, int] | None  # (m, k): keep the i-th sample of the stream iff i % m == k
+    samples: int  # samples it will see (from the manifest)
+    quota: int | None = None  # batches it may emit (training), None = all (evaluation)
+
+
+def _count_mod(n: int, m: int, k: int) -> int:
+    return max(0, (n - k + m - 1) // m)
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def plan_readers(
+    shards: Sequence[tuple[str, int]],
+    rank: int,
+    world_size: int,
+    workers: int,
+    epoch: int = 0,
+    seed: int = 0,
+    shuffle: bool = True,
+) -> list[ReaderPlan]:
+    """The readers of ``rank``: one per loader worker (one if ``workers`` is 0)."""
+    order = list(shards)
+    if shuffle:
+        random.Random(_seed(seed, epoch)).shuffle(order)
+    readers = max(1, workers)
+    if len(order) >= world_size:
+        mine = order[rank::world_size]
+        if len(mine) >= readers:
+            return [
+                ReaderPlan(tuple(u for u, _ in mine[w::readers]), None, sum(n for _, n in mine[w::readers]))
+                for w in range(readers)
+            ]
+        total = sum(n for _, n in mine)
+        urls = tuple(u for u, _ in mine)
+        return [ReaderPlan(urls, (readers, w), _count_mod(total, readers, w)) for w in range(readers)]
+    # Fewer shards than ranks: every reader walks all shards and keeps its residue class.
+    total = sum(n for _, n in order)
+    urls = tuple(u for u, _ in order)
+    m = world_size * readers
+    return [
+        ReaderPlan(urls, (m, rank + world_size * w), _count_mod(total, m, rank + world_size * w))
+        for w in range(readers)
+    ]
+
+
+def plan_training_epoch(
+    shards: Sequence[tuple[str, int]],
+    rank: int,
+    world_size: int,
+    workers: int,
+    batch_size: int,
+    epoch: int = 0,
+    seed: int = 0,
+) -> tuple[int, list[ReaderPlan]]:
+    """Steps of the epoch (the same on every rank) and this rank's readers with quotas."""
+    full = [
+        [p.samples // batch_size for p in plan_readers(shards, r, world_size, workers, epoch, seed)]
+        for r in range(world_size)
+    ]
+    steps = min(sum(f) for f in full)
+    quotas = list(full[rank])
+    excess = sum(quotas) - steps
+    while excess > 0:  # trim the largest quotas first: readers finish close together
+        quotas[int(np.argmax(quotas))] -= 1
+        excess -= 1
+    readers = plan_readers(shards, rank, world_size, workers, epoch, seed)
+    return steps, [ReaderPlan(p.shards, p.modulo, p.samples, q) for p, q in zip(readers, quotas)]
+
+
+@dataclass
+class LoaderStats:
+    """Counts of the current epoch, summed over this rank's readers."""
+
+    samples: int = 0
+    skipped: int = 0
+    refill_batches: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def corrupt_fraction(self) -> float:
+        seen = self.samples + self.skipped
+        return self.skipped / seen if seen else 0.0
+
+
+class _ShardStream(IterableDataset):
+    """Yields this rank's batches; runs inside each loader worker."""
+
+    def __init__(self, shards, rank, world_size, transform, config, train, context):
+        self.shards = shards
+        self.rank = rank
+        self.world_size = world_size
+        self.transform = transform
+        self.config = config
+        self.train = train
+        # (epoch, pass) shared with the persistent workers, read at each new iteration.
+        self.state = context.RawArray("q", 2)
+
+    def readers(self) -> list[ReaderPlan]:
+        epoch = int(self.state[0])
+        c = self.config
+        if self.train:
+            return plan_training_epoch(self.shards, self.rank, self.world_size, c.workers, c.batch_size, epoch, c.seed)[1]
+        return plan_readers(self.shards, self.rank, self.world_size, c.workers, shuffle=False)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        epoch, refill = int(self.state[0]), int(self.state[1])
+        plan = self.readers()[worker]
+        seed = _seed(self.config.seed, epoch, refill, self.rank, worker)
+        errors: list[str] = []
+
+        def on_error(exn: Exception) -> bool:
+            errors.append(f"{type(exn).__name__}: {exn}"[:300])
+            return True  # keep reading; counted instead of slept on
+
+        samples = wds.tarfile_to_samples(handler=on_error)(iter([{"url": u} for u in plan.shards]))
+        if plan.modulo is not None:
+            m, k = plan.modulo
+            samples = (s for i, s in enumerate(samples) if i % m == k)
+        if self.train:
+            buffer = self.config.shuffle_buffer
+            samples = wds.shuffle(buffer, min(buffer, 100), rng=random.Random(seed))(samples)
+        rng = np.random.default_rng(seed)
+        images, labels, keys, skipped, emitted = [], [], [], 0, 0
+        quota = plan.quota if self.train and not refill else None
+        batch_size = self.config.batch_size
+        for sample in samples:
+            if quota is not None and emitted >= quota:
+                break
+            try:
+                image = self.transform(sample["jpg"], rng)
+                label = int(sample["cls"])
+            except (*DECODE_ERRORS, KeyError) as err:
+                skipped += 1
+                errors.append(f"{sample.get('__key__')}: {type(err).__name__}: {err}"[:300])
+                continue
+            images.append(image)
+            labels.append(label)
+            keys.append(sample["__key__"])
+            if len(images) == batch_size:
+                yield self._batch(images, labels, keys, skipped, errors)
+                images, labels, keys, skipped, errors, emitted = [], [], [], 0, [], emitted + 1
+        if images and not self.train:
+            yield self._batch(images, labels, keys, skipped, errors)
+        elif skipped or errors:
+            yield {"skipped": skipped, "errors": errors}
+
+    @staticmethod
+    def _batch(images, labels, keys, skipped, errors) -> dict[str, Any]:
+        return {
+            "image": torch.stack(images),
+            "label": torch.tensor(labels, dtype=torch.int64),
+            "key": keys,
+            "skipped": skipped,
+            "errors": errors,
+        }
+
+
+class ShardLoader:
+    """Batches of one split for one rank: ``{"image": uint8 NCHW, "label": int64 N, "key": [str]}``.
+
+    Training loaders (``train=True``) shuffle, drop partial batches and yield exactly
+    ``len(loader)`` batches per epoch on every rank; call :meth:`set_epoch` first.
+    Evaluation loaders yield every sample of the split exactly once across all ranks.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        transform: Transform,
+        config: LoaderConfig = LoaderConfig(),
+        rank: int = 0,
+        world_size: int = 1,
+        train: bool = True,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        shards = [(path, info.samples) for path, info in zip(manifest.shard_paths(split), manifest.shards(split))]
+        if not shards or sum(n for _, n in shards) == 0:
+            raise ValueError(f"split {split!r} of {manifest.root} has no samples")
+        self.split = split
+        self.root = manifest.root
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.train = train
+        self.epoch = 0
+        self.stats = LoaderStats()
+        context = mp.get_context(config.start_method)
+        self.dataset = _ShardStream(shards, rank, world_size, transform, config, train, context)
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=config.workers,
+            persistent_workers=config.workers > 0,
+            multiprocessing_context=context if config.workers > 0 else None,
+            prefetch_factor=config.prefetch_factor if config.workers > 0 else None,
+            pin_memory=config.pin_memory,
+        )
+        if train and len(self) == 0:
+            raise ValueError(
+                f"split {split!r} has {manifest.num_samples(split)} samples: not one full batch of "
+                f"{config.batch_size} per rank for world size {world_size}; lower batch_size"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's shard order and augmentation seeds."""
+        self.epoch = epoch
+        self.dataset.state[0] = epoch
+
+    def __len__(self) -> int:
+        """Batches this rank yields in the current epoch."""
+        c = self.config
+        if self.train:
+            return plan_training_epoch(self.dataset.shards, self.rank, self.world_size, c.workers, c.batch_size, self.epoch, c.seed)[0]
+        return sum(-(-p.samples // c.batch_size) for p in self.dataset.readers())
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.stats = LoaderStats()
+        steps = len(self) if self.train else None
+        emitted = 0
+        for refill in (0, 1, 2):
+            self.dataset.state[1] = refill
+            for item in self.loader:
+                self._count(item)
+                if "image" not in item:
+                    continue
+                if steps is not None and emitted >= steps:
+                    break
+                emitted += 1
+                self.stats.refill_batches += bool(refill)
+                yield item
+            if steps is None or emitted >= steps:
+                break
+        self._check_corrupt(final=True)
+        if steps is not None and emitted < steps:
+            raise CorruptDataError(
+                f"{self.split}: only {emitted} of {steps} planned batches could be read on rank "
+                f"{self.rank} ({self.stats.skipped} samples skipped); run `rp2k verify {self.root}`"
+            )
+
+    def _count(self, item: dict[str, Any]) -> None:
+        self.stats.skipped += item["skipped"]
+        self.stats.errors.extend(item["errors"][: max(0, 20 - len(self.stats.errors))])
+        if "image" in item:
+            self.stats.samples += len(item["key"])
+        self._check_corrupt(final=False)
+
+    def _check_corrupt(self, final: bool) -> None:
+        s = self.stats
+        if (final or s.samples + s.skipped >= 200) and s.skipped and s.corrupt_fraction > self.config.max_corrupt_fraction:
+            shown = "; ".join(s.errors[:3])
+            raise CorruptDataError(
+                f"{self.split}: {s.skipped} of {s.samples + s.skipped} samples could not be decoded "
+                f"({s.corrupt_fraction:.1%} > max_corrupt_fraction {self.config.max_corrupt_fraction:.1%}); "
+                f"first errors: {shown}. Run `rp2k verify {self.root}` and repack damaged shards"
+            )

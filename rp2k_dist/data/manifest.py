@@ -1,0 +1,143 @@
+"""The shard manifest: ``dataset.json`` (class table, counts, shard list) and
+``index.parquet`` (one row per sample).
+
+Everything downstream (loader, class-balanced loss, evaluation per meta-category) reads
+the dataset through :class:`Manifest`, never by listing folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+DATASET_JSON = "dataset.json"
+INDEX_PARQUET = "index.parquet"
+
+#: Columns of index.parquet, in order.
+INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("split", pa.string()),
+        ("shard", pa.string()),
+        ("label", pa.int32()),
+        ("class_name", pa.string()),
+        ("type", pa.string()),
+        ("shape", pa.string()),
+        ("source", pa.string()),
+        ("bytes", pa.int64()),
+        ("sha256", pa.string()),
+    ]
+)
+
+
+class ManifestError(FileNotFoundError):
+    """A shard folder without a (readable) manifest."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One tar shard: file name (relative to the manifest), sample count, size, checksum."""
+
+    name: str
+    split: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+class Manifest:
+    """A packed dataset: its folder and the parsed ``dataset.json``."""
+
+    def __init__(self, root: str | Path, data: dict[str, Any]):
+        self.root = Path(root)
+        self.data = data
+
+    @classmethod
+    def load(cls, root: str | Path) -> "Manifest":
+        root = Path(root)
+        path = root / DATASET_JSON
+        if not path.exists():
+            raise ManifestError(
+                f"{path} not found: {root} is not a packed dataset. Pack one with "
+                f"`rp2k pack <RP2K root> {root}` (or `rp2k synth` first for the synthetic set)"
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ManifestError(f"{path} is not valid JSON ({err}); repack or restore it") from err
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ManifestError(
+                f"{path} has format_version {data.get('format_version')!r}, "
+                f"this rp2k-dist reads {FORMAT_VERSION}; repack the dataset"
+            )
+        return cls(root, data)
+
+    # -- classes ---------------------------------------------------------------------
+    @property
+    def classes(self) -> list[dict[str, Any]]:
+        return self.data["classes"]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c["name"] for c in self.classes]
+
+    def class_counts(self, split: str = "train") -> list[int]:
+        """Packed images per class in ``split`` (index order): the CBL's ``n_c``."""
+        return [c["counts"][split] for c in self.classes]
+
+    def meta_categories(self, system: str) -> list[str]:
+        """Per-class meta-category, ``system`` is ``"type"`` or ``"shape"``."""
+        return [c[system] for c in self.classes]
+
+    # -- shards ----------------------------------------------------------------------
+    def shards(self, split: str) -> list[ShardInfo]:
+        if split not in self.data["splits"]:
+            raise KeyError(f"split {split!r} not in {self.root} (has {sorted(self.data['splits'])})")
+        return [ShardInfo(split=split, **s) for s in self.data["splits"][split]["shards"]]
+
+    def shard_paths(self, split: str) -> list[str]:
+        return [str(self.root / s.name) for s in self.shards(split)]
+
+    def num_samples(self, split: str) -> int:
+        return sum(s.samples for s in self.shards(split))
+
+    def index(self) -> pa.Table:
+        """The per-sample index (``index.parquet``)."""
+        return pq.read_table(self.root / INDEX_PARQUET)
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` through a temp file + rename (readers never see half)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def dump_json(data: Any) -> bytes:
+    """Deterministic, human-readable JSON (CJK kept as is)."""
+    return (json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True) + "\n").encode("utf-8")
+
+
+def write_manifest(root: Path, data: dict[str, Any], rows: list[dict[str, Any]]) -> Manifest:
+    """Write index.parquet then dataset.json (the latter marks the pack as complete)."""
+    table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+    tmp = root / f".{INDEX_PARQUET}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, root / INDEX_PARQUET)
+    data = {"format_version": FORMAT_VERSION, **data}
+    write_atomic(root / DATASET_JSON, dump_json(data))
+    return Manifest(root, data)

@@ -1,0 +1,319 @@
+"""Repack an RP2K tree into WebDataset tar shards plus a manifest.
+
+Each sample is ``<key>.jpg`` (resized at pack time: shorter side ``shorter_side`` px, aspect
+kept, re-encoded JPEG), ``<key>.cls`` (class index) and ``<key>.json`` (sku, type, shape,
+class name, source path). Output::
+
+    OUT/train-000000.tar ...  OUT/test-000000.tar ...
+    OUT/index.parquet         one row per sample
+    OUT/dataset.json          class table, counts, shard list with sha256 (written last)
+
+The shard plan (which source goes to which shard under which key) is a pure function of
+the scanned tree, the metadata and :class:`PackConfig`, so packing is deterministic.
+Shards are encoded in parallel processes, each written to a temp file and renamed, with a
+small record under ``OUT/.pack/``: a rerun after a crash skips the finished shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from tqdm.auto import tqdm
+
+from .images import CorruptImageError, encode_jpeg, load_rgb, resize_shorter_side
+from .manifest import DATASET_JSON, Manifest, dump_json, write_atomic, write_manifest
+from .rp2k import SPLITS, RP2KIndex
+
+STATE_DIR = ".pack"
+#: Tar bytes per sample beyond the JPEG: three 512-byte headers plus padding.
+TAR_OVERHEAD = 3 * 512 + 3 * 256
+PILOT_SAMPLES = 32
+
+
+class PackError(RuntimeError):
+    """The output folder cannot take this pack (e.g. it holds a different one)."""
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """How to pack. Sizes in pixels and megabytes."""
+
+    shorter_side: int = 320  # px; covers 224 (ResNet-34) and 299 (InceptionV3) crops
+    jpeg_quality: int = 90
+    shard_size_mb: float = 256.0  # target per shard; RP2K at 320 px gives ~60 train shards
+    samples_per_shard: int | None = None  # overrides shard_size_mb when set
+    seed: int = 0  # sample order inside the shards
+    workers: int = 0  # encoding processes; 0 = all cores
+
+    def __post_init__(self) -> None:
+        if self.shorter_side < 32:
+            raise ValueError(f"shorter_side must be >= 32 px, got {self.shorter_side}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if self.shard_size_mb <= 0:
+            raise ValueError(f"shard_size_mb must be > 0, got {self.shard_size_mb}")
+        if self.samples_per_shard is not None and self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    key: str
+    label: int
+    source: str  # path relative to the dataset root
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    name: str
+    split: str
+    samples: tuple[PlannedSample, ...]
+
+
+def encode_sample(path: Path, config: PackConfig) -> bytes:
+    """Decode, resize (shorter side) and re-encode one image as JPEG bytes."""
+    image = load_rgb(path, min_shorter_side=config.shorter_side)
+    return encode_jpeg(resize_shorter_side(image, config.shorter_side), config.jpeg_quality)
+
+
+def _samples_per_shard(index: RP2KIndex, config: PackConfig) -> int:
+    """From the config, or from the encoded size of a fixed pilot set of train images."""
+    if config.samples_per_shard is not None:
+        return config.samples_per_shard
+    records = index.records["train"] or index.records["test"]
+    step = max(1, len(records) // PILOT_SAMPLES)
+    sizes = []
+    for record in records[::step][:PILOT_SAMPLES]:
+        try:
+            sizes.append(len(encode_sample(index.path(record), config)) + TAR_OVERHEAD)
+        except CorruptImageError:
+            continue
+    mean = float(np.mean(sizes)) if sizes else 64_000.0
+    return max(1, int(config.shard_size_mb * 1e6 // mean))
+
+
+def plan_shards(index: RP2KIndex, config: PackConfig) -> list[ShardPlan]:
+    """Deterministic shard plan: each split shuffled with the seed, cut into equal shards.
+
+    Keys are ``<split>-<position in the sorted listing>``: unique even where basenames
+    repeat across classes, and free of dots (WebDataset splits key and field at a dot).
+    """
+    per_shard = _samples_per_shard(index, config)
+    plans = []
+    for split_id, split in enumerate(SPLITS):
+        records = index.records[split]
+        order = np.random.default_rng([config.seed, split_id]).permutation(len(records))
+        samples = [
+            PlannedSample(f"{split}-{i:07d}", records[i].label, records[i].relpath) for i in order
+        ]
+        for shard_id in range(math.ceil(len(samples) / per_shard)):
+            chunk = samples[shard_id * per_shard : (shard_id + 1) * per_shard]
+            plans.append(ShardPlan(f"{split}-{shard_id:06d}.tar", split, tuple(chunk)))
+    return plans
+
+
+def _fingerprint(index: RP2KIndex, config: PackConfig, plans: list[ShardPlan]) -> str:
+    digest = hashlib.sha256()
+    settings = {k: v for k, v in asdict(config).items() if k != "workers"}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for info in index.classes:
+        digest.update(json.dumps([info.name, info.product.as_dict()], ensure_ascii=False).encode())
+    for plan in plans:
+        digest.update(plan.name.encode())
+        for sample in plan.samples:
+            digest.update(f"{sample.key}\0{sample.label}\0{sample.source}\0".encode())
+    return digest.hexdigest()
+
+
+def _write_shard(
+    root: str, out: str, plan: ShardPlan, classes: list[dict[str, str]], config: PackConfig
+) -> dict[str, Any]:
+    """Encode one shard into ``out`` (temp file + rename); returns its record."""
+    final = Path(out) / plan.name
+    tmp = Path(out) / f".{plan.name}.partial"
+    rows, skipped = [], []
+    with open(tmp, "wb") as stream:
+        # A fixed mtime makes identical input give byte-identical tars.
+        with wds.TarWriter(stream, encoder=False, mtime=0.0) as sink:
+            for sample in plan.samples:
+                try:
+                    jpeg = encode_sample(Path(root) / sample.source, config)
+                except CorruptImageError as err:
+                    skipped.append({"split": plan.split, "source": sample.source, "reason": str(err.__cause__ or err)})
+                    continue
+                info = classes[sample.label]
+                meta = {
+                    "class_name": info["name"], "sku": info["sku"], "type": info["type"],
+                    "shape": info["shape"], "source": sample.source, "split": plan.split,
+                }
+                sink.write({
+                    "__key__": sample.key,
+                    "jpg": jpeg,
+                    "cls": str(sample.label).encode(),
+                    "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
+                })
+                rows.append({
+                    "key": sample.key, "split": plan.split, "shard": plan.name,
+                    "label": sample.label, "class_name": info["name"], "type": info["type"],
+                    "shape": info["shape"], "source": sample.source, "bytes": len(jpeg),
+                    "sha256": hashlib.sha256(jpeg).hexdigest(),
+                })
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, final)
+    record = {
+        "name": plan.name, "split": plan.split, "samples": len(rows),
+        "bytes": final.stat().st_size, "sha256": file_sha256(final),
+        "rows": rows, "skipped": skipped,
+    }
+    write_atomic(Path(out) / STATE_DIR / f"{plan.name}.json", dump_json(record))
+    return record
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _finished(out: Path, plan: ShardPlan) -> dict[str, Any] | None:
+    """The record of a shard a previous run finished, or None."""
+    record_path = out / STATE_DIR / f"{plan.name}.json"
+    shard = out / plan.name
+    if not (record_path.exists() and shard.exists()):
+        return None
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    return record if record.get("bytes") == shard.stat().st_size else None
+
+
+def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> None:
+    state = out / STATE_DIR
+    marker = state / "plan.json"
+    if out.exists() and any(out.iterdir()):
+        previous = json.loads(marker.read_text()).get("fingerprint") if marker.exists() else None
+        if previous != fingerprint:
+            if not overwrite:
+                what = "a different pack" if previous else "files that are not a pack in progress"
+                raise PackError(
+                    f"{out} holds {what}; choose an empty folder or pass --overwrite to replace it"
+                )
+            shutil.rmtree(out)
+    state.mkdir(parents=True, exist_ok=True)
+    write_atomic(marker, dump_json({"fingerprint": fingerprint}))
+
+
+def pack_dataset(
+    index: RP2KIndex,
+    out: str | Path,
+    config: PackConfig = PackConfig(),
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Manifest:
+    """Pack ``index`` into shards under ``out`` and write the manifest.
+
+    Resumes an interrupted pack of the same plan; a finished pack of the same plan is
+    returned as is.
+    """
+    out = Path(out)
+    plans = plan_shards(index, config)
+    fingerprint = _fingerprint(index, config, plans)
+    if (out / DATASET_JSON).exists() and not overwrite:
+        existing = Manifest.load(out)
+        if existing.data.get("fingerprint") == fingerprint:
+            return existing
+    _prepare_output(out, fingerprint, overwrite)
+
+    classes = [
+        {"name": c.name, **{k: v for k, v in c.product.as_dict().items() if k != "name"}}
+        for c in index.classes
+    ]
+    records: dict[str, dict[str, Any]] = {}
+    todo = []
+    for plan in plans:
+        done = _finished(out, plan)
+        if done is not None:
+            records[plan.name] = done
+        else:
+            todo.append(plan)
+
+    workers = config.workers or os.cpu_count() or 1
+    total = sum(len(p.samples) for p in plans)
+    with tqdm(total=total, initial=total - sum(len(p.samples) for p in todo), unit="img",
+              desc="pack", disable=not progress or None) as bar:
+        if workers == 1 or len(todo) <= 1:
+            for plan in todo:
+                records[plan.name] = _write_shard(str(index.root), str(out), plan, classes, config)
+                bar.update(len(plan.samples))
+        else:
+            # forkserver: safe inside Ray actors and processes that already run threads.
+            context = mp.get_context("forkserver")
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
+                futures = {
+                    pool.submit(_write_shard, str(index.root), str(out), plan, classes, config): plan
+                    for plan in todo
+                }
+                for future in as_completed(futures):
+                    plan = futures[future]
+                    records[plan.name] = future.result()
+                    bar.update(len(plan.samples))
+
+    return _write_manifest(out, index, config, plans, records, fingerprint)
+
+
+def _write_manifest(
+    out: Path,
+    index: RP2KIndex,
+    config: PackConfig,
+    plans: list[ShardPlan],
+    records: dict[str, dict[str, Any]],
+    fingerprint: str,
+) -> Manifest:
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    splits: dict[str, dict[str, Any]] = {split: {"samples": 0, "shards": []} for split in SPLITS}
+    counts = {split: [0] * index.num_classes for split in SPLITS}
+    for plan in plans:
+        record = records[plan.name]
+        rows.extend(record["rows"])
+        skipped.extend(record["skipped"])
+        split = splits[plan.split]
+        split["samples"] += record["samples"]
+        split["shards"].append({k: record[k] for k in ("name", "samples", "bytes", "sha256")})
+        for row in record["rows"]:
+            counts[plan.split][row["label"]] += 1
+    classes = [
+        {
+            "index": c.index, "name": c.name, **{k: v for k, v in c.product.as_dict().items() if k != "name"},
+            "product_name": c.product.name,
+            "counts": {split: counts[split][c.index] for split in SPLITS},
+        }
+        for c in index.classes
+    ]
+    data = {
+        "fingerprint": fingerprint,
+        "source": {"root": str(index.root), "layout": index.layout},
+        "pack": {k: v for k, v in asdict(config).items() if k != "workers"},
+        "classes": classes,
+        "splits": splits,
+        "skipped": skipped,
+        "scan_report": index.report.as_dict(),
+    }
+    return write_manifest(out, data, rows)

@@ -1,0 +1,77 @@
+"""Re-check every shard of a packed dataset against its manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .manifest import Manifest, ShardInfo
+from .pack import file_sha256
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one shard."""
+
+    shard: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.shard}: {self.what}"
+
+
+def _diagnose(path: Path, shard: ShardInfo, expected: dict[str, str]) -> list[str]:
+    """Say which samples of a shard whose checksum failed are damaged."""
+    found: dict[str, str] = {}
+    problems = []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.name.endswith(".jpg"):
+                    continue
+                key = member.name[: -len(".jpg")]
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                found[key] = hashlib.sha256(data).hexdigest()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        problems.append(f"unreadable past {len(found)} of {shard.samples} samples ({err}): truncated or corrupt")
+    for key, digest in expected.items():
+        if key not in found:
+            if not problems:
+                problems.append(f"sample {key} missing")
+        elif found[key] != digest:
+            problems.append(f"sample {key}: image bytes differ from the manifest (sha256)")
+    if not problems:
+        problems.append("file checksum differs from the manifest (tar headers or metadata changed)")
+    return problems
+
+
+def verify_shards(root: str | Path, progress: bool = False) -> list[Problem]:
+    """Check each listed shard exists with the recorded size and sha256; on a mismatch,
+    name the damaged samples. Returns the problems (empty list = all good)."""
+    manifest = Manifest.load(root)
+    index = manifest.index().select(["key", "shard", "sha256"]).to_pylist()
+    by_shard: dict[str, dict[str, str]] = {}
+    for row in index:
+        by_shard.setdefault(row["shard"], {})[row["key"]] = row["sha256"]
+    problems: list[Problem] = []
+    shards = [s for split in manifest.data["splits"] for s in manifest.shards(split)]
+    for shard in tqdm(shards, desc="verify", unit="shard", disable=not progress or None):
+        path = manifest.root / shard.name
+        if not path.exists():
+            problems.append(Problem(shard.name, "missing (listed in dataset.json, not on disk)"))
+            continue
+        size = path.stat().st_size
+        if size == shard.bytes and file_sha256(path) == shard.sha256:
+            continue
+        if size != shard.bytes:
+            problems.append(Problem(shard.name, f"size {size} bytes, manifest says {shard.bytes}"))
+        problems.extend(Problem(shard.name, what) for what in _diagnose(path, shard, by_shard.get(shard.name, {})))
+    listed = {s.name for s in shards}
+    for extra in sorted(manifest.root.glob("*.tar")):
+        if extra.name not in listed:
+            problems.append(Problem(extra.name, "tar file not listed in dataset.json (ignored by loaders)"))
+    return problems
