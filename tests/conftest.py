@@ -39,3 +39,38 @@ def quirky_tree(tmp_path_factory) -> Path:
         encoding="utf-8",
     )
     return root
+
+
+def make_tree(root: Path, classes: int = 6, per_class: int = 30, test_every: int = 5, size=(64, 80)) -> Path:
+    """A clean RP2K-layout tree of noise images: ``per_class`` images per class,
+    every ``test_every``-th one in test."""
+    for c in range(classes):
+        for i in range(per_class):
+            split = "test" if i % test_every == 0 else "train"
+            write_image(root / "all" / split / f"类别 {c}" / f"{i:04d}.jpg", c * 1000 + i, size=size)
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_tree(tmp_path_factory) -> Path:
+    return make_tree(tmp_path_factory.mktemp("small") / "rp2k")
+
+
+@pytest.fixture(scope="session")
+def many_shards(small_tree, tmp_path_factory):
+    """The small tree packed into many small shards (more shards than readers)."""
+    from rp2k_dist.data.pack import PackConfig, pack_dataset
+    from rp2k_dist.data.rp2k import scan_rp2k
+
+    out = tmp_path_factory.mktemp("packed") / "many"
+    return pack_dataset(scan_rp2k(small_tree), out, PackConfig(samples_per_shard=6, shorter_side=64, workers=1))
+
+
+@pytest.fixture(scope="session")
+def few_shards(small_tree, tmp_path_factory):
+    """The same tree in two big shards per split (fewer shards than readers)."""
+    from rp2k_dist.data.pack import PackConfig, pack_dataset
+    from rp2k_dist.data.rp2k import scan_rp2k
+
+    out = tmp_path_factory.mktemp("packed") / "few"
+    return pack_dataset(scan_rp2k(small_tree), out, PackConfig(samples_per_shard=100, shorter_side=64, workers=1))
