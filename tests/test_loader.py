@@ -166,3 +166,33 @@ def test_config_validation():
 def test_batch_larger_than_the_split_is_a_clear_error(many_shards):
     with pytest.raises(ValueError, match="lower batch_size"):
         ShardLoader(many_shards, "train", TrainTransform(SPEC, AugmentConfig()), LoaderConfig(batch_size=1000, workers=0))
+
+
+def test_class_subset_is_relabelled_and_counted_exactly(many_shards):
+    keep = [4, 1]
+    labels = {r["key"]: r["label"] for r in many_shards.index().to_pylist()}
+    seen = Counter()
+    for rank in range(2):
+        loader = ShardLoader(many_shards, "test", EvalTransform(SPEC), LoaderConfig(batch_size=3, workers=0),
+                             rank, 2, train=False, classes=keep)
+        for batch in loader:
+            assert batch["label"].tolist() == [keep.index(labels[k]) for k in batch["key"]]
+            seen.update(batch["key"])
+    expected = {k for k, v in labels.items() if v in keep and k.startswith("test")}
+    assert set(seen) == expected and set(seen.values()) == {1}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_class_balanced_batches_hold_p_classes_of_k_images(many_shards, workers):
+    steps = []
+    for rank in range(2):
+        loader = ShardLoader(many_shards, "train", TrainTransform(SPEC, AugmentConfig()),
+                             LoaderConfig(batch_size=99, workers=workers, shuffle_buffer=8), rank, 2,
+                             class_balanced=(3, 4))
+        batches = list(loader)
+        steps.append(len(batches))
+        for batch in batches:
+            counts = Counter(batch["label"].tolist())
+            assert len(counts) == 3 and set(counts.values()) == {4}
+            assert batch["image"].shape[0] == 12
+    assert steps[0] == steps[1] > 0

@@ -162,8 +162,11 @@ class LoaderStats:
 class _ShardStream(IterableDataset):
     """Yields this rank's batches; runs inside each loader worker."""
 
-    def __init__(self, shards, rank, world_size, transform, config, train, context):
+    def __init__(self, shards, rank, world_size, transform, config, train, context, classes=None, pk=None):
         self.shards = shards
+        self.remap = {label: i for i, label in enumerate(classes)} if classes is not None else None
+        self.pk = pk
+        self.batch_size = pk[0] * pk[1] if pk else config.batch_size
         self.rank = rank
         self.world_size = world_size
         self.transform = transform
@@ -176,7 +179,7 @@ class _ShardStream(IterableDataset):
         epoch = int(self.state[0])
         c = self.config
         if self.train:
-            return plan_training_epoch(self.shards, self.rank, self.world_size, c.workers, c.batch_size, epoch, c.seed)[1]
+            return plan_training_epoch(self.shards, self.rank, self.world_size, c.workers, self.batch_size, epoch, c.seed)[1]
         return plan_readers(self.shards, self.rank, self.world_size, c.workers, shuffle=False)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -192,6 +195,8 @@ class _ShardStream(IterableDataset):
             return True  # keep reading; counted instead of slept on
 
         samples = wds.tarfile_to_samples(handler=on_error)(iter([{"url": u} for u in plan.shards]))
+        if self.remap is not None:
+            samples = self._keep_classes(samples, errors)
         if plan.modulo is not None:
             m, k = plan.modulo
             samples = (s for i, s in enumerate(samples) if i % m == k)
@@ -199,29 +204,42 @@ class _ShardStream(IterableDataset):
             buffer = self.config.shuffle_buffer
             samples = wds.shuffle(buffer, min(buffer, 100), rng=random.Random(seed))(samples)
         rng = np.random.default_rng(seed)
-        images, labels, keys, skipped, emitted = [], [], [], 0, 0
+        counter = {"skipped": 0}
+        decoded = self._decode(samples, rng, counter, errors)
+        if self.pk and self.train:
+            batches = _class_balanced_batches(decoded, *self.pk, rng)
+        else:
+            batches = _plain_batches(decoded, self.batch_size, partial=not self.train)
         quota = plan.quota if self.train and not refill else None
-        batch_size = self.config.batch_size
-        for sample in samples:
+        for emitted, (images, labels, keys) in enumerate(batches):
             if quota is not None and emitted >= quota:
                 break
+            yield self._batch(images, labels, keys, counter["skipped"], errors)
+            counter["skipped"], errors[:] = 0, []
+        if counter["skipped"] or errors:
+            yield {"skipped": counter["skipped"], "errors": list(errors)}
+
+    def _keep_classes(self, samples, errors):
+        for sample in samples:
+            try:
+                label = int(sample["cls"])
+            except (KeyError, ValueError) as err:
+                errors.append(f"{sample.get('__key__')}: bad class field ({err})")
+                continue
+            if label in self.remap:
+                sample["cls"] = self.remap[label]
+                yield sample
+
+    def _decode(self, samples, rng, counter, errors):
+        for sample in samples:
             try:
                 image = self.transform(sample["jpg"], rng)
                 label = int(sample["cls"])
             except (*DECODE_ERRORS, KeyError) as err:
-                skipped += 1
+                counter["skipped"] += 1
                 errors.append(f"{sample.get('__key__')}: {type(err).__name__}: {err}"[:300])
                 continue
-            images.append(image)
-            labels.append(label)
-            keys.append(sample["__key__"])
-            if len(images) == batch_size:
-                yield self._batch(images, labels, keys, skipped, errors)
-                images, labels, keys, skipped, errors, emitted = [], [], [], 0, [], emitted + 1
-        if images and not self.train:
-            yield self._batch(images, labels, keys, skipped, errors)
-        elif skipped or errors:
-            yield {"skipped": skipped, "errors": errors}
+            yield image, label, sample["__key__"]
 
     @staticmethod
     def _batch(images, labels, keys, skipped, errors) -> dict[str, Any]:
@@ -230,8 +248,49 @@ class _ShardStream(IterableDataset):
             "label": torch.tensor(labels, dtype=torch.int64),
             "key": keys,
             "skipped": skipped,
-            "errors": errors,
+            "errors": list(errors),
         }
+
+
+def _plain_batches(decoded, batch_size: int, partial: bool):
+    images, labels, keys = [], [], []
+    for image, label, key in decoded:
+        images.append(image)
+        labels.append(label)
+        keys.append(key)
+        if len(images) == batch_size:
+            yield images, labels, keys
+            images, labels, keys = [], [], []
+    if images and partial:
+        yield images, labels, keys
+
+
+def _class_balanced_batches(decoded, classes_per_batch: int, per_class: int, rng: np.random.Generator):
+    """P x K batches from a stream: P classes, K images each (API-Net's sampler).
+
+    Images wait in per-class pools; a batch is drawn once at least P classes hold two or
+    more images (an intra-class pair needs two). A class with fewer than K waiting images
+    repeats some of them to fill its K slots; every waiting image is used once.
+    """
+    pools: dict[int, list] = {}
+    for image, label, key in decoded:
+        pools.setdefault(label, []).append((image, key))
+        ready = [c for c, pool in pools.items() if len(pool) >= min(2, per_class)]
+        full = sum(len(pools[c]) >= per_class for c in ready)
+        # wait for full classes while the stream still flows, to limit repeats
+        if len(ready) < classes_per_batch or full < classes_per_batch // 2:
+            continue
+        chosen = rng.choice(sorted(ready), size=classes_per_batch, replace=False)
+        images, labels, keys = [], [], []
+        for c in chosen:
+            pool = pools[int(c)]
+            take = [pool.pop(int(rng.integers(len(pool)))) for _ in range(min(per_class, len(pool)))]
+            take += [take[int(rng.integers(len(take)))] for _ in range(per_class - len(take))]
+            for image, k in take:
+                images.append(image)
+                labels.append(int(c))
+                keys.append(k)
+        yield images, labels, keys
 
 
 class ShardLoader:
@@ -251,10 +310,15 @@ class ShardLoader:
         rank: int = 0,
         world_size: int = 1,
         train: bool = True,
+        classes: Sequence[int] | None = None,
+        class_balanced: tuple[int, int] | None = None,
     ):
+        """``classes``: keep only these global labels, relabelled 0..len-1 in that order
+        (a meta-category specialist). ``class_balanced``: (P, K) batches for training."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        shards = [(path, info.samples) for path, info in zip(manifest.shard_paths(split), manifest.shards(split))]
+        counts = manifest.shard_counts(split, classes)
+        shards = [(path, counts[info.name]) for path, info in zip(manifest.shard_paths(split), manifest.shards(split))]
         if not shards or sum(n for _, n in shards) == 0:
             raise ValueError(f"split {split!r} of {manifest.root} has no samples")
         self.split = split
@@ -266,7 +330,7 @@ class ShardLoader:
         self.epoch = 0
         self.stats = LoaderStats()
         context = mp.get_context(config.start_method)
-        self.dataset = _ShardStream(shards, rank, world_size, transform, config, train, context)
+        self.dataset = _ShardStream(shards, rank, world_size, transform, config, train, context, classes, class_balanced)
         self.loader = DataLoader(
             self.dataset,
             batch_size=None,
@@ -278,8 +342,8 @@ class ShardLoader:
         )
         if train and len(self) == 0:
             raise ValueError(
-                f"split {split!r} has {manifest.num_samples(split)} samples: not one full batch of "
-                f"{config.batch_size} per rank for world size {world_size}; lower batch_size"
+                f"split {split!r} has {sum(n for _, n in shards)} samples: not one full batch of "
+                f"{self.dataset.batch_size} per rank for world size {world_size}; lower batch_size"
             )
 
     def set_epoch(self, epoch: int) -> None:
@@ -291,7 +355,7 @@ class ShardLoader:
         """Batches this rank yields in the current epoch."""
         c = self.config
         if self.train:
-            return plan_training_epoch(self.dataset.shards, self.rank, self.world_size, c.workers, c.batch_size, self.epoch, c.seed)[0]
+            return plan_training_epoch(self.dataset.shards, self.rank, self.world_size, c.workers, self.dataset.batch_size, self.epoch, c.seed)[0]
         return sum(-(-p.samples // c.batch_size) for p in self.dataset.readers())
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -111,6 +112,28 @@ class Manifest:
 
     def num_samples(self, split: str) -> int:
         return sum(s.samples for s in self.shards(split))
+
+    def shard_counts(self, split: str, classes: Sequence[int] | None = None) -> dict[str, int]:
+        """Samples per shard of ``split``; with ``classes``, only samples of those labels."""
+        if classes is None:
+            return {s.name: s.samples for s in self.shards(split)}
+        keep = set(int(c) for c in classes)
+        counts = {s.name: 0 for s in self.shards(split)}
+        table = self.index().select(["split", "shard", "label"]).to_pydict()
+        for row_split, shard, label in zip(table["split"], table["shard"], table["label"]):
+            if row_split == split and label in keep:
+                counts[shard] += 1
+        return counts
+
+    def classes_of(self, system: str, value: str) -> list[int]:
+        """Indices of the classes whose ``system`` ("type"/"shape") meta-category is ``value``."""
+        if system not in ("type", "shape"):
+            raise ValueError(f"meta-category system must be 'type' or 'shape', got {system!r}")
+        found = [c["index"] for c in self.classes if c[system] == value]
+        if not found:
+            values = sorted({c[system] for c in self.classes})
+            raise ValueError(f"no class has {system} {value!r} in {self.root}; present: {values}")
+        return found
 
     def index(self) -> pa.Table:
         """The per-sample index (``index.parquet``)."""

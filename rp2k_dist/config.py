@@ -1,0 +1,282 @@
+"""Typed experiment configuration: defaults < YAML preset < ``--set key=value`` overrides.
+
+One :class:`ExperimentConfig` flows from the command line to every layer (loader, model,
+loss, optimiser, Ray scaling); the resolved config is saved next to every run. Each field
+has a default and each section validates itself, so a typo or an out-of-range value fails
+at start-up with a message naming the key, never hours into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .data.augment import AugmentConfig
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong."""
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they are streamed (per worker = per GPU)."""
+
+    shards: str = "runs/demo/shards"  # folder with dataset.json (a shared mount on clusters)
+    batch_size: int = 64  # images per worker per step
+    eval_batch_size: int = 0  # 0 = 2 x batch_size
+    loader_workers: int = 2  # decoding processes per training worker
+    shuffle_buffer: int = 2000
+    max_corrupt_fraction: float = 0.01
+    meta_category: str = ""  # "type=liquor": train/evaluate only this meta-category's classes
+    classes_per_batch: int = 0  # P of the P x K class-balanced batches (API-Net); 0 = plain batches
+    images_per_class: int = 4  # K
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size must be >= 1")
+        _check(self.eval_batch_size >= 0, "data.eval_batch_size must be >= 0")
+        _check(self.loader_workers >= 0, "data.loader_workers must be >= 0")
+        _check(0 <= self.max_corrupt_fraction <= 1, "data.max_corrupt_fraction must be in [0, 1]")
+        if self.meta_category:
+            system, _, value = self.meta_category.partition("=")
+            _check(system in ("type", "shape") and value, "data.meta_category must look like 'type=liquor' or 'shape=can'")
+        if self.classes_per_batch:
+            _check(self.images_per_class >= 2, "data.images_per_class must be >= 2 (API-Net needs intra-class pairs)")
+            _check(self.classes_per_batch >= 2, "data.classes_per_batch must be >= 2 (API-Net needs inter-class pairs)")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture, initial weights and compute layout."""
+
+    name: str = "resnet34"  # resnet34 | inception_v3 | apinet
+    pretrained: str = ""  # "imagenet": torchvision weights from the local torch hub cache
+    weights: str = ""  # a local weights file or a checkpoint of this project
+    crop_size: int = 0  # 0 = the model's own input size (224 / 299)
+    channels_last: bool = True
+    compile: bool = False
+    freeze_backbone_epochs: int = 0  # API-Net official: 8
+
+    def __post_init__(self) -> None:
+        _check(self.pretrained in ("", "imagenet"), "model.pretrained must be '' or 'imagenet'")
+        _check(self.crop_size == 0 or self.crop_size >= 32, "model.crop_size must be 0 or >= 32")
+        _check(self.freeze_backbone_epochs >= 0, "model.freeze_backbone_epochs must be >= 0")
+
+
+@dataclass
+class LossConfig:
+    """Class-Balanced Loss (Cui et al. 2019); beta = 0 is plain cross-entropy."""
+
+    cbl_beta: float = 0.99  # the paper's value
+    variant: str = "softmax"  # softmax | sigmoid | focal
+    focal_gamma: float = 1.0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.cbl_beta < 1.0, f"loss.cbl_beta must be in [0, 1), got {self.cbl_beta}")
+        _check(self.variant in ("softmax", "sigmoid", "focal"), "loss.variant must be softmax, sigmoid or focal")
+        _check(self.focal_gamma >= 0, "loss.focal_gamma must be >= 0")
+        _check(0.0 <= self.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule (linear warmup, then cosine to zero)."""
+
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.1  # for the GLOBAL batch (all workers) of lr_reference_batch images
+    lr_reference_batch: int = 256  # lr scales linearly with global batch / this (Goyal et al.)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    epochs: int = 30
+    warmup_epochs: float = 1.0
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    fused: bool = True  # fused optimiser kernels where available (CUDA)
+
+    def __post_init__(self) -> None:
+        _check(self.optimizer in ("sgd", "adamw"), "optim.optimizer must be sgd or adamw")
+        _check(self.lr > 0 and math.isfinite(self.lr), "optim.lr must be a positive number")
+        _check(self.lr_reference_batch >= 1, "optim.lr_reference_batch must be >= 1")
+        _check(self.epochs >= 1, "optim.epochs must be >= 1")
+        _check(0 <= self.warmup_epochs <= self.epochs, "optim.warmup_epochs must be in [0, epochs]")
+        _check(self.weight_decay >= 0 and self.grad_clip >= 0, "optim.weight_decay and grad_clip must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    """Run identity, storage, evaluation cadence and Ray scaling."""
+
+    name: str = "rp2k"  # fixed name: rerunning the same name resumes it
+    storage_path: str = "runs"  # local folder, or s3:// / gs:// (shared storage on clusters)
+    seed: int = 0
+    eval_every: int = 1  # epochs
+    checkpoint_every: int = 1  # epochs
+    keep_checkpoints: int = 2
+    workers: int = 2  # Ray Train workers (one per GPU on a GPU cluster)
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node)
+    max_failures: int = 2  # restarts from the last checkpoint after a worker/node dies
+    backend: str = ""  # "" = nccl on GPU, gloo on CPU
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "run.name must be a non-empty name without '/'")
+        _check(self.eval_every >= 1 and self.checkpoint_every >= 1, "run.eval_every and checkpoint_every must be >= 1")
+        _check(self.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
+        _check(self.workers >= 1, "run.workers must be >= 1")
+        _check(self.placement_strategy in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"), "run.placement_strategy is invalid")
+        _check(self.max_failures >= -1, "run.max_failures must be >= -1 (-1 = unlimited)")
+        _check(self.backend in ("", "nccl", "gloo"), "run.backend must be '', nccl or gloo")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one training run needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml(), encoding="utf-8")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check/convert a YAML value to the field's declared type."""
+    if get_origin(hint) in (Union, UnionType):
+        options = [o for o in get_args(hint) if o is not type(None)]
+        if value is None and len(options) < len(get_args(hint)):
+            return None
+        exact = [o for o in options if type(value) is o]
+        for option in exact + [o for o in options if o not in exact]:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is none of {[o.__name__ for o in options]}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if hint is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from err
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=0.05"`` -> (["optim", "lr"], 0.05); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def merge(base: dict[str, Any], path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {'.'.join(path)}: {part} is not a section")
+    node[path[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> ExperimentConfig:
+    """Defaults < YAML file (``path``; may name a ``base:`` preset to extend) < overrides."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        data = _deep_update(data, read_yaml(path))
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        merge(data, keys, value)
+    return _build(ExperimentConfig, data, "")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A preset as a dict, with ``base: other.yaml`` (relative to the file) merged under it."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} not found (presets live in jobs/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections")
+    parent = data.pop("base", None)
+    if parent:
+        data = _deep_update(read_yaml(path.parent / parent), data)
+    return data
+
+
+def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Rebuild a config saved with :meth:`ExperimentConfig.to_dict` (e.g. in a checkpoint)."""
+    return _build(ExperimentConfig, data, "")
