@@ -1,0 +1,35 @@
+"""Evaluation: per-sample predictions, the paper's accuracy tables (Table 2 per
+meta-category, Table 3 general model vs routed ensemble) and confusions."""
+
+from .ensemble import Specialist, combine, route, table3, table3_markdown, within_category
+from .metrics import (
+    PAPER_TABLE2,
+    PAPER_TABLE3,
+    PAPER_TABLE4,
+    AccuracyRow,
+    AccuracyTable,
+    accuracy_table,
+    confused_pairs,
+    per_class_accuracy,
+    top_k_accuracy,
+)
+from .predictions import Predictions
+
+__all__ = [
+    "PAPER_TABLE2",
+    "PAPER_TABLE3",
+    "PAPER_TABLE4",
+    "AccuracyRow",
+    "AccuracyTable",
+    "Predictions",
+    "Specialist",
+    "accuracy_table",
+    "combine",
+    "confused_pairs",
+    "per_class_accuracy",
+    "route",
+    "table3",
+    "table3_markdown",
+    "top_k_accuracy",
+    "within_category",
+]

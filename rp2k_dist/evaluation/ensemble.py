@@ -1,0 +1,234 @@
+"""The paper's final system (Table 3): a general ResNet-34 for every image plus one
+API-Net specialist per hard meta-category (liquor, cosmetics).
+
+The paper does not say how images reach a specialist nor how Table 3's test set is
+formed. What this module does:
+
+Routing (:func:`route`)
+    Only the general model's predictions decide, never the true label. Rule ``"top1"``:
+    an image goes to the specialist of the meta-category of the general model's top-1
+    class. Rule ``"top5-majority"``: to the specialist of the meta-category most frequent
+    among the general top-5 classes (a tie goes to the category of the higher-ranked
+    class). Other images stay with the general model.
+
+Combining (:func:`combine`)
+    A routed image's ensemble top-k is the specialist's top-k, mapped to global class ids
+    (a specialist only knows its own category's classes). The general model's answer for
+    that image is discarded, except to fill top-k slots the specialist cannot fill.
+
+Table 3 (:func:`table3`)
+    For a meta-category C, the test set is every test image whose TRUE class is in C.
+    "General" is the general model's top-1/top-5 among all classes on those images (so
+    it equals C's Table 2 row, as it does in the paper). "Ensemble" is the routed
+    ensemble's top-1/top-5 on the same images: misrouting is charged to the ensemble.
+    Consequences, stated so the numbers can be read correctly:
+
+    - Rule ``"top1"``: an image of C whose general top-1 lies outside C is not sent to
+      C's specialist, and its ensemble top-1 (the general one, or another category's
+      specialist's) lies outside C, so it is a top-1 error of both models. The
+      ensemble's top-1 on C is therefore at most the share of C's images routed to C's
+      specialist. With ``"top5-majority"`` an image of C kept by the general model can
+      still be right.
+    - An image of C sent to another category's specialist gets only that specialist's
+      classes, all outside C: a top-1 error, and a top-5 error unless the true class
+      is among the general model's fill slots (specialists with fewer than k classes).
+    - Images of other categories routed into C's specialist are not in C's test set;
+      they count in their own category's row and in the overall accuracy.
+
+    The other possible reading, each specialist classifying its category's images among
+    its category's classes only (perfect routing), is obtained with the same functions by
+    routing on the true labels: ``route(general.labels[:, None], classes, specialists)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .metrics import PAPER_TABLE3, format_percent, top_k_accuracy
+from .predictions import Predictions, class_column
+
+SYSTEMS = ("type", "shape")
+RULES = ("top1", "top5-majority")
+
+
+@dataclass(frozen=True)
+class Specialist:
+    """A fine-grained model trained on one meta-category's classes.
+
+    ``classes`` are global class indices in the specialist's label order: specialist
+    label j is global class ``classes[j]``. (It has a default only so that the field
+    order meta_category, system, classes can stay; it must not be empty.)
+    """
+
+    meta_category: str  # e.g. "liquor"
+    system: str = "type"  # "type" or "shape"
+    classes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.system not in SYSTEMS:
+            raise ValueError(f"specialist system must be one of {SYSTEMS}, got {self.system!r}")
+        if not self.classes:
+            raise ValueError(f"specialist for {self.meta_category!r} has no classes")
+        object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
+
+    @classmethod
+    def for_meta_category(
+        cls, classes: list[dict[str, Any]], meta_category: str, system: str = "type"
+    ) -> "Specialist":
+        """The specialist of every class of ``meta_category`` in the manifest class table,
+        labels in global index order."""
+        members = np.flatnonzero(class_column(classes, system) == meta_category)
+        return cls(meta_category, system, tuple(int(c) for c in members))
+
+
+def route(
+    general_topk: np.ndarray,
+    classes: list[dict[str, Any]],
+    specialists: Sequence[Specialist],
+    rule: str = "top1",
+) -> np.ndarray:
+    """int64 [N]: index into ``specialists`` of the specialist each sample goes to, -1 =
+    stays with the general model. ``general_topk`` is [N, K] global classes, best first.
+
+    See the module docstring for the rules. When specialists of both systems claim a
+    sample (say type=liquor and shape=bottle), the first one in ``specialists`` wins.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown routing rule {rule!r}; known: {RULES}")
+    seen = [(s.system, s.meta_category) for s in specialists]
+    if len(set(seen)) != len(seen):
+        raise ValueError(f"two specialists for the same meta-category: {seen}")
+    general_topk = np.asarray(general_topk)
+    decided: dict[str, np.ndarray] = {}
+    for system in {s.system for s in specialists}:
+        category = class_column(classes, system)[general_topk]  # [N, K]
+        if rule == "top1":
+            decided[system] = category[:, 0]
+        else:
+            category = category[:, :5]
+            votes = (category[:, :, None] == category[:, None, :]).sum(axis=2)  # [N, K]
+            # argmax takes the first maximum: the tied category with the best-ranked class
+            decided[system] = category[np.arange(len(category)), votes.argmax(axis=1)]
+    routes = np.full(len(general_topk), -1, dtype=np.int64)
+    for index, specialist in enumerate(specialists):
+        routes[(routes == -1) & (decided[specialist.system] == specialist.meta_category)] = index
+    return routes
+
+
+def combine(
+    general: Predictions,
+    specialist_preds: dict[int, Predictions],
+    routes: np.ndarray,
+    specialists: Sequence[Specialist],
+    k: int = 5,
+) -> Predictions:
+    """The ensemble's predictions, in ``general``'s sample order, top-k width k (clipped
+    to ``general.k``).
+
+    ``routes`` [N] comes from :func:`route`. ``specialist_preds[s]`` holds specialist s's
+    predictions in its own label space for (at least) the samples routed to it, matched
+    by key; extra samples are ignored, a missing one is a ValueError. A routed sample's
+    top-k = the specialist's top-k mapped to global ids with the specialist's scores;
+    when the specialist lists fewer than k classes, the remaining slots take the general
+    model's best classes not already listed, with the general model's scores (so scores
+    of one row may come from two models and need not decrease). Other samples keep the
+    general top-k.
+    """
+    routes = np.asarray(routes)
+    if routes.shape != (len(general),):
+        raise ValueError(f"routes has shape {routes.shape}, expected ({len(general)},)")
+    k = min(k, general.k)
+    topk, scores = general.topk[:, :k].copy(), general.scores[:, :k].copy()
+    for index, specialist in enumerate(specialists):
+        rows = np.flatnonzero(routes == index)
+        if len(rows) == 0:
+            continue
+        if index not in specialist_preds:
+            raise ValueError(
+                f"{len(rows)} samples routed to specialist {index} ({specialist.meta_category!r}) "
+                "but no predictions of it were given"
+            )
+        preds = specialist_preds[index]
+        position = {key: i for i, key in enumerate(preds.keys)}
+        missing = [general.keys[r] for r in rows if general.keys[r] not in position]
+        if missing:
+            raise ValueError(
+                f"specialist {specialist.meta_category!r} has no predictions for {len(missing)} "
+                f"routed samples, e.g. {missing[:3]}"
+            )
+        source = np.array([position[general.keys[r]] for r in rows], dtype=np.int64)
+        width = min(k, preds.k)
+        own = np.asarray(specialist.classes)[preds.topk[source, :width]]  # [R, width] global ids
+        own_scores = preds.scores[source, :width]
+        if width < k:
+            fallback = general.topk[rows]  # [R, K]; at most `width` of them are already listed
+            listed = (fallback[:, :, None] == own[:, None, :]).any(axis=2)
+            pick = np.argsort(listed, axis=1, kind="stable")[:, : k - width]  # unlisted, best first
+            own = np.concatenate([own, np.take_along_axis(fallback, pick, axis=1)], axis=1)
+            own_scores = np.concatenate([own_scores, np.take_along_axis(general.scores[rows], pick, axis=1)], axis=1)
+        topk[rows], scores[rows] = own, own_scores
+    return Predictions(list(general.keys), general.labels.copy(), topk, scores)
+
+
+def within_category(predictions: Predictions, classes: list[dict[str, Any]], specialist: Specialist) -> Predictions:
+    """The samples whose TRUE class belongs to the specialist's meta-category (in its
+    system): Table 3's test set for that category."""
+    category = class_column(classes, specialist.system)[predictions.labels]
+    return predictions.subset(category == specialist.meta_category)
+
+
+def table3(
+    general: Predictions,
+    ensemble: Predictions,
+    classes: list[dict[str, Any]],
+    specialists: Sequence[Specialist],
+) -> list[dict[str, Any]]:
+    """One row per specialist: ``{"meta_category", "samples", "general_top1",
+    "general_top5", "ensemble_top1", "ensemble_top5"}``, accuracies in percent on the
+    category's test images (see the module docstring for what exactly is counted)."""
+    if general.keys != ensemble.keys or not np.array_equal(general.labels, ensemble.labels):
+        raise ValueError("general and ensemble predictions must cover the same samples in the same order")
+    rows = []
+    for specialist in specialists:
+        plain = within_category(general, classes, specialist)
+        routed = within_category(ensemble, classes, specialist)
+        rows.append(
+            {
+                "meta_category": specialist.meta_category,
+                "samples": len(plain),
+                "general_top1": 100 * top_k_accuracy(plain.labels, plain.topk, 1),
+                "general_top5": 100 * top_k_accuracy(plain.labels, plain.topk, 5),
+                "ensemble_top1": 100 * top_k_accuracy(routed.labels, routed.topk, 1),
+                "ensemble_top5": 100 * top_k_accuracy(routed.labels, routed.topk, 5),
+            }
+        )
+    return rows
+
+
+def table3_markdown(
+    rows: list[dict[str, Any]], paper: dict[str, dict[str, tuple[float, float]]] | None = PAPER_TABLE3
+) -> str:
+    """Markdown in Table 3's layout; with ``paper`` (keys "resnet34" and "resnet34+apinet",
+    like :data:`PAPER_TABLE3`) four paper columns are added, "–" where not reported."""
+    header = ["meta-category", "samples", "R34 top-1", "R34 top-5", "R34+API-Net top-1", "R34+API-Net top-5"]
+    models = ("resnet34", "resnet34+apinet")
+    if paper is not None:
+        header += [f"paper {name} {metric}" for name in ("R34", "R34+API-Net") for metric in ("top-1", "top-5")]
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    for row in rows:
+        cells = [row["meta_category"], str(row["samples"])]
+        cells += [
+            format_percent(row[f"{who}_{metric}"])
+            for who in ("general", "ensemble")
+            for metric in ("top1", "top5")
+        ]
+        if paper is not None:
+            for model in models:
+                reported = paper.get(model, {}).get(row["meta_category"])
+                cells += [format_percent(reported[0]), format_percent(reported[1])] if reported else ["–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,159 @@
+"""The Table 3 ensemble on a case small enough to work out by hand.
+
+Classes: 0, 1 liquor; 2, 3 cosmetics; 4, 5 dairy. Specialists for liquor (labels 0, 1 =
+classes 0, 1) and cosmetics (labels 0, 1 = classes 3, 2: not the global order).
+
+sample  true  general top-5     route          specialist top  ensemble top-5
+s0      0     1 0 4 5 2         liquor         0 1             0 1 | 4 5 2
+s1      1     4 1 0 5 3         general (misrouted: top-1 is dairy)
+s2      2     3 2 5 4 0         cosmetics      2 3             2 3 | 5 4 0
+s3      3     3 2 4 5 1         cosmetics      3 2             3 2 | 4 5 1
+s4      4     0 4 5 1 2         liquor (wrong) 0 1             0 1 | 4 5 2
+s5      5     5 4 3 2 1         general
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rp2k_dist.evaluation import (
+    PAPER_TABLE3,
+    Predictions,
+    Specialist,
+    combine,
+    route,
+    table3,
+    table3_markdown,
+    within_category,
+)
+
+CLASSES = [
+    {"index": c, "name": f"c{c}", "type": t, "shape": "bottle" if c % 2 else "box"}
+    for c, t in enumerate(["liquor", "liquor", "cosmetics", "cosmetics", "dairy", "dairy"])
+]
+LIQUOR = Specialist("liquor", "type", (0, 1))
+COSMETICS = Specialist(meta_category="cosmetics", classes=(3, 2))
+SPECIALISTS = [LIQUOR, COSMETICS]
+KEYS = [f"s{i}" for i in range(6)]
+GENERAL_TOPK = np.array(
+    [[1, 0, 4, 5, 2], [4, 1, 0, 5, 3], [3, 2, 5, 4, 0], [3, 2, 4, 5, 1], [0, 4, 5, 1, 2], [5, 4, 3, 2, 1]]
+)
+GENERAL_SCORES = np.tile(np.array([0.5, 0.2, 0.1, 0.06, 0.04], np.float32), (6, 1))
+LABELS = np.arange(6)
+
+
+@pytest.fixture()
+def general() -> Predictions:
+    return Predictions(KEYS, LABELS, GENERAL_TOPK, GENERAL_SCORES)
+
+
+@pytest.fixture()
+def specialist_preds() -> dict[int, Predictions]:
+    # in each specialist's own label space; "s9" was never routed and must be ignored
+    liquor = Predictions.from_logits(["s4", "s0", "s9"], [-1, 0, 1], np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]]))
+    cosmetics = Predictions.from_logits(["s2", "s3"], [1, 0], np.array([[0.0, 3.0], [1.0, 0.0]]))
+    return {0: liquor, 1: cosmetics}
+
+
+def test_route_top1_follows_the_general_top1_category():
+    np.testing.assert_array_equal(route(GENERAL_TOPK, CLASSES, SPECIALISTS), [0, -1, 1, 1, 0, -1])
+
+
+def test_route_top5_majority_breaks_ties_by_rank():
+    topk = np.array(
+        [
+            [0, 4, 5, 1, 2],  # liquor 2, dairy 2: liquor ranks first
+            [4, 0, 5, 2, 1],  # dairy 2, liquor 2: dairy first -> no specialist
+            [4, 0, 1, 2, 3],  # dairy 1, liquor 2, cosmetics 2: liquor ranks before cosmetics
+            [2, 0, 3, 4, 5],  # cosmetics 2, dairy 2: cosmetics first
+            [4, 2, 3, 5, 1],  # dairy 2, cosmetics 2: dairy first
+            [1, 2, 3, 4, 5],  # cosmetics 2, dairy 2 beat liquor's top-1 -> cosmetics (rank 1)
+        ]
+    )
+    np.testing.assert_array_equal(route(topk, CLASSES, SPECIALISTS, rule="top5-majority"), [0, -1, 0, 1, -1, 1])
+
+
+def test_route_rejects_an_unknown_rule_and_duplicate_specialists():
+    with pytest.raises(ValueError, match="rule"):
+        route(GENERAL_TOPK, CLASSES, SPECIALISTS, rule="oracle")
+    with pytest.raises(ValueError, match="same meta-category"):
+        route(GENERAL_TOPK, CLASSES, [LIQUOR, Specialist("liquor", classes=(1, 0))])
+
+
+def test_route_by_shape_and_first_specialist_wins():
+    bottles = Specialist("bottle", "shape", (1, 3, 5))
+    np.testing.assert_array_equal(route(GENERAL_TOPK, CLASSES, [bottles]), [0, -1, 0, 0, -1, 0])
+    np.testing.assert_array_equal(route(GENERAL_TOPK, CLASSES, [bottles, LIQUOR]), [0, -1, 0, 0, 1, 0])
+
+
+def test_combine_replaces_exactly_the_routed_samples(general, specialist_preds):
+    routes = route(general.topk, CLASSES, SPECIALISTS)
+    ensemble = combine(general, specialist_preds, routes, SPECIALISTS)
+    expected = np.array(
+        [[0, 1, 4, 5, 2], [4, 1, 0, 5, 3], [2, 3, 5, 4, 0], [3, 2, 4, 5, 1], [0, 1, 4, 5, 2], [5, 4, 3, 2, 1]]
+    )
+    np.testing.assert_array_equal(ensemble.topk, expected)
+    assert ensemble.keys == KEYS
+    np.testing.assert_array_equal(ensemble.labels, LABELS)
+    kept = routes == -1
+    np.testing.assert_array_equal(ensemble.scores[kept], general.scores[kept])
+    # s0: the specialist's two probabilities, then the general model's for classes 4, 5, 2
+    p = np.exp(2.0) / (np.exp(2.0) + 1)
+    np.testing.assert_allclose(ensemble.scores[0], [p, 1 - p, 0.1, 0.06, 0.04], rtol=1e-6)
+
+
+def test_combine_narrower_k_truncates(general, specialist_preds):
+    routes = route(general.topk, CLASSES, SPECIALISTS)
+    ensemble = combine(general, specialist_preds, routes, SPECIALISTS, k=1)
+    np.testing.assert_array_equal(ensemble.topk[:, 0], [0, 4, 2, 3, 0, 5])
+
+
+def test_combine_needs_predictions_for_every_routed_sample(general, specialist_preds):
+    routes = route(general.topk, CLASSES, SPECIALISTS)
+    partial = {0: specialist_preds[0].subset(np.array([1])), 1: specialist_preds[1]}  # s4 missing
+    with pytest.raises(ValueError, match="s4"):
+        combine(general, partial, routes, SPECIALISTS)
+    with pytest.raises(ValueError, match="cosmetics"):
+        combine(general, {0: specialist_preds[0]}, routes, SPECIALISTS)
+
+
+def test_within_category_selects_by_true_class(general):
+    assert within_category(general, CLASSES, LIQUOR).keys == ["s0", "s1"]
+    assert within_category(general, CLASSES, COSMETICS).keys == ["s2", "s3"]
+
+
+def test_table3_by_hand(general, specialist_preds):
+    ensemble = combine(general, specialist_preds, route(general.topk, CLASSES, SPECIALISTS), SPECIALISTS)
+    rows = table3(general, ensemble, CLASSES, SPECIALISTS)
+    assert rows == [
+        # s0 fixed by the specialist; s1 misrouted: a top-1 error of both, found in both top-5s
+        {"meta_category": "liquor", "samples": 2, "general_top1": 0.0, "general_top5": 100.0,
+         "ensemble_top1": 50.0, "ensemble_top5": 100.0},
+        # s2 fixed by the specialist (label 1 = class 2), s3 right in both
+        {"meta_category": "cosmetics", "samples": 2, "general_top1": 50.0, "general_top5": 100.0,
+         "ensemble_top1": 100.0, "ensemble_top5": 100.0},
+    ]
+    text = table3_markdown(rows)
+    assert "| liquor | 2 | 0.00 | 100.00 | 50.00 | 100.00 | 76.99 | 96.44 | 96.47 | 99.33 |" in text
+    assert "| cosmetics | 2 | 50.00 | 100.00 | 100.00 | 100.00 | 87.87 | 93.71 | 93.88 | 99.03 |" in text
+    assert "paper" not in table3_markdown(rows, paper=None)
+    assert PAPER_TABLE3["resnet34+apinet"]["liquor"] == (96.47, 99.33)
+
+
+def test_oracle_routing_by_true_labels(general, specialist_preds):
+    routes = route(general.labels[:, None], CLASSES, SPECIALISTS)
+    np.testing.assert_array_equal(routes, [0, 0, 1, 1, -1, -1])
+    liquor = Predictions.from_logits(["s0", "s1"], [0, 1], np.array([[2.0, 0.0], [0.0, 1.0]]))
+    ensemble = combine(general, {0: liquor, 1: specialist_preds[1]}, routes, SPECIALISTS)
+    np.testing.assert_array_equal(ensemble.topk[1], [1, 0, 4, 5, 3])
+    assert table3(general, ensemble, CLASSES, SPECIALISTS)[0]["ensemble_top1"] == 100.0
+
+
+def test_specialist_for_meta_category_and_validation():
+    assert Specialist.for_meta_category(CLASSES, "cosmetics") == Specialist("cosmetics", "type", (2, 3))
+    assert Specialist.for_meta_category(CLASSES, "bottle", system="shape").classes == (1, 3, 5)
+    with pytest.raises(ValueError):
+        Specialist("liquor")
+    with pytest.raises(ValueError):
+        Specialist("liquor", "flavour", (0,))
