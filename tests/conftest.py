@@ -74,3 +74,29 @@ def few_shards(small_tree, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("packed") / "few"
     return pack_dataset(scan_rp2k(small_tree), out, PackConfig(samples_per_shard=100, shorter_side=64, workers=1))
+
+
+@pytest.fixture(scope="session")
+def synth_shards(tmp_path_factory):
+    """A small learnable synthetic RP2K, packed: 24 classes at 64 px."""
+    from rp2k_dist.data.pack import PackConfig, pack_dataset
+    from rp2k_dist.data.rp2k import scan_rp2k
+    from rp2k_dist.data.synth import SynthConfig, make_synthetic_rp2k
+
+    base = tmp_path_factory.mktemp("synth")
+    summary = make_synthetic_rp2k(base / "rp2k", SynthConfig(classes=24, images_per_class=16, image_size=64, workers=1))
+    index = scan_rp2k(summary.root, summary.metadata_path)
+    return pack_dataset(index, base / "shards", PackConfig(shorter_side=48, samples_per_shard=32, workers=1))
+
+
+def tiny_run_overrides(shards, storage, name: str, epochs: int = 2) -> list[str]:
+    """Overrides for a seconds-long CPU run of the real engine."""
+    return [
+        f"data.shards={shards}", "data.batch_size=16", "data.loader_workers=0", "data.shuffle_buffer=64",
+        "data.max_corrupt_fraction=0.2",
+        "model.crop_size=32", "model.channels_last=false", f"optim.epochs={epochs}",
+        # AdamW: SGD with BatchNorm at batch 16 learns far slower on this tiny set
+        "optim.optimizer=adamw", "optim.lr=0.016", "optim.weight_decay=0.05", "optim.warmup_epochs=0",
+        "augment.border_max=4", "augment.crop_max=3",  # the paper's 30/10 px are for ~300 px images
+        f"run.storage_path={storage}", f"run.name={name}", "run.workers=1",
+    ]

@@ -23,9 +23,10 @@ What makes it RP2K-like:
   screenshot-named file, a basename shared by two classes, an empty class folder, a class
   only in test, and one corrupt file.
 
-Everything is a pure function of the config: each class and image draws from
-``numpy.random.default_rng([seed, stream, class index, image index])``, so the bytes on
-disk do not depend on the number of worker processes.
+Everything is a pure function of the config: the catalogue (names, class sizes, looks,
+splits, quirks) draws from ``default_rng([seed, 1])`` and each image from its own
+``default_rng([seed, 2, class index, image index])``, so the bytes on disk do not depend on
+the number of worker processes.
 """
 
 from __future__ import annotations
@@ -42,13 +43,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from io import BytesIO
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from .metadata import FIELDS, SHAPES, TYPES
+from .metadata import FIELDS, TYPES
 
+T = TypeVar("T")
 RGB = tuple[int, int, int]
 Box = tuple[float, float, float, float]
 
@@ -285,7 +288,12 @@ ACCENTS: tuple[RGB, ...] = (
     (255, 255, 255),
 )
 #: Mark positions on the label, as (x, y) fractions of the label box.
-MARK_SPOTS: tuple[tuple[float, float], ...] = ((0.05, 0.74), (0.69, 0.74), (0.05, 0.04), (0.69, 0.04))
+MARK_SPOTS: tuple[tuple[float, float], ...] = (
+    (0.05, 0.74),
+    (0.69, 0.74),
+    (0.05, 0.04),
+    (0.69, 0.04),
+)
 #: Proportions (width / height multipliers) of size variants.
 SIZE_ASPECTS: tuple[float, ...] = (0.72, 0.86, 1.0, 1.18)
 #: Width / height of each shape's silhouette.
@@ -334,9 +342,7 @@ class ImageSpec:
 class ClassSpec:
     """One class folder: its metadata row, its look and its files."""
 
-    index: int
     folder: str
-    sku: str
     name: str
     brand: str
     type: str
@@ -344,13 +350,15 @@ class ClassSpec:
     size: str
     flavour: str
     design: Design | None  #: None for ``others``: every image is a different product
+    index: int = -1  #: position in the catalogue: seeds its images' random streams
+    sku: str = ""
     images: tuple[ImageSpec, ...] = ()
 
     def row(self) -> dict[str, str]:
         return {"class": self.folder, **{key: getattr(self, key) for key in FIELDS}}
 
 
-def _pick(rng: np.random.Generator, items: Sequence):
+def _pick(rng: np.random.Generator, items: Sequence[T]) -> T:
     return items[int(rng.integers(len(items)))]
 
 
@@ -414,7 +422,7 @@ def _folder_name(kind: str, brand: str, product: str, size: str, flavour: str) -
 
 def _make_group(
     kind: str, shape: str, count: int, taken: set[str], rng: np.random.Generator
-) -> list[dict]:
+) -> list[ClassSpec]:
     """``count`` near-identical SKUs of one brand and product, with unique folder names.
 
     The variants differ by size or flavour in name, and in look by the accent stripe
@@ -450,16 +458,15 @@ def _make_group(
             design = replace(design, mark=int(marks[k]))
         if by_size:
             design = replace(design, aspect=SIZE_ASPECTS[aspects[k]])
-        info = dict(brand=brand, name=product, type=kind, shape=shape, size=size, flavour=flavour)
-        group.append(dict(folder=folder, design=design, **info))
+        group.append(ClassSpec(folder, product, brand, kind, shape, size, flavour, design))
     return group
 
 
-def _products(count: int, rng: np.random.Generator) -> list[dict]:
+def _products(count: int, rng: np.random.Generator) -> list[ClassSpec]:
     """``count`` products in groups; the first groups cover every type and shape."""
     weights = np.array([TYPE_WEIGHTS[t] for t in TYPES])
     taken: set[str] = {OTHERS}
-    out: list[dict] = []
+    out: list[ClassSpec] = []
     for g, size in enumerate(_group_sizes(count, rng)):
         if g < len(FIRST_GROUPS):
             kind, shape = FIRST_GROUPS[g]
@@ -480,7 +487,7 @@ def _class_sizes(config: SynthConfig, rng: np.random.Generator) -> list[int]:
     others = round(mean * min(6.5, max(2.0, n / 8)))
     tiny = [1, 2] if config.quirks else [2, 2]
     rest_n = n - 1 - len(tiny)
-    weights = rng.lognormal(0.0, 0.9, rest_n)
+    weights = rng.lognormal(0.0, 1.0, rest_n)
     budget = max(n * mean - others - sum(tiny), 3 * rest_n)
     rest = np.clip(np.round(weights / weights.sum() * budget), 3, others - 1).astype(int)
     body = tiny + rest.tolist()
@@ -512,13 +519,13 @@ def _catalogue(config: SynthConfig) -> tuple[list[ClassSpec], dict[str, object]]
     products = _products(config.classes - 1 + int(config.quirks), rng)
     # The paper files every image under some type and shape (Table 1 sums to the whole
     # set), so ``others`` gets the largest ones although it shows all kinds of products.
-    others = dict(folder=OTHERS, brand="", name=OTHERS, type="seasonings", shape="bottle")
-    products = [dict(others, size="", flavour="", design=None)] + products
+    others = ClassSpec(OTHERS, OTHERS, "", "seasonings", "bottle", "", "", design=None)
+    products = [others] + products
     skus = rng.choice(10**6, size=len(products), replace=False)
     stems = iter(_file_names(sum(sizes), rng))
 
     classes = []
-    for index, (info, n) in enumerate(zip(products, sizes + [0])):
+    for index, (product, n) in enumerate(zip(products, sizes + [0])):
         n_train = n - _test_count(n, config.test_fraction)
         images = []
         for i in range(n):
@@ -526,7 +533,8 @@ def _catalogue(config: SynthConfig) -> tuple[list[ClassSpec], dict[str, object]]
             split = "train" if i < n_train else "test"
             name = next(stems) + (".png" if png else ".jpg")
             images.append(ImageSpec(i, split, name, "png" if png else "jpg"))
-        classes.append(ClassSpec(index=index, sku=f"{skus[index]:07d}", images=tuple(images), **info))
+        sku = f"{skus[index]:07d}"
+        classes.append(replace(product, index=index, sku=sku, images=tuple(images)))
     if not config.quirks:
         return classes, {}
     return _plant_quirks(classes, rng)
@@ -537,31 +545,49 @@ def _relpath(spec: ClassSpec, image: ImageSpec) -> str:
 
 
 class _Planter:
-    """Puts odd files in place of ordinary train images, spread over the host classes."""
+    """Puts odd files in place of ordinary train images, taking host classes in turn."""
 
     def __init__(self, classes: list[ClassSpec], hosts: list[int], rng: np.random.Generator):
         self.classes, self.rng = classes, rng
         self.hosts = [int(h) for h in rng.permutation(hosts)]
+        self.free = {
+            h: [im.index for im in classes[h].images if im.split == "train"] for h in hosts
+        }
         self.turn = 0
-        self.used: set[tuple[int, int]] = set()
+        self.last_host = -1
 
-    def plant(self, kind: str, name: Callable[[ClassSpec, str], str]) -> str:
-        """Replace a train image (never image 0) of the next host; ``name(class, stem)``
-        gives the new file name. Returns its relative path."""
-        host = self.hosts[self.turn % len(self.hosts)]
-        self.turn += 1
+    def _next_host(self, exclude: int) -> int:
+        for step in range(len(self.hosts)):
+            host = self.hosts[(self.turn + step) % len(self.hosts)]
+            if host != exclude and self.free[host]:
+                self.turn += step + 1
+                return host
+        raise RuntimeError("too few train images to plant the quirks; raise images_per_class")
+
+    def plant(self, kind: str, name: Callable[[str], str], exclude: int = -1) -> str:
+        """Turn a free train image of the next host (not class ``exclude``) into ``kind``,
+        renamed ``name(old stem)``; returns its relative path."""
+        host = self.last_host = self._next_host(exclude)
+        free = self.free[host]
+        i = free.pop(int(self.rng.integers(len(free))))
         spec = self.classes[host]
-        free = [
-            im.index
-            for im in spec.images[1:]
-            if im.split == "train" and (host, im.index) not in self.used
-        ]
-        i = _pick(self.rng, free)
-        self.used.add((host, i))
         image = spec.images[i]
-        image = replace(image, kind=kind, name=name(spec, image.name.rsplit(".", 1)[0]))
+        image = replace(image, kind=kind, name=name(image.name.rsplit(".", 1)[0]))
         self.classes[host] = replace(spec, images=spec.images[:i] + (image,) + spec.images[i + 1 :])
         return _relpath(self.classes[host], image)
+
+    def copy(self) -> str:
+        """Add a byte-identical copy of an untouched train JPEG, named like Windows names
+        copies (``0716_7768 - 副本 (2).jpg``); returns its relative path."""
+        host = self._next_host(exclude=-1)
+        spec = self.classes[host]
+        jpegs = [i for i in self.free[host] if spec.images[i].kind == "jpg"] or self.free[host]
+        original = spec.images[_pick(self.rng, jpegs)]
+        # The same index seeds the same random stream: the same pixels and bytes.
+        stem, suffix = original.name.rsplit(".", 1)
+        copy = replace(original, name=f"{stem} - 副本 (2).{suffix}")
+        self.classes[host] = replace(spec, images=spec.images + (copy,))
+        return _relpath(self.classes[host], copy)
 
 
 def _plant_quirks(
@@ -583,22 +609,18 @@ def _plant_quirks(
     classes[spec.index] = replace(spec, folder=folder)
     quirks["space_class"] = folder
 
-    hosts = [
-        c.index
-        for c in classes
-        if c.index != only_test.index and sum(im.split == "train" for im in c.images) >= 3
-    ]
+    # Odd files replace train images of classes that keep at least one other image.
+    hosts = [c.index for c in classes if sum(im.split == "train" for im in c.images) >= 2]
     planter = _Planter(classes, hosts, rng)
-    quirks["rgba_png"] = planter.plant("rgba", lambda c, stem: stem + ".png")
-    quirks["palette_png"] = planter.plant("palette", lambda c, stem: stem + ".png")
-    quirks["corrupt"] = planter.plant("corrupt", lambda c, stem: stem + ".jpg")
-    quirks["copy_name"] = planter.plant(
-        "jpg", lambda c, stem: c.images[0].name.rsplit(".", 1)[0] + " - 副本 (2).jpg"
-    )
-    quirks["screenshot"] = planter.plant("png", lambda c, stem: "截屏2019-12-10下午5.15.14.png")
-    first = planter.plant("jpg", lambda c, stem: stem + ".jpg")
-    second = planter.plant("jpg", lambda c, stem: first.rsplit("/", 1)[1])
+    quirks["rgba_png"] = planter.plant("rgba", lambda stem: stem + ".png")
+    quirks["palette_png"] = planter.plant("palette", lambda stem: stem + ".png")
+    quirks["corrupt"] = planter.plant("corrupt", lambda stem: stem + ".jpg")
+    quirks["screenshot"] = planter.plant("png", lambda stem: "截屏2019-12-10下午5.15.14.png")
+    first = planter.plant("jpg", lambda stem: stem + ".jpg")
+    shared = first.rsplit("/", 1)[1]
+    second = planter.plant("jpg", lambda stem: shared, exclude=planter.last_host)
     quirks["duplicate_basename"] = [first, second]
+    quirks["copy_name"] = planter.copy()
     return classes + [empty], quirks
 
 
@@ -614,7 +636,8 @@ def _draw_bottle(draw: ImageDraw.ImageDraw, w: int, h: int, d: Design) -> Box:
     """Narrow neck, sloping shoulders, cap."""
     draw.rectangle((0.37 * w, 0.0, 0.63 * w, 0.07 * h), fill=d.cap)
     draw.rectangle((0.39 * w, 0.07 * h, 0.61 * w, 0.23 * h), fill=d.body)
-    draw.polygon([(0.39 * w, 0.22 * h), (0.61 * w, 0.22 * h), (w - 1, 0.38 * h), (0, 0.38 * h)], fill=d.body)
+    shoulder = [(0.39 * w, 0.22 * h), (0.61 * w, 0.22 * h), (w - 1, 0.38 * h), (0, 0.38 * h)]
+    draw.polygon(shoulder, fill=d.body)
     draw.rounded_rectangle((0, 0.36 * h, w - 1, h - 1), radius=0.12 * w, fill=d.body)
     return (0, 0.5 * h, w - 1, 0.86 * h)
 
@@ -635,7 +658,8 @@ def _draw_box(draw: ImageDraw.ImageDraw, w: int, h: int, d: Design) -> Box:
     front = w - 1 - k
     draw.rectangle((0, k, front, h - 1), fill=d.body)
     draw.polygon([(0, k), (k, 0), (w - 1, 0), (front, k)], fill=_shade(d.body, 1.18))
-    draw.polygon([(front, k), (w - 1, 0), (w - 1, h - 1 - k), (front, h - 1)], fill=_shade(d.body, 0.7))
+    side = [(front, k), (w - 1, 0), (w - 1, h - 1 - k), (front, h - 1)]
+    draw.polygon(side, fill=_shade(d.body, 0.7))
     return (0.06 * w, 0.26 * h, front - 0.06 * w, 0.84 * h)
 
 
@@ -671,7 +695,8 @@ def _draw_handled_bottle(draw: ImageDraw.ImageDraw, w: int, h: int, d: Design) -
     draw.ellipse((0.5 * w, 0.16 * h, w - 1, 0.6 * h), outline=_shade(d.body, 0.9), width=ring)
     draw.rectangle((0.18 * w, 0.0, 0.42 * w, 0.07 * h), fill=d.cap)
     draw.rectangle((0.2 * w, 0.07 * h, 0.4 * w, 0.2 * h), fill=d.body)
-    draw.polygon([(0.2 * w, 0.19 * h), (0.4 * w, 0.19 * h), (0.8 * w, 0.32 * h), (0, 0.32 * h)], fill=d.body)
+    shoulder = [(0.2 * w, 0.19 * h), (0.4 * w, 0.19 * h), (0.8 * w, 0.32 * h), (0, 0.32 * h)]
+    draw.polygon(shoulder, fill=d.body)
     draw.rounded_rectangle((0, 0.3 * h, 0.8 * w, h - 1), radius=0.08 * w, fill=d.body)
     return (0.03 * w, 0.48 * h, 0.77 * w, 0.86 * h)
 
@@ -721,7 +746,8 @@ def _pattern_sash(draw: ImageDraw.ImageDraw, box: Box, d: Design) -> None:
     """A diagonal sash across the label (soft drinks, beer, cosmetics)."""
     x0, y0, x1, y1 = box
     lh = y1 - y0
-    draw.polygon([(x0, y0 + 0.55 * lh), (x1, y0 + 0.05 * lh), (x1, y0 + 0.4 * lh), (x0, y0 + 0.9 * lh)], fill=d.label)
+    sash = [(x0, y0 + 0.55 * lh), (x1, y0 + 0.05 * lh), (x1, y0 + 0.4 * lh), (x0, y0 + 0.9 * lh)]
+    draw.polygon(sash, fill=d.label)
 
 
 def _pattern_emblem(draw: ImageDraw.ImageDraw, box: Box, d: Design) -> None:
@@ -729,7 +755,8 @@ def _pattern_emblem(draw: ImageDraw.ImageDraw, box: Box, d: Design) -> None:
     x0, y0, x1, y1 = box
     draw.rectangle(box, fill=_shade(d.body, 1.08))
     cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, 0.36 * min(x1 - x0, y1 - y0)
-    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=d.label, outline=d.ink, width=max(1, int(r / 6)))
+    ring = max(1, int(r / 6))
+    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=d.label, outline=d.ink, width=ring)
 
 
 def _pattern_ornate(draw: ImageDraw.ImageDraw, box: Box, d: Design) -> None:
@@ -739,9 +766,11 @@ def _pattern_ornate(draw: ImageDraw.ImageDraw, box: Box, d: Design) -> None:
     draw.rectangle(box, fill=d.label)
     for inset, width in ((0.05, 0.03), (0.12, 0.015)):
         m = inset * min(lw, lh)
-        draw.rectangle((x0 + m, y0 + m, x1 - m, y1 - m), outline=d.ink, width=max(1, int(width * lw)))
+        frame = (x0 + m, y0 + m, x1 - m, y1 - m)
+        draw.rectangle(frame, outline=d.ink, width=max(1, int(width * lw)))
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    draw.polygon([(cx, cy - 0.25 * lh), (cx + 0.25 * lw, cy), (cx, cy + 0.25 * lh), (cx - 0.25 * lw, cy)], fill=d.ink)
+    rx, ry = 0.25 * lw, 0.25 * lh
+    draw.polygon([(cx, cy - ry), (cx + rx, cy), (cx, cy + ry), (cx - rx, cy)], fill=d.ink)
 
 
 def _pattern_blocks(draw: ImageDraw.ImageDraw, box: Box, d: Design) -> None:
@@ -754,8 +783,8 @@ def _pattern_blocks(draw: ImageDraw.ImageDraw, box: Box, d: Design) -> None:
 def _pattern_wave(draw: ImageDraw.ImageDraw, box: Box, d: Design) -> None:
     """Lower label part under a wavy edge (dairy, cosmetics)."""
     x0, y0, x1, y1 = box
-    xs = np.linspace(x0, x1, 16)
-    crest = [(x, y0 + (0.45 + 0.1 * math.sin(6 * (x - x0) / max(1.0, x1 - x0))) * (y1 - y0)) for x in xs]
+    ts = np.linspace(0.0, 1.0, 16)
+    crest = [(x0 + t * (x1 - x0), y0 + (0.45 + 0.1 * math.sin(6 * t)) * (y1 - y0)) for t in ts]
     draw.polygon(crest + [(x1, y1), (x0, y1)], fill=d.label)
 
 
@@ -775,7 +804,8 @@ def _draw_marks(draw: ImageDraw.ImageDraw, box: Box, d: Design) -> None:
     x0, y0, x1, y1 = box
     lw, lh = x1 - x0, y1 - y0
     for y, x, length in d.text:
-        draw.rectangle((x0 + x * lw, y0 + y * lh, x0 + (x + length) * lw, y0 + (y + 0.06) * lh), fill=d.ink)
+        line = (x0 + x * lw, y0 + y * lh, x0 + (x + length) * lw, y0 + (y + 0.06) * lh)
+        draw.rectangle(line, fill=d.ink)
     draw.rectangle((x0, y0 + 0.56 * lh, x1, y0 + 0.7 * lh), fill=d.accent)
     mx, my = MARK_SPOTS[d.mark]
     draw.rectangle(
@@ -803,8 +833,9 @@ def _product(d: Design, height: int) -> Image.Image:
     if d.shape in ROUND_SHAPES or d.shape == "bag":
         pixels = np.asarray(image, dtype=np.float32)
         light = _cylinder_light(width)[None, :]
-        if d.shape == "bag":
-            light = 0.85 + 0.15 * (light - 0.72) / 0.54 * np.sin(np.linspace(0, np.pi, height))[:, None]
+        if d.shape == "bag":  # a pillow: brightest in the middle both ways, and flatter
+            rows = np.sin(np.linspace(0, np.pi, height))[:, None]
+            light = 0.85 + 0.15 * (light - 0.72) / 0.54 * rows
         pixels[..., :3] *= light[..., None]
         image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGBA")
     return image
@@ -834,12 +865,16 @@ def _background(width: int, height: int, rng: np.random.Generator) -> Image.Imag
         for x in (0, width):  # neighbouring products cut by the crop
             reach = rng.uniform(0.04, 0.16) * width
             colour = tuple(int(c) for c in rng.integers(20, 240, 3))
-            draw.rounded_rectangle((x - reach, rng.uniform(0.05, 0.4) * height, x + reach, height), radius=reach / 3, fill=colour)
+            neighbour = (x - reach, rng.uniform(0.05, 0.4) * height, x + reach, height)
+            draw.rounded_rectangle(neighbour, radius=reach / 3, fill=colour)
         return image
-    coarse = rng.integers(60, 250, (int(rng.integers(2, 6)), int(rng.integers(2, 6)), 3), dtype=np.uint8)
-    blotches = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
-    grain = rng.normal(0.0, 8.0, (height, width, 1)).astype(np.float32)
-    return Image.fromarray(np.clip(np.asarray(blotches, np.float32) + grain, 0, 255).astype(np.uint8))
+    # Blotches: a coarse grid of muted colours around the base, blown up, plus grain.
+    grid = (int(rng.integers(2, 6)), int(rng.integers(2, 6)), 1)
+    coarse = np.array(base) + rng.normal(0, 28, grid) + rng.normal(0, 12, grid[:2] + (3,))
+    coarse = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8))
+    blotches = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), np.float32)
+    grain = rng.normal(0.0, 6.0, (height, width, 1)).astype(np.float32)
+    return Image.fromarray(np.clip(blotches + grain, 0, 255).astype(np.uint8))
 
 
 def _perspective_coeffs(dst: np.ndarray, src: np.ndarray) -> tuple[float, ...]:
@@ -853,17 +888,21 @@ def _perspective_coeffs(dst: np.ndarray, src: np.ndarray) -> tuple[float, ...]:
 
 
 def _viewpoint(product: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Slight perspective tilt and rotation (premultiplied alpha: no dark fringes)."""
-    image = product.convert("RGBa")
-    w, h = image.size
-    mx, my = 0.07 * w, 0.05 * h
-    src = np.array([(0, 0), (w, 0), (w, h), (0, h)], float)
-    dst = src + np.array([mx, my]) + rng.uniform(-1, 1, (4, 2)) * np.array([mx, my])
-    size = (int(w + 2 * mx), int(h + 2 * my))
-    coeffs = _perspective_coeffs(dst, src)
-    image = image.transform(size, Image.Transform.PERSPECTIVE, coeffs, Image.Resampling.BILINEAR)
-    image = image.rotate(rng.uniform(-7, 7), Image.Resampling.BILINEAR, expand=True)
-    return image.convert("RGBA")
+    """Slight perspective tilt and rotation in one warp (premultiplied alpha: no dark
+    fringes); the canvas grows to hold the warped product."""
+    w, h = product.size
+    corners = np.array([(0, 0), (w, 0), (w, h), (0, h)], float)
+    tilted = corners + rng.uniform(-1, 1, (4, 2)) * np.array([0.07 * w, 0.05 * h])
+    angle = math.radians(rng.uniform(-7, 7))
+    turn = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    dst = (tilted - (w / 2, h / 2)) @ turn.T
+    dst -= dst.min(axis=0)
+    size = tuple(int(v) + 1 for v in dst.max(axis=0))
+    coeffs = _perspective_coeffs(dst, corners)
+    warped = product.convert("RGBa").transform(
+        size, Image.Transform.PERSPECTIVE, coeffs, Image.Resampling.BILINEAR
+    )
+    return warped.convert("RGBA")
 
 
 def _lighting(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -876,10 +915,18 @@ def _lighting(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(pixels, 0, 255)
 
 
-def _photo(design: Design, image_size: int, rng: np.random.Generator, transparent: bool = False) -> Image.Image:
-    """One shop photo of the product: RGB, or RGBA with a transparent backdrop."""
+def _photo(
+    design: Design, image_size: int, rng: np.random.Generator, transparent: bool = False
+) -> Image.Image:
+    """One shop photo of the product: RGB, or RGBA with a transparent backdrop.
+
+    The longer side is ``image_size``; most photos are portrait, as product crops are.
+    """
     aspect = rng.uniform(0.5, 0.95) if rng.random() < 0.8 else rng.uniform(0.95, 1.35)
-    width, height = (image_size, round(image_size / aspect)) if aspect > 1 else (round(image_size * aspect), image_size)
+    if aspect > 1:
+        width, height = image_size, round(image_size / aspect)
+    else:
+        width, height = round(image_size * aspect), image_size
     # Drawn at twice the size and halved after the warp: anti-aliased edges.
     tall = rng.uniform(0.6, 0.88) * height
     wide = tall * SHAPE_ASPECT[design.shape] * design.aspect
@@ -1002,7 +1049,8 @@ def make_synthetic_rp2k(
         _write_metadata(staging / METADATA_FILE, classes)
         settings = {k: v for k, v in asdict(config).items() if k != "workers"}
         marker = {"generator": __name__, "config": settings, "quirks": quirks}
-        (staging / MARKER).write_text(json.dumps(marker, ensure_ascii=False, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        text = json.dumps(marker, ensure_ascii=False, indent=2, sort_keys=True) + "\n"
+        (staging / MARKER).write_text(text, encoding="utf-8")
         _swap_into_place(staging, root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -1023,15 +1071,23 @@ def _render_all(chunks: list[_Chunk], workers: int, progress: bool) -> None:
     """Render every chunk, in ``workers`` processes (0 = one per CPU)."""
     workers = min(workers or os.cpu_count() or 1, len(chunks))
     total = sum(len(chunk.images) for chunk in chunks)
-    with tqdm(total=total, desc="synthesising RP2K", unit="img", disable=None if progress else True) as bar:
+    disable = None if progress else True  # None: only on a terminal
+    with tqdm(total=total, desc="synthesising RP2K", unit="img", disable=disable) as bar:
         if workers <= 1:
             for chunk in chunks:
                 bar.update(_render_chunk(chunk))
             return
-        # spawn: safe whatever threads the caller runs (torch, Ray), identical on every OS.
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        with _pool_context().Pool(workers) as pool:
             for done in pool.imap_unordered(_render_chunk, chunks):
                 bar.update(done)
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """fork where the OS has it: unlike spawn it works from scripts without a
+    ``__main__`` guard, and the children only run numpy and PIL code."""
+    if "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context()
 
 
 def _swap_into_place(staging: Path, root: Path) -> None:

@@ -1,0 +1,290 @@
+"""The training engine: one function per worker, with or without Ray.
+
+``train_worker(config, context)`` reads the shards, builds the model, loss and
+optimiser from the config, resumes from the context's latest checkpoint, runs the epoch
+loop (train, evaluate, report, checkpoint) and leaves the evaluation artefacts
+(predictions, accuracy tables) in the run folder. Written in the spirit of torchvision's
+``references/classification/train.py``: plain functions, read top to bottom.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import ExperimentConfig
+from ..data.loader import LoaderConfig, ShardLoader
+from ..data.manifest import Manifest
+from ..data.transforms import EvalTransform, InputSpec, TrainTransform, normalize
+from ..evaluation.metrics import accuracy_table, confused_pairs
+from ..evaluation.predictions import Predictions
+from ..losses import ClassBalancedLoss
+from ..models import create_model, input_spec
+from . import distributed as dist_utils
+from .checkpoint import FORMAT, VERSION, rng_state, set_rng_state
+from .context import WorkerContext, write_metrics
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite: the run stops instead of saving a broken model."""
+
+
+@dataclass
+class RunData:
+    """The dataset as this run sees it (a specialist sees a subset of classes)."""
+
+    manifest: Manifest
+    class_subset: list[int] | None  # global indices, in the run's label order
+    classes: list[dict[str, Any]]  # the run's class table, "index" = run label
+    train_counts: list[int]
+
+
+def select_data(config: ExperimentConfig) -> RunData:
+    manifest = Manifest.load(config.data.shards)
+    subset = None
+    if config.data.meta_category:
+        system, _, value = config.data.meta_category.partition("=")
+        subset = manifest.classes_of(system, value)
+    chosen = subset if subset is not None else list(range(manifest.num_classes))
+    classes = [{**manifest.classes[g], "index": i, "global_index": g} for i, g in enumerate(chosen)]
+    counts = manifest.class_counts("train")
+    return RunData(manifest, subset, classes, [counts[g] for g in chosen])
+
+
+def build_loaders(config: ExperimentConfig, data: RunData, spec: InputSpec, rank: int, world: int, cuda: bool):
+    c = config.data
+    common = dict(workers=c.loader_workers, shuffle_buffer=c.shuffle_buffer, seed=config.run.seed,
+                  max_corrupt_fraction=c.max_corrupt_fraction, pin_memory=cuda)
+    balanced = (c.classes_per_batch, c.images_per_class) if c.classes_per_batch else None
+    train = ShardLoader(data.manifest, "train", TrainTransform(spec, config.augment),
+                        LoaderConfig(batch_size=c.batch_size, **common), rank, world, train=True,
+                        classes=data.class_subset, class_balanced=balanced)
+    evaluation = ShardLoader(data.manifest, "test", EvalTransform(spec),
+                             LoaderConfig(batch_size=c.eval_batch_size or 2 * c.batch_size, **common),
+                             rank, world, train=False, classes=data.class_subset)
+    return train, evaluation
+
+
+def build_optimizer(model: nn.Module, config: ExperimentConfig, global_batch: int, cuda: bool):
+    """SGD/AdamW with the learning rate scaled linearly by the global batch size."""
+    o = config.optim
+    lr = o.lr * global_batch / o.lr_reference_batch
+    core = getattr(model, "module", model)
+    if hasattr(core, "backbone_parameters"):
+        groups = [{"params": list(core.backbone_parameters()), "name": "backbone"},
+                  {"params": list(core.head_parameters()), "name": "head"}]
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "all"}]
+    fused = {"fused": True} if (o.fused and cuda) else {}
+    if o.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, **fused)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=o.weight_decay, **fused)
+    return optimizer, lr
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """LR multiplier per step: linear warmup from 1 %, then cosine to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return 0.01 + 0.99 * step / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def set_backbone_frozen(optimizer: torch.optim.Optimizer, frozen: bool) -> None:
+    """Mark the backbone group frozen (API-Net's first epochs). The gradients are still
+    computed, so DDP's buckets stay the same; :func:`_drop_frozen_grads` discards them
+    before the step, and the optimiser skips parameters without a gradient entirely."""
+    for group in optimizer.param_groups:
+        if group.get("name") == "backbone":
+            group["frozen"] = frozen
+
+
+def _drop_frozen_grads(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        if group.get("frozen"):
+            for param in group["params"]:
+                param.grad = None
+
+
+def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, spec, device, config, epoch) -> dict[str, float]:
+    """One pass over this rank's batches; returns metrics summed over all ranks."""
+    model.train()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and config.optim.amp) else nullcontext()
+    memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
+    loss_sum = correct = seen = 0.0
+    start = time.perf_counter()
+    for step, batch in enumerate(loader):
+        images = normalize(batch["image"].to(device, non_blocking=True), spec).contiguous(memory_format=memory_format)
+        labels = batch["label"].to(device, non_blocking=True)
+        with autocast:
+            output = model(images, labels)  # API-Net pairs images by label; others ignore it
+            loss = core.loss(output, labels, criterion)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at epoch {epoch} step {step}: lower optim.lr, set optim.grad_clip, "
+                "or check the data; checkpoints up to the previous epoch are intact"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.optim.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        _drop_frozen_grads(optimizer)
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            logits = core.logits(output)
+            correct += (logits.argmax(1) == labels).sum().item()
+        loss_sum += loss.item() * len(labels)
+        seen += len(labels)
+    elapsed = time.perf_counter() - start
+    loss_sum, correct, seen, skipped = dist_utils.all_reduce_sum([loss_sum, correct, seen, loader.stats.skipped], device)
+    return {
+        "train_loss": loss_sum / max(seen, 1),
+        "train_top1": 100.0 * correct / max(seen, 1),
+        "train_images": int(seen),
+        "train_skipped": int(skipped),
+        "images_per_second": seen / max(elapsed, 1e-9),
+        "epoch_seconds": elapsed,
+    }
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: ShardLoader, spec: InputSpec, device: torch.device, channels_last: bool) -> Predictions:
+    """Top-5 predictions of this rank's share of the evaluation split."""
+    model.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    parts = []
+    for batch in loader:
+        images = normalize(batch["image"].to(device, non_blocking=True), spec).contiguous(memory_format=memory_format)
+        with autocast:
+            logits = model(images)
+        parts.append(Predictions.from_logits(batch["key"], batch["label"].numpy(), logits.float().cpu()))
+    return Predictions.concat(parts) if parts else None
+
+
+def evaluate(model, loader, spec, device, classes, channels_last: bool) -> tuple[dict[str, float], Predictions | None]:
+    """Evaluate on every test sample exactly once; rank 0 gets the gathered predictions."""
+    local = predict(model, loader, spec, device, channels_last)
+    gathered = [p for p in dist_utils.all_gather_objects(local) if p is not None]
+    if not dist_utils.is_main_process():
+        return {}, None
+    predictions = Predictions.concat(gathered)
+    table = accuracy_table(predictions, classes)
+    return {"val_top1": table.overall.top1, "val_top5": table.overall.top5,
+            "val_macro_top1": table.macro.top1, "val_samples": table.overall.samples}, predictions
+
+
+def build_checkpoint(core, optimizer, scheduler, config, data, spec, epoch, history) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_name": config.model.name,
+        "model_args": {"num_classes": len(data.classes)},
+        "input_spec": {"crop_size": spec.crop_size, "resize_size": spec.resize_size,
+                       "mean": list(spec.mean), "std": list(spec.std)},
+        "classes": data.classes,
+        "class_subset": data.class_subset,
+        "config": config.to_dict(),
+        "epoch": epoch,
+        "model": core.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "metrics": history,
+    }
+
+
+def save_evaluation(storage, predictions: Predictions, data: RunData, metrics: dict[str, Any]) -> None:
+    """Predictions as Parquet, Table 2 (JSON + Markdown) and the most-confused pairs."""
+    import tempfile
+    from pathlib import Path
+
+    table = accuracy_table(predictions, data.classes)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "predictions.parquet"
+        predictions.to_parquet(path, data.classes)
+        storage.write_bytes("predictions.parquet", path.read_bytes())
+    evaluation = {"table2": table.to_dict(), "confused_pairs": confused_pairs(predictions, data.classes),
+                  "final": metrics}
+    storage.write_text("evaluation.json", json.dumps(evaluation, indent=1, ensure_ascii=False, default=float))
+    storage.write_text("table2.md", table.to_markdown() + "\n")
+
+
+def train_worker(config: ExperimentConfig, context: WorkerContext) -> dict[str, Any]:
+    """Train (or resume) one run on this worker; returns the last epoch's metrics."""
+    torch.manual_seed(config.run.seed + context.rank)
+    device = context.device
+    cuda = device.type == "cuda"
+    data = select_data(config)
+    spec = input_spec(config.model.name, config.model.crop_size or None)
+    train_loader, eval_loader = build_loaders(config, data, spec, context.rank, context.world_size, cuda)
+
+    core = create_model(config.model.name, len(data.classes), pretrained=config.model.pretrained or None,
+                        weights=config.model.weights or None)
+    core.to(device)
+    if config.model.channels_last:
+        core.to(memory_format=torch.channels_last)
+    model: nn.Module = core
+    if context.world_size > 1:
+        model = DistributedDataParallel(core, device_ids=[device.index] if cuda else None,
+                                        gradient_as_bucket_view=True)
+    if config.model.compile:
+        model = torch.compile(model)
+    criterion = ClassBalancedLoss(data.train_counts, config.loss.cbl_beta, config.loss.variant,
+                                  config.loss.focal_gamma, config.loss.label_smoothing).to(device)
+
+    global_batch = train_loader.dataset.batch_size * context.world_size
+    optimizer, base_lr = build_optimizer(core, config, global_batch, cuda)
+    steps_per_epoch = len(train_loader)
+    total = steps_per_epoch * config.optim.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total, round(config.optim.warmup_epochs * steps_per_epoch)))
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    checkpoint = context.latest_checkpoint()
+    if checkpoint is not None:
+        core.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        set_rng_state(checkpoint["rng"])
+        start_epoch, history = checkpoint["epoch"], list(checkpoint["metrics"])
+    if context.rank == 0:
+        context.storage.write_text("config.yaml", config.to_yaml())
+
+    metrics: dict[str, Any] = history[-1] if history else {}
+    for epoch in range(start_epoch, config.optim.epochs):
+        train_loader.set_epoch(epoch)
+        set_backbone_frozen(optimizer, epoch < config.model.freeze_backbone_epochs)
+        metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], "global_batch": global_batch,
+                   **train_one_epoch(model, core, criterion, optimizer, scheduler, train_loader, spec, device, config, epoch)}
+        last = epoch + 1 == config.optim.epochs
+        predictions = None
+        if (epoch + 1) % config.run.eval_every == 0 or last:
+            val, predictions = evaluate(core, eval_loader, spec, device, data.classes, config.model.channels_last)
+            metrics.update(val)
+        metrics["world_size"] = context.world_size
+        history.append(metrics)
+        save = context.rank == 0 and ((epoch + 1) % config.run.checkpoint_every == 0 or last)
+        if context.rank == 0:
+            write_metrics(context.storage, history)
+            if last and predictions is not None:
+                save_evaluation(context.storage, predictions, data, metrics)
+        state = build_checkpoint(core, optimizer, scheduler, config, data, spec, epoch + 1, history) if save else None
+        context.report(metrics, state)
+    return metrics

@@ -1,0 +1,111 @@
+"""The training engine in one process (no Ray): learning, resume, checkpoints, failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rp2k_dist.config import load_config
+from rp2k_dist.engine.checkpoint import FILENAME, load_checkpoint
+from rp2k_dist.engine.context import LocalContext
+from rp2k_dist.engine.train import NonFiniteLossError, train_worker, warmup_cosine
+from rp2k_dist.storage import RunStorage
+from tests.conftest import tiny_run_overrides
+
+
+def _run(shards, tmp_path, name, extra=(), epochs=2):
+    config = load_config(None, tiny_run_overrides(shards.root, tmp_path, name, epochs) + list(extra))
+    storage = RunStorage(config.run.storage_path, config.run.name)
+    return config, storage, train_worker(config, LocalContext(storage, "cpu"))
+
+
+def _history(storage):
+    return [json.loads(line) for line in storage.read_bytes("metrics.jsonl").decode().splitlines()]
+
+
+def test_single_process_run_learns(synth_shards, tmp_path):
+    torch.manual_seed(0)
+    _, storage, final = _run(synth_shards, tmp_path, "learn", ["loss.cbl_beta=0.9"], epochs=8)
+    history = _history(storage)
+    chance = 100.0 / synth_shards.num_classes
+    assert final["val_top1"] > 4 * chance, history
+    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
+    assert [m["epoch"] for m in history] == list(range(1, 9))
+
+
+def test_run_leaves_config_metrics_predictions_and_table(synth_shards, tmp_path):
+    config, storage, final = _run(synth_shards, tmp_path, "artefacts")
+    assert load_config(storage.local_path("config.yaml")) == config
+    evaluation = json.loads(storage.read_bytes("evaluation.json"))
+    assert evaluation["table2"]["overall"]["top1"] == pytest.approx(final["val_top1"])
+    assert final["val_samples"] == synth_shards.num_samples("test")
+    import pyarrow.parquet as pq
+
+    predictions = pq.read_table(storage.local_path("predictions.parquet"))
+    assert predictions.num_rows == synth_shards.num_samples("test")
+    assert "| meta-category |" in storage.read_bytes("table2.md").decode()
+
+
+def test_checkpoint_is_self_describing_and_weights_only(synth_shards, tmp_path):
+    _, storage, _ = _run(synth_shards, tmp_path, "ckpt")
+    path = storage.local_path("checkpoints/epoch_0002") / FILENAME
+    raw = torch.load(path, weights_only=True)  # no pickled code needed
+    checkpoint = load_checkpoint(path)
+    assert raw["epoch"] == checkpoint["epoch"] == 2
+    assert checkpoint["model_name"] == "resnet34"
+    assert checkpoint["model_args"] == {"num_classes": synth_shards.num_classes}
+    assert [c["name"] for c in checkpoint["classes"]] == synth_shards.class_names
+    assert checkpoint["input_spec"]["crop_size"] == 32
+    assert {"optimizer", "scheduler", "rng", "config", "metrics"} <= set(checkpoint)
+    assert len(checkpoint["metrics"]) == 2
+
+
+def test_rerun_resumes_from_the_last_checkpoint(synth_shards, tmp_path):
+    _, storage, _ = _run(synth_shards, tmp_path, "resume", epochs=2)
+    first = _history(storage)
+    _, storage, final = _run(synth_shards, tmp_path, "resume", epochs=3)
+    history = _history(storage)
+    assert [m["epoch"] for m in history] == [1, 2, 3]
+    assert history[:2] == first  # epochs 1-2 were not run again
+    assert final["epoch"] == 3
+    # the finished run is not trained again
+    _, _, again = _run(synth_shards, tmp_path, "resume", epochs=3)
+    assert _history(storage) == history
+
+
+def test_resume_continues_identically_to_an_uninterrupted_run(synth_shards, tmp_path):
+    extra = ["run.checkpoint_every=1", "augment.perspective=false"]
+    _, whole, _ = _run(synth_shards, tmp_path, "whole", extra, epochs=3)
+    _run(synth_shards, tmp_path, "split", extra, epochs=3)
+    # drop the last checkpoint and the last epoch's metrics: as if it died in epoch 3
+    split = RunStorage(str(tmp_path), "split")
+    split.delete_dir("checkpoints/epoch_0003")
+    _run(synth_shards, tmp_path, "split", extra, epochs=3)
+    a, b = _history(whole)[-1], _history(split)[-1]
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
+def test_nan_loss_stops_the_run_with_a_clear_error(synth_shards, tmp_path):
+    with pytest.raises(NonFiniteLossError, match="lower optim.lr"):
+        _run(synth_shards, tmp_path, "nan", ["optim.lr=1e30"], epochs=1)
+
+
+def test_warmup_then_cosine_schedule():
+    factor = warmup_cosine(total_steps=100, warmup_steps=10)
+    assert factor(0) == pytest.approx(0.01)
+    assert factor(10) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.5)
+    assert factor(100) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_specialist_run_sees_only_its_meta_category(synth_shards, tmp_path):
+    types = synth_shards.meta_categories("type")
+    chosen = max(set(types), key=types.count)
+    config, storage, final = _run(synth_shards, tmp_path, "spec", [f"data.meta_category=type={chosen}"], epochs=1)
+    checkpoint = load_checkpoint(storage.local_path("checkpoints/epoch_0001") / FILENAME)
+    assert checkpoint["class_subset"] == [i for i, t in enumerate(types) if t == chosen]
+    assert checkpoint["model_args"]["num_classes"] == types.count(chosen)
+    expected = sum(c["counts"]["test"] for c in synth_shards.classes if c["type"] == chosen)
+    assert final["val_samples"] == expected
