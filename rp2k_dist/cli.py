@@ -80,6 +80,45 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_experiment(args: argparse.Namespace):
+    """The config of ``train``/``tune``/``submit``: preset < --set overrides < flags."""
+    from .config import load_config
+
+    overrides = list(args.set or [])
+    for flag, key in (("workers", "run.workers"), ("gpus_per_worker", "run.gpus_per_worker"),
+                      ("name", "run.name"), ("storage_path", "run.storage_path"), ("shards", "data.shards")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if getattr(args, "gpus_per_worker", None):
+        overrides.append("run.use_gpu=true")
+    return load_config(args.config, overrides)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML preset (see jobs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=0.05")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (run.workers)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; implies run.use_gpu=true")
+    p.add_argument("--name", help="run name (run.name); the same name resumes")
+    p.add_argument("--storage-path", help="run storage: folder, s3:// or gs:// (run.storage_path)")
+    p.add_argument("--shards", help="packed dataset folder (data.shards)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .launch.trainer import run_training
+
+    config = load_experiment(args)
+    final = run_training(config, address=args.address)
+    print(f"run {config.run.name} in {config.run.storage_path}/{config.run.name}: epoch {final.get('epoch')}, "
+          f"val top-1 {final.get('val_top1', float('nan')):.2f} %, top-5 {final.get('val_top5', float('nan')):.2f} %")
+    table = Path(config.run.storage_path) / config.run.name / "table2.md"
+    if table.exists():
+        print(table.read_text(encoding="utf-8"))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -120,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-check every shard against its manifest")
     p.add_argument("shards", help="folder with dataset.json")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("train", help="DDP training on Ray Train (local Ray unless --address)")
+    add_run_options(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="synthetic RP2K -> shards -> training -> evaluation report")
     p.add_argument("--out", default="runs/demo", help="working folder of the demo")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -225,8 +226,11 @@ def save_evaluation(storage, predictions: Predictions, data: RunData, metrics: d
     storage.write_text("table2.md", table.to_markdown() + "\n")
 
 
-def train_worker(config: ExperimentConfig, context: WorkerContext) -> dict[str, Any]:
-    """Train (or resume) one run on this worker; returns the last epoch's metrics."""
+def train_worker(
+    config: ExperimentConfig, context: WorkerContext, on_finish: Callable[[nn.Module], None] | None = None
+) -> dict[str, Any]:
+    """Train (or resume) one run on this worker; returns the last epoch's metrics.
+    ``on_finish(model)`` runs on every rank after the last epoch."""
     torch.manual_seed(config.run.seed + context.rank)
     device = context.device
     cuda = device.type == "cuda"
@@ -279,6 +283,8 @@ def train_worker(config: ExperimentConfig, context: WorkerContext) -> dict[str, 
             val, predictions = evaluate(core, eval_loader, spec, device, data.classes, config.model.channels_last)
             metrics.update(val)
         metrics["world_size"] = context.world_size
+        if epoch == start_epoch and start_epoch > 0:
+            metrics["resumed_from_epoch"] = start_epoch
         history.append(metrics)
         save = context.rank == 0 and ((epoch + 1) % config.run.checkpoint_every == 0 or last)
         if context.rank == 0:
@@ -287,4 +293,6 @@ def train_worker(config: ExperimentConfig, context: WorkerContext) -> dict[str, 
                 save_evaluation(context.storage, predictions, data, metrics)
         state = build_checkpoint(core, optimizer, scheduler, config, data, spec, epoch + 1, history) if save else None
         context.report(metrics, state)
+    if on_finish is not None:
+        on_finish(core)
     return metrics

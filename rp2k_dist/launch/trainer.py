@@ -1,0 +1,124 @@
+"""Run the engine under Ray Train V2: DDP over Ray workers, checkpoints, fault tolerance.
+
+The engine (:func:`rp2k_dist.engine.train.train_worker`) is unchanged; :class:`RayContext`
+gives it rank, device, the checkpoint to resume from, and a ``report`` that hands metrics
+and rank 0's checkpoint to ``ray.train.report``. The run is named explicitly
+(``run.name``) under ``run.storage_path``, so running the same command again after a crash
+of the driver resumes from the last checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from ..config import ExperimentConfig, config_from_dict
+from ..engine.checkpoint import FILENAME, load_checkpoint, to_bytes
+from ..engine.train import train_worker
+from ..storage import RunStorage
+
+
+class RayContext:
+    """The engine's view of one Ray Train worker."""
+
+    def __init__(self, config: ExperimentConfig):
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.local_rank = context.get_local_rank()
+        self.device = ray.train.torch.get_device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.storage = RunStorage(config.run.storage_path, config.run.name)
+
+    def latest_checkpoint(self) -> dict[str, Any] | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return load_checkpoint(Path(folder) / FILENAME)
+
+    def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
+        if checkpoint is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / FILENAME).write_bytes(to_bytes(checkpoint))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=f"epoch_{checkpoint['epoch']:04d}")
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """sha256 over all parameters: equal on every rank when DDP kept them in sync.
+    (BatchNorm running statistics are buffers, updated per rank, and are left out.)"""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker."""
+    config = config_from_dict(loop_config["config"])
+    context = RayContext(config)
+    train_worker(config, context, on_finish=lambda model: context.storage.write_text(
+        f"ranks/rank-{context.rank}.json",
+        json.dumps({"rank": context.rank, "world_size": context.world_size, "node_id": ray.get_runtime_context().get_node_id(),
+                    "parameters_sha256": parameter_digest(model)}),
+    ))
+
+
+def storage_uri(path: str) -> str:
+    """Ray needs absolute local paths; URIs (s3://, gs://) pass through."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def build_trainer(config: ExperimentConfig, run_callbacks: list | None = None) -> TorchTrainer:
+    r = config.run
+    resources = {"CPU": r.cpus_per_worker}
+    if r.use_gpu:
+        resources["GPU"] = r.gpus_per_worker
+    backend = r.backend or ("nccl" if r.use_gpu else "gloo")
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict()},
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=r.placement_strategy),
+        run_config=RunConfig(
+            name=r.name,
+            storage_path=storage_uri(r.storage_path),
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints),
+            callbacks=run_callbacks,
+        ),
+    )
+
+
+def run_training(config: ExperimentConfig, address: str | None = None) -> dict[str, Any]:
+    """Fit (or resume) the run on a Ray cluster; returns the final metrics from the run folder."""
+    config.run.storage_path = storage_uri(config.run.storage_path)
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+    result = build_trainer(config).fit()
+    if result.error is not None:
+        raise result.error
+    history = read_metrics(config)
+    return history[-1] if history else dict(result.metrics or {})
+
+
+def read_metrics(config: ExperimentConfig) -> list[dict[str, Any]]:
+    storage = RunStorage(config.run.storage_path, config.run.name)
+    if not storage.exists("metrics.jsonl"):
+        return []
+    return [json.loads(line) for line in storage.read_bytes("metrics.jsonl").decode().splitlines() if line]

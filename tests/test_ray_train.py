@@ -1,0 +1,95 @@
+"""Ray Train on a real local Ray: 2-worker DDP, resume by name, a killed worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import ray
+
+from rp2k_dist.config import load_config
+from rp2k_dist.launch.trainer import read_metrics, run_training
+from rp2k_dist.storage import RunStorage
+from tests.conftest import tiny_run_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _config(shards, tmp_path, name, epochs, extra=()):
+    return load_config(None, tiny_run_overrides(shards.root, tmp_path, name, epochs)
+                       + ["run.workers=2", "run.max_failures=2"] + list(extra))
+
+
+def _ranks(config):
+    storage = RunStorage(config.run.storage_path, config.run.name)
+    return [json.loads(storage.read_bytes(f"ranks/{n}")) for n in storage.listdir("ranks")]
+
+
+def test_two_worker_ddp_keeps_ranks_identical_and_reports_what_it_writes(local_ray, synth_shards, tmp_path):
+    config = _config(synth_shards, tmp_path, "ddp", epochs=2)
+    final = run_training(config)
+    ranks = _ranks(config)
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert ranks[0]["parameters_sha256"] == ranks[1]["parameters_sha256"]
+    history = read_metrics(config)
+    assert [m["epoch"] for m in history] == [1, 2]
+    assert final == history[-1]
+    assert final["world_size"] == 2
+    assert final["val_samples"] == synth_shards.num_samples("test")  # each test image once
+    assert final["global_batch"] == 2 * 16
+    # the same command again: the finished run resumes (nothing to do) rather than restarting
+    again = _config(synth_shards, tmp_path, "ddp", epochs=3)
+    run_training(again)
+    history3 = read_metrics(again)
+    assert [m["epoch"] for m in history3] == [1, 2, 3]
+    assert history3[:2] == history
+    assert history3[2]["resumed_from_epoch"] == 2
+
+
+def _kill_a_worker_after_epoch(config, epoch: int, killed: list[int]) -> threading.Thread:
+    def watch():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if any(m["epoch"] >= epoch for m in read_metrics(config)):
+                for process in psutil.process_iter(["cmdline"]):
+                    if any("RayTrainWorker" in part for part in process.info["cmdline"] or []):
+                        os.kill(process.pid, signal.SIGKILL)  # a real kill, no exception
+                        killed.append(process.pid)
+                        return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint(local_ray, synth_shards, tmp_path):
+    config = _config(synth_shards, tmp_path, "kill", epochs=4)
+    killed: list[int] = []
+    # metrics of epoch 2 on disk => epoch 1's checkpoint was reported (report is a barrier)
+    watcher = _kill_a_worker_after_epoch(config, 2, killed)
+    final = run_training(config)
+    watcher.join(timeout=5)
+    assert killed, "no worker was killed"
+    history = read_metrics(config)
+    assert [m["epoch"] for m in history] == [1, 2, 3, 4]  # none twice, none skipped
+    assert final["epoch"] == 4
+    assert any("resumed_from_epoch" in m for m in history)
+
+
+def test_failure_budget_zero_fails_with_the_worker_error(local_ray, synth_shards, tmp_path):
+    config = _config(synth_shards, tmp_path, "nan", epochs=1, extra=["optim.lr=1e30", "run.max_failures=0"])
+    with pytest.raises(Exception, match="NonFiniteLossError|loss is"):
+        run_training(config)
