@@ -122,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(Path(args.out), size=args.size)
+    return run_demo(Path(args.out), size=args.size, address=args.address)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic RP2K -> shards -> training -> evaluation report")
     p.add_argument("--out", default="runs/demo", help="working folder of the demo")
-    p.add_argument("--size", choices=["tiny", "small", "default"], default="default")
+    p.add_argument("--size", choices=["tiny", "small", "default"], default="default",
+                   help="dataset size and epochs (tiny: a smoke run of ~1 minute)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -196,3 +196,12 @@ def test_class_balanced_batches_hold_p_classes_of_k_images(many_shards, workers)
             assert len(counts) == 3 and set(counts.values()) == {4}
             assert batch["image"].shape[0] == 12
     assert steps[0] == steps[1] > 0
+
+
+def test_uneven_shards_fall_back_to_balanced_sample_splitting():
+    shards = [("big", 60), ("small", 2)]
+    for rank in range(2):
+        (plan,) = plan_readers(shards, rank, 2, workers=0, shuffle=False)
+        assert plan.modulo == (2, rank) and plan.samples == 31
+    steps, _ = plan_training_epoch(shards, 0, 2, workers=0, batch_size=16)
+    assert steps == 1

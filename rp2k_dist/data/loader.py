@@ -5,8 +5,8 @@ same plan without talking to the others:
 
 1. the split's shards are shuffled with a seed derived from ``(seed, epoch)``;
 2. they are dealt to ranks (``shards[rank::world]``) and then to the rank's loader
-   workers; when there are fewer shards than readers, readers share shards and keep
-   every m-th sample instead (``i % m == k``), so splitting stays exact;
+   workers; when there are too few shards to deal evenly, readers share shards and keep
+   every m-th sample instead (``i % m == k``), so splitting stays exact and balanced;
 3. each reader (rank x worker) knows its sample count, hence its number of full batches;
    a training epoch has ``min`` over ranks of the rank's full batches, and each worker
    gets a quota that adds up to exactly that. Evaluation keeps partial batches and no
@@ -86,6 +86,21 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
+#: Shard-level splitting is used while the smallest share holds at least this fraction of
+#: the mean share; otherwise readers split at sample level (exact, but each reads all shards).
+BALANCE = 0.75
+
+
+def _deal(shards: list[tuple[str, int]], parts: int, part: int) -> list[tuple[str, int]] | None:
+    """``shards[part::parts]`` if dealing whole shards keeps the parts balanced, else None."""
+    if len(shards) < parts:
+        return None
+    sizes = [sum(n for _, n in shards[p::parts]) for p in range(parts)]
+    if min(sizes) < BALANCE * (sum(sizes) / parts):
+        return None
+    return shards[part::parts]
+
+
 def plan_readers(
     shards: Sequence[tuple[str, int]],
     rank: int,
@@ -100,17 +115,19 @@ def plan_readers(
     if shuffle:
         random.Random(_seed(seed, epoch)).shuffle(order)
     readers = max(1, workers)
-    if len(order) >= world_size:
-        mine = order[rank::world_size]
-        if len(mine) >= readers:
-            return [
-                ReaderPlan(tuple(u for u, _ in mine[w::readers]), None, sum(n for _, n in mine[w::readers]))
-                for w in range(readers)
-            ]
-        total = sum(n for _, n in mine)
-        urls = tuple(u for u, _ in mine)
-        return [ReaderPlan(urls, (readers, w), _count_mod(total, readers, w)) for w in range(readers)]
-    # Fewer shards than ranks: every reader walks all shards and keeps its residue class.
+    mine = _deal(order, world_size, rank)
+    if mine is not None:
+        plans = []
+        for w in range(readers):
+            theirs = _deal(mine, readers, w)
+            if theirs is None:  # too few shards for this rank's workers: split its samples
+                total = sum(n for _, n in mine)
+                return [ReaderPlan(tuple(u for u, _ in mine), (readers, k), _count_mod(total, readers, k))
+                        for k in range(readers)]
+            plans.append(ReaderPlan(tuple(u for u, _ in theirs), None, sum(n for _, n in theirs)))
+        return plans
+    # Too few (or too uneven) shards for the ranks: every reader walks all shards in the
+    # same order and keeps its residue class of the sample index.
     total = sum(n for _, n in order)
     urls = tuple(u for u, _ in order)
     m = world_size * readers

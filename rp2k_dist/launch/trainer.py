@@ -107,7 +107,11 @@ def build_trainer(config: ExperimentConfig, run_callbacks: list | None = None) -
 
 def run_training(config: ExperimentConfig, address: str | None = None) -> dict[str, Any]:
     """Fit (or resume) the run on a Ray cluster; returns the final metrics from the run folder."""
+    # Workers may start in another folder than the driver: make local paths absolute.
     config.run.storage_path = storage_uri(config.run.storage_path)
+    config.data.shards = storage_uri(config.data.shards)
+    if config.model.weights:
+        config.model.weights = storage_uri(config.model.weights)
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True)
     result = build_trainer(config).fit()
