@@ -1,0 +1,88 @@
+"""Evaluate the paper's ensemble (Table 3) from trained runs.
+
+A general model's run plus one API-Net specialist run per meta-category (trained with
+``data.meta_category: type=liquor`` etc.) -> routed ensemble predictions on the test split,
+Table 3 (within-category accuracy before/after) and the ensemble's Table 2.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .data.manifest import Manifest
+from .evaluation.ensemble import Specialist, combine, route, table3, table3_markdown
+from .evaluation.metrics import accuracy_table
+from .evaluation.predictions import Predictions
+from .inference import load_trained, predict_shards
+
+
+@dataclass
+class EnsembleResult:
+    table3: list[dict[str, Any]]
+    general: Predictions
+    ensemble: Predictions
+    markdown: str
+
+
+def specialist_of(trained) -> Specialist:
+    """The Specialist (meta-category and global classes) a specialist checkpoint was trained on."""
+    category = trained.checkpoint["config"]["data"]["meta_category"]
+    if not category or trained.class_subset is None:
+        raise ValueError(f"checkpoint of {trained.name} was not trained on one meta-category (data.meta_category)")
+    system, _, value = category.partition("=")
+    return Specialist(value, system, tuple(trained.class_subset))
+
+
+def evaluate_ensemble(
+    general_run: str | Path, specialist_runs: list[str | Path], shards: str | Path | None = None,
+    out: str | Path | None = None, rule: str = "top1", workers: int = 2,
+) -> EnsembleResult:
+    """Route every test image (general model's top-1 meta-category) and score the ensemble.
+
+    Writes ``ensemble.json``, ``table3.md``, ``ensemble_table2.md`` and
+    ``ensemble_predictions.parquet`` into ``out`` (default: the general run's folder).
+    """
+    general_model = load_trained(general_run)
+    if general_model.class_subset is not None:
+        raise ValueError("the general model must be trained on all classes (no data.meta_category)")
+    shards = Path(shards or general_model.checkpoint["config"]["data"]["shards"])
+    classes = Manifest.load(shards).classes
+    general = predict_shards(general_model, shards, workers=workers)
+    specialists, predictions = [], {}
+    for index, run in enumerate(specialist_runs):
+        trained = load_trained(run)
+        specialists.append(specialist_of(trained))
+        # every test image: the ones routed here are then picked by key
+        predictions[index] = predict_shards(trained, shards, workers=workers, restrict_to_subset=False)
+    routes = route(general.topk, classes, specialists, rule)
+    ensemble = combine(general, predictions, routes, specialists)
+    rows = table3(general, ensemble, classes, specialists)
+    table2 = accuracy_table(ensemble, classes)
+    markdown = table3_markdown(rows)
+
+    out = Path(out or find_run_dir(general_run))
+    out.mkdir(parents=True, exist_ok=True)
+    routed = {s.meta_category: int((routes == i).sum()) for i, s in enumerate(specialists)}
+    (out / "ensemble.json").write_text(json.dumps(
+        {"rule": rule, "specialists": [str(r) for r in specialist_runs], "routed": routed,
+         "table3": rows, "table2": table2.to_dict()}, indent=1, ensure_ascii=False, default=float), encoding="utf-8")
+    (out / "table3.md").write_text(markdown + "\n", encoding="utf-8")
+    (out / "ensemble_table2.md").write_text(table2.to_markdown() + "\n", encoding="utf-8")
+    with tempfile.TemporaryDirectory() as tmp:
+        ensemble.to_parquet(Path(tmp) / "p.parquet", classes)
+        (out / "ensemble_predictions.parquet").write_bytes((Path(tmp) / "p.parquet").read_bytes())
+    return EnsembleResult(rows, general, ensemble, markdown)
+
+
+def find_run_dir(path: str | Path) -> Path:
+    """The run folder of a run folder, checkpoint folder or checkpoint file."""
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    while path.name.startswith("epoch_") or path.name == "checkpoints":
+        path = path.parent
+    return path

@@ -1,0 +1,91 @@
+"""Use a trained checkpoint: rebuild its model and predict shards or images (one process)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data.loader import LoaderConfig, ShardLoader
+from .data.manifest import Manifest
+from .data.transforms import EvalTransform, InputSpec, normalize
+from .engine.checkpoint import load_checkpoint
+from .evaluation.predictions import Predictions
+from .models import create_model
+
+
+@dataclass
+class TrainedModel:
+    """A model rebuilt from a checkpoint, with what it needs to be used."""
+
+    model: nn.Module
+    spec: InputSpec
+    classes: list[dict[str, Any]]  # the model's label space ("global_index": index in the dataset)
+    class_subset: list[int] | None  # global indices of a specialist's classes, else None
+    checkpoint: dict[str, Any]
+    device: torch.device
+
+    @property
+    def name(self) -> str:
+        return self.checkpoint["model_name"]
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, a checkpoint folder, or a run folder (its latest ``epoch_*``)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / "checkpoint.pt").exists():
+        return path / "checkpoint.pt"
+    for folder in (path, path / "checkpoints"):
+        epochs = sorted(folder.glob("epoch_*/checkpoint.pt")) if folder.is_dir() else []
+        if epochs:
+            return epochs[-1]
+    raise FileNotFoundError(f"no checkpoint at {path}: give a checkpoint.pt, its folder, or a run folder with epoch_*/")
+
+
+def load_trained(path: str | Path, device: str | torch.device | None = None) -> TrainedModel:
+    """Rebuild the model of a checkpoint in eval mode on ``device`` (default: cuda if present)."""
+    checkpoint = load_checkpoint(find_checkpoint(path))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = create_model(checkpoint["model_name"], **checkpoint["model_args"])
+    model.load_state_dict(checkpoint["model"])
+    model.to(device).eval()
+    s = checkpoint["input_spec"]
+    spec = InputSpec(s["crop_size"], s["resize_size"], tuple(s["mean"]), tuple(s["std"]))
+    return TrainedModel(model, spec, checkpoint["classes"], checkpoint["class_subset"], checkpoint, device)
+
+
+@torch.no_grad()
+def logits_of(trained: TrainedModel, images: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW batch -> float logits [N, C] on the CPU."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if trained.device.type == "cuda" else nullcontext()
+    with autocast:
+        return trained.model(normalize(images.to(trained.device), trained.spec)).float().cpu()
+
+
+@torch.no_grad()
+def features_of(trained: TrainedModel, images: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW batch -> penultimate (pooled) features [N, D] on the CPU."""
+    return trained.model.forward_features(normalize(images.to(trained.device), trained.spec)).float().cpu()
+
+
+def predict_shards(
+    trained: TrainedModel, shards: str | Path, split: str = "test", batch_size: int = 64, workers: int = 2,
+    restrict_to_subset: bool = True,
+) -> Predictions:
+    """Top-5 predictions for every sample of ``split`` (labels in the model's label space).
+
+    A specialist (a checkpoint with a class subset) sees only its classes' samples unless
+    ``restrict_to_subset`` is False (then samples of other classes get label -1).
+    """
+    manifest = Manifest.load(shards)
+    subset = trained.class_subset if restrict_to_subset else None
+    loader = ShardLoader(manifest, split, EvalTransform(trained.spec), LoaderConfig(batch_size=batch_size, workers=workers),
+                         train=False, classes=subset)
+    parts = [Predictions.from_logits(b["key"], b["label"].numpy(), logits_of(trained, b["image"])) for b in loader]
+    return Predictions.concat(parts)

@@ -1,0 +1,77 @@
+"""A real multi-node Ray cluster on one machine: one worker per node, a node lost mid-run."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from rp2k_dist.config import load_config
+from rp2k_dist.launch.trainer import read_metrics, run_training
+from rp2k_dist.storage import RunStorage
+from tests.conftest import tiny_run_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def two_node_cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster, nodes
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _config(shards, tmp_path, name, epochs, max_failures):
+    return load_config(None, tiny_run_overrides(shards.root, tmp_path, name, epochs) + [
+        "run.workers=2", "run.cpus_per_worker=2", "run.placement_strategy=STRICT_SPREAD",
+        f"run.max_failures={max_failures}"])
+
+
+def _remove_node_after_epoch(cluster, node, config, epoch, replace: bool) -> threading.Thread:
+    def watch():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if any(m["epoch"] >= epoch for m in read_metrics(config)):
+                cluster.remove_node(node)
+                if replace:
+                    cluster.add_node(num_cpus=2)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_one_worker_per_node_survives_losing_a_node(two_node_cluster, synth_shards, tmp_path):
+    cluster, nodes = two_node_cluster
+    config = _config(synth_shards, tmp_path, "nodes", epochs=4, max_failures=2)
+    watcher = _remove_node_after_epoch(cluster, nodes[1], config, 2, replace=True)
+    final = run_training(config)
+    watcher.join(timeout=5)
+    history = read_metrics(config)
+    assert [m["epoch"] for m in history] == [1, 2, 3, 4]
+    assert any("resumed_from_epoch" in m for m in history)
+    assert final["epoch"] == 4
+    storage = RunStorage(config.run.storage_path, config.run.name)
+    ranks = [json.loads(storage.read_bytes(f"ranks/{n}")) for n in storage.listdir("ranks")]
+    assert len({r["node_id"] for r in ranks}) == 2  # one worker per node, after the restart too
+    assert nodes[1].node_id not in {r["node_id"] for r in ranks}
+
+
+def test_losing_a_node_without_failure_budget_is_a_clear_error(two_node_cluster, synth_shards, tmp_path):
+    cluster, nodes = two_node_cluster
+    config = _config(synth_shards, tmp_path, "nobudget", epochs=4, max_failures=0)
+    watcher = _remove_node_after_epoch(cluster, nodes[1], config, 1, replace=False)
+    with pytest.raises(Exception, match="(?i)worker|node|died|actor"):
+        run_training(config)
+    watcher.join(timeout=5)
+    assert max(m["epoch"] for m in read_metrics(config)) < 4
