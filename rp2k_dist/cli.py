@@ -119,6 +119,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from .ensemble_eval import evaluate_ensemble
+
+    result = evaluate_ensemble(args.general, args.specialist, args.shards, args.out, args.rule, args.workers)
+    print(result.markdown)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -163,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="DDP training on Ray Train (local Ray unless --address)")
     add_run_options(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("ensemble", help="route test images to API-Net specialists; write Table 3")
+    p.add_argument("general", help="run folder (or checkpoint) of the general ResNet-34")
+    p.add_argument("--specialist", action="append", required=True, help="run folder of a specialist (repeatable)")
+    p.add_argument("--shards", help="packed dataset (default: the general run's data.shards)")
+    p.add_argument("--out", help="output folder (default: the general run's folder)")
+    p.add_argument("--rule", choices=["top1", "top5-majority"], default="top1",
+                   help="routing: meta-category of the general top-1 class, or the top-5 majority")
+    p.add_argument("--workers", type=int, default=2, help="loader processes")
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("demo", help="synthetic RP2K -> shards -> training -> evaluation report")
     p.add_argument("--out", default="runs/demo", help="working folder of the demo")

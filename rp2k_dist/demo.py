@@ -1,7 +1,8 @@
 """``rp2k demo``: the whole pipeline on the embedded synthetic RP2K, on this machine.
 
 synthetic RP2K (exact on-disk layout, quirks included) -> WebDataset shards + manifest ->
-verify -> distributed ResNet-34 training on local Ray workers -> evaluation (Table 2).
+verify -> distributed ResNet-34 training on local Ray workers -> evaluation (Table 2) ->
+API-Net specialists for liquor and cosmetics -> routed ensemble (Table 3).
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from pathlib import Path
 
 from .config import load_config
 
-#: Dataset sizes: (classes, mean images per class, image size px, epochs).
+#: Dataset sizes: (classes, mean images per class, image size px, epochs, specialist epochs).
 SIZES = {
-    "tiny": (8, 10, 64, 1),
-    "small": (24, 24, 96, 4),
-    "default": (48, 40, 128, 12),
+    "tiny": (8, 10, 64, 1, 1),
+    "small": (24, 24, 96, 4, 2),
+    "default": (48, 40, 128, 12, 6),
 }
+SPECIALISTS = ("liquor", "cosmetics")  # the paper's hard meta-categories (Table 3)
 PRESET = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
 
 
@@ -30,20 +32,22 @@ def run_demo(out: Path, size: str = "default", address: str | None = None) -> in
     from .data.rp2k import scan_rp2k
     from .data.synth import SynthConfig, make_synthetic_rp2k
     from .data.verify import verify_shards
+    from .ensemble_eval import evaluate_ensemble
+    from .inference import find_checkpoint
     from .launch.trainer import run_training
 
-    classes, per_class, image_size, epochs = SIZES[size]
+    classes, per_class, image_size, epochs, specialist_epochs = SIZES[size]
     out = out.resolve()
     start = time.perf_counter()
 
-    t = _step(f"1/4 synthetic RP2K ({classes} classes, ~{per_class} images each, {image_size} px)")
+    t = _step(f"1/5 synthetic RP2K ({classes} classes, ~{per_class} images each, {image_size} px)")
     source = out / "rp2k"
     summary = make_synthetic_rp2k(source, SynthConfig(classes=classes, images_per_class=per_class,
                                                       image_size=image_size), progress=True)
     print(f"{summary.train_images} train + {summary.test_images} test images in {source}/all "
           f"({time.perf_counter() - t:.1f} s); planted quirks: {', '.join(summary.quirks)}")
 
-    t = _step("2/4 pack into WebDataset shards")
+    t = _step("2/5 pack into WebDataset shards")
     index = scan_rp2k(source, summary.metadata_path)
     for line in index.report.lines():
         print(f"  note: {line}")
@@ -56,18 +60,46 @@ def run_demo(out: Path, size: str = "default", address: str | None = None) -> in
     problems = verify_shards(shards)
     print(f"verify: {'all shards match the manifest' if not problems else problems} ({time.perf_counter() - t:.1f} s)")
 
-    t = _step("3/4 distributed training: ResNet-34, 2 Ray Train workers (DDP, gloo)")
+    t = _step("3/5 distributed training: ResNet-34, 2 Ray Train workers (DDP, gloo)")
     config = load_config(PRESET, [f"data.shards={shards}", f"run.storage_path={out / 'runs'}", f"optim.epochs={epochs}"])
     final = run_training(config, address=address)
     run_dir = out / "runs" / config.run.name
     print(f"trained {final['epoch']} epochs in {time.perf_counter() - t:.0f} s "
           f"({final['images_per_second']:.0f} img/s in the last epoch)")
 
-    _step("4/4 evaluation")
-    table = (run_dir / "table2.md").read_text(encoding="utf-8")
     chance = 100.0 / manifest.num_classes
     print(f"test top-1 {final['val_top1']:.1f} % (chance {chance:.1f} %), top-5 {final['val_top5']:.1f} %")
-    print(f"\nTable 2 (per meta-category) from {run_dir / 'table2.md'}:\n{table}")
+
+    t = _step(f"4/5 API-Net specialists for {' and '.join(SPECIALISTS)} (from the ResNet-34, P x K batches)")
+    specialist_runs = []
+    for category in SPECIALISTS:
+        members = [c["index"] for c in manifest.classes if c["type"] == category]
+        n = len(members)
+        pairable = [c for c in members if manifest.classes[c]["counts"]["train"] >= 2]
+        images = sum(manifest.classes[c]["counts"]["train"] for c in pairable)
+        if len(pairable) < 2:
+            print(f"{category}: fewer than 2 classes with 2+ train images, no specialist")
+            continue
+        # P x K batches per worker must fit the category's few images (tiny demo: 1 worker, K=2)
+        per_class, workers = (4, 2) if min(4, len(pairable)) * 4 * 2 <= images else (2, 1)
+        specialist = load_config(PRESET, [
+            f"data.shards={shards}", f"run.storage_path={out / 'runs'}", f"run.name=demo-apinet-{category}",
+            "model.name=apinet", f"model.weights={find_checkpoint(run_dir)}", "model.freeze_backbone_epochs=1",
+            f"data.meta_category=type={category}", f"data.classes_per_batch={min(4, len(pairable))}", f"data.images_per_class={per_class}", f"run.workers={workers}",
+            f"optim.epochs={specialist_epochs}", "optim.lr=0.008",
+        ])
+        result = run_training(specialist, address=address)
+        specialist_runs.append(out / "runs" / specialist.run.name)
+        print(f"{category}: {n} classes, within-category top-1 {result['val_top1']:.1f} %")
+    print(f"({time.perf_counter() - t:.0f} s)")
+
+    _step("5/5 evaluation: Table 2 and the routed ensemble (Table 3)")
+    table = (run_dir / "table2.md").read_text(encoding="utf-8")
+    print(f"Table 2 (per meta-category) from {run_dir / 'table2.md'}:\n{table}")
+    if specialist_runs:
+        ensemble = evaluate_ensemble(run_dir, specialist_runs, shards)
+        print(f"Table 3 (within the meta-category, general model vs ensemble) from {run_dir / 'table3.md'}:\n"
+              f"{ensemble.markdown}\n")
     print(f"run folder: {run_dir} (config.yaml, metrics.jsonl, predictions.parquet, evaluation.json, checkpoints)")
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return 0

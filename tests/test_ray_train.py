@@ -49,6 +49,16 @@ def test_two_worker_ddp_keeps_ranks_identical_and_reports_what_it_writes(local_r
     assert final["world_size"] == 2
     assert final["val_samples"] == synth_shards.num_samples("test")  # each test image once
     assert final["global_batch"] == 2 * 16
+    # the distributed evaluation equals the checkpoint's predictions in one process
+    import pyarrow.parquet as pq
+
+    from rp2k_dist.inference import load_trained, predict_shards
+
+    storage = RunStorage(config.run.storage_path, config.run.name)
+    reported = pq.read_table(storage.local_path("predictions.parquet")).to_pydict()
+    again = predict_shards(load_trained(storage.local_path()), synth_shards.root, workers=0)
+    assert reported["key"] == again.keys
+    assert [row[0] for row in reported["top5_classes"]] == again.topk[:, 0].tolist()
     # the same command again: the finished run resumes (nothing to do) rather than restarting
     again = _config(synth_shards, tmp_path, "ddp", epochs=3)
     run_training(again)

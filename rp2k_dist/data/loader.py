@@ -286,28 +286,37 @@ def _class_balanced_batches(decoded, classes_per_batch: int, per_class: int, rng
     """P x K batches from a stream: P classes, K images each (API-Net's sampler).
 
     Images wait in per-class pools; a batch is drawn once at least P classes hold two or
-    more images (an intra-class pair needs two). A class with fewer than K waiting images
-    repeats some of them to fill its K slots; every waiting image is used once.
+    more images (an intra-class pair needs two) and, while the stream still flows, half of
+    them hold K. A class with fewer than K waiting images repeats some of them to fill its
+    K slots; every waiting image is used once. Classes that never gather two images in a
+    reader's stream cannot take part.
     """
     pools: dict[int, list] = {}
-    for image, label, key in decoded:
-        pools.setdefault(label, []).append((image, key))
-        ready = [c for c, pool in pools.items() if len(pool) >= min(2, per_class)]
-        full = sum(len(pools[c]) >= per_class for c in ready)
-        # wait for full classes while the stream still flows, to limit repeats
-        if len(ready) < classes_per_batch or full < classes_per_batch // 2:
-            continue
-        chosen = rng.choice(sorted(ready), size=classes_per_batch, replace=False)
+
+    def ready() -> list[int]:
+        return sorted(c for c, pool in pools.items() if len(pool) >= min(2, per_class))
+
+    def draw(candidates: list[int]):
+        chosen = rng.choice(candidates, size=classes_per_batch, replace=False)
         images, labels, keys = [], [], []
         for c in chosen:
             pool = pools[int(c)]
             take = [pool.pop(int(rng.integers(len(pool)))) for _ in range(min(per_class, len(pool)))]
             take += [take[int(rng.integers(len(take)))] for _ in range(per_class - len(take))]
-            for image, k in take:
+            for image, key in take:
                 images.append(image)
                 labels.append(int(c))
-                keys.append(k)
-        yield images, labels, keys
+                keys.append(key)
+        return images, labels, keys
+
+    for image, label, key in decoded:
+        pools.setdefault(label, []).append((image, key))
+        candidates = ready()
+        full = sum(len(pools[c]) >= per_class for c in candidates)
+        if len(candidates) >= classes_per_batch and full >= classes_per_batch // 2:
+            yield draw(candidates)
+    while len(candidates := ready()) >= classes_per_batch:  # the stream ended: use what waits
+        yield draw(candidates)
 
 
 class ShardLoader:
@@ -394,6 +403,12 @@ class ShardLoader:
                 break
         self._check_corrupt(final=True)
         if steps is not None and emitted < steps:
+            if self.dataset.pk and not self.stats.skipped:
+                raise ValueError(
+                    f"{self.split}: the class-balanced sampler formed only {emitted} of {steps} batches of "
+                    f"{self.dataset.pk[0]} classes x {self.dataset.pk[1]} images on rank {self.rank}: too few "
+                    "classes with >= 2 images per loader stream; lower data.classes_per_batch or data.loader_workers"
+                )
             raise CorruptDataError(
                 f"{self.split}: only {emitted} of {steps} planned batches could be read on rank "
                 f"{self.rank} ({self.stats.skipped} samples skipped); run `rp2k verify {self.root}`"

@@ -44,3 +44,16 @@ def all_gather_objects(obj: Any) -> list[Any]:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank.
+
+    DDP keeps parameters equal, but each rank's last training forward updates its own
+    running statistics; without this, ranks would evaluate slightly different models
+    and the evaluation would not match the checkpoint (rank 0's state).
+    """
+    if not is_distributed():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src)

@@ -180,6 +180,7 @@ def predict(model: nn.Module, loader: ShardLoader, spec: InputSpec, device: torc
 
 def evaluate(model, loader, spec, device, classes, channels_last: bool) -> tuple[dict[str, float], Predictions | None]:
     """Evaluate on every test sample exactly once; rank 0 gets the gathered predictions."""
+    dist_utils.broadcast_buffers(model)  # every rank evaluates the model rank 0 checkpoints
     local = predict(model, loader, spec, device, channels_last)
     gathered = [p for p in dist_utils.all_gather_objects(local) if p is not None]
     if not dist_utils.is_main_process():

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import secrets
@@ -43,7 +44,8 @@ import shlex
 import sys
 import time
 import tomllib
-from pathlib import Path, PurePosixPath
+import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, TextIO
 
 if TYPE_CHECKING:  # ray is imported lazily: `rp2k --help` stays fast
@@ -97,16 +99,24 @@ def find_root(start: str | Path | None = None) -> Path | None:
 def is_excluded(root: str | Path, path: str | Path, excludes: Sequence[str] = EXCLUDES) -> bool:
     """Whether Ray's working_dir packaging drops ``path`` (or a folder above it) under ``excludes``.
 
-    Uses Ray's own matcher (``ray._private.runtime_env.packaging._get_excludes``), which walks the
-    tree top-down and skips an excluded folder with everything below it.
+    Uses Ray's own matchers (``ray._private.runtime_env.packaging``): ``excludes``, Ray's default
+    excludes, and the ``.gitignore`` / ``.rayignore`` at the root (Ray also reads those of
+    sub-folders; not checked here). Ray walks the tree top-down and skips an excluded folder with
+    everything below it, so every folder on the way is checked.
     """
-    from ray._private.runtime_env.packaging import _get_excludes
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
 
-    root = Path(root).resolve()
-    path = Path(path) if Path(path).is_absolute() else root / path
-    match = _get_excludes(root, list(excludes))
-    relative = path.resolve().relative_to(root)
-    return any(match(root / PurePosixPath(*relative.parts[: n + 1])) for n in range(len(relative.parts)))
+    root = Path(os.path.abspath(root))
+    path = Path(os.path.abspath(path if Path(path).is_absolute() else root / path))  # no symlink resolving
+    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    matchers = [_get_excludes(root, ray_constants.get_runtime_env_default_excludes() + list(excludes))]
+    quiet = logging.getLogger(f"{__name__}.ignore_files")
+    quiet.setLevel(logging.WARNING)
+    matchers += get_excludes_from_ignore_files(root, include_gitignore=include_gitignore, logger=quiet)
+    relative = path.relative_to(root)
+    steps = [root.joinpath(*relative.parts[: n + 1]) for n in range(len(relative.parts))]
+    return any(match(step) for step in steps for match in matchers)
 
 
 def build_entrypoint(preset: str | Path, overrides: Sequence[str] = (), flags: Mapping[str, Any] | None = None,
@@ -118,7 +128,7 @@ def build_entrypoint(preset: str | Path, overrides: Sequence[str] = (), flags: M
     arrive unchanged. ``flags`` maps argparse names (``workers``, ``gpus_per_worker``, ``name``,
     ``storage_path``, ``shards``) to values; None values are left out.
     """
-    words = [*launcher, "train", PurePosixPath(Path(preset)).as_posix() if not isinstance(preset, str) else preset]
+    words = [*launcher, "train", preset if isinstance(preset, str) else Path(preset).as_posix()]
     for override in overrides:
         words += ["--set", override]
     for key, value in (flags or {}).items():
@@ -276,6 +286,8 @@ def submit(
     config is resolved locally first, so a wrong key fails here and not on the cluster.
     """
     out = out or sys.stdout
+    if client is None:
+        resolve_address(address)  # no address: fail before any work
     path = Path(preset).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"preset {preset} not found (presets live in jobs/)")
@@ -308,11 +320,29 @@ def submit(
     submission_id = submission_id or default_submission_id(config.run.name)
     if client is None:
         client = connect(address, auth_token_file)
-    with friendly_errors(_client_address(client)):
+    print(f"uploading {root} as the job's working_dir (without {', '.join(EXCLUDES)} and .gitignored files)",
+          file=out, flush=True)
+    with friendly_errors(_client_address(client)), _quiet_packaging_logs():
         return client.submit_job(
             entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
             metadata={"rp2k_run": config.run.name, "rp2k_preset": relative},
         )
+
+
+@contextlib.contextmanager
+def _quiet_packaging_logs() -> Iterator[None]:
+    """Ray logs every ignore file it reads (per folder, twice) and warns that .git/.venv are now
+    excluded by default (we exclude them anyway): keep its warnings about large files only."""
+    loggers = {name: logging.getLogger(name) for name in
+               ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir")}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    loggers["ray._private.runtime_env.packaging"].setLevel(logging.WARNING)
+    loggers["ray._private.runtime_env.working_dir"].setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, logger in loggers.items():
+            logger.setLevel(levels[name])
 
 
 def wait(client: JobSubmissionClient, job_id: str, poll_s: float = 1.0, timeout_s: float | None = None) -> JobStatus:
@@ -348,7 +378,9 @@ def follow(client: JobSubmissionClient, job_id: str, out: TextIO | None = None) 
         print("(an event loop is running here: waiting for the job without streaming its logs)", file=out)
     else:
         try:
-            with friendly_errors(_client_address(client)):
+            with friendly_errors(_client_address(client)), warnings.catch_warnings():
+                # ray's tail_job_logs passes ssl=None to aiohttp, which warns about it
+                warnings.filterwarnings("ignore", message="ssl=None is deprecated", category=DeprecationWarning)
                 asyncio.run(tail())
         except SubmitError:
             raise
@@ -405,10 +437,9 @@ def _stop_hint(address: str | None, job_id: str) -> str:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """``rp2k submit``: 0 when the job SUCCEEDED (or was submitted with --no-wait), 1 otherwise."""
-    client = connect(args.address, args.auth_token_file)
     flags = {key: getattr(args, key, None) for key in FORWARDED_FLAGS}
-    job_id = submit(args.config, overrides=args.set or [], flags=flags, pip=args.pip,
-                    submission_id=args.submission_id, client=client)
+    job_id = submit(args.config, address=args.address, overrides=args.set or [], flags=flags, pip=args.pip,
+                    submission_id=args.submission_id, auth_token_file=args.auth_token_file)
     address = resolve_address(args.address)
     print(f"submitted job {job_id} to {address}", flush=True)
     if args.no_wait:
@@ -416,6 +447,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
               f"stop it:    {_stop_hint(args.address, job_id)}")
         return 0
     try:
+        client = connect(args.address, args.auth_token_file)
         status = follow(client, job_id)
     except KeyboardInterrupt:
         print(f"\nstopped following; job {job_id} keeps running. Stop it with: {_stop_hint(args.address, job_id)}",

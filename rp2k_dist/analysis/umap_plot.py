@@ -1,0 +1,144 @@
+"""The paper's Fig. 3: a UMAP projection of a trained model's penultimate features,
+coloured by meta-category, here in two panels (type and shape) side by side.
+
+Features come from :func:`rp2k_dist.inference.features_of` on the evaluation transform of
+the shard images. A subsample (``max_samples``) is drawn deterministically from the
+split's keys before any image is decoded, so tens of thousands of test images stay
+tractable on a CPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from ..data.manifest import Manifest
+from ..data.metadata import SHAPES, TYPES
+from ..data.transforms import EvalTransform
+from ..inference import TrainedModel, features_of, load_trained
+from . import iter_shard_images
+
+#: Figure size in inches and resolution: every UMAP PNG is 1600 x 750 pixels.
+FIGSIZE = (16.0, 7.5)
+DPI = 100
+#: UMAP needs at least this many points (2 neighbours each, a 2-D layout).
+MIN_SAMPLES = 3
+_UMAP_NEIGHBOURS = 15  # umap-learn's default
+
+
+def select_samples(
+    manifest: Manifest, split: str, classes: list[int] | None = None, max_samples: int | None = None, seed: int = 0
+) -> pd.DataFrame:
+    """Samples of ``split`` (of ``classes`` only, if given) from the manifest index, sorted
+    by key; at most ``max_samples``, drawn without replacement with ``seed``. Columns:
+    key, class (global index), class_name, type, shape."""
+    index = manifest.index().select(["key", "split", "label", "class_name", "type", "shape"]).to_pandas()
+    rows = index[index["split"] == split]
+    if classes is not None:
+        rows = rows[rows["label"].isin(classes)]
+    rows = rows.sort_values("key")
+    if max_samples is not None and len(rows) > max_samples:
+        rows = rows.iloc[np.sort(np.random.default_rng(seed).choice(len(rows), max_samples, replace=False))]
+    return rows.drop(columns="split").rename(columns={"label": "class"}).reset_index(drop=True)
+
+
+def extract_features(
+    trained: TrainedModel, manifest: Manifest, keys: list[str], batch_size: int = 64, workers: int = 2
+) -> dict[str, np.ndarray]:
+    """Penultimate features [D] of each key's image (evaluation transform), by key."""
+    transform = EvalTransform(trained.spec)
+    features: dict[str, np.ndarray] = {}
+    stream = iter_shard_images(manifest, keys)
+    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(
+        total=len(keys), desc="features", unit="img", disable=None
+    ) as bar:
+        while batch := list(islice(stream, batch_size)):
+            images = torch.stack(list(pool.map(transform, [jpeg for _, jpeg in batch])))
+            features.update(zip([key for key, _ in batch], features_of(trained, images).numpy()))
+            bar.update(len(batch))
+    return features
+
+
+def project(features: np.ndarray, seed: int = 0) -> np.ndarray:
+    """UMAP of ``features`` [N, D] to [N, 2]. Below 16 points the neighbourhood shrinks to
+    N - 1 and the layout starts at random (the spectral start needs more points)."""
+    n = len(features)
+    if n < MIN_SAMPLES:
+        raise ValueError(f"UMAP needs at least {MIN_SAMPLES} samples, got {n}")
+    import umap
+
+    reducer = umap.UMAP(
+        n_components=2, random_state=seed, n_neighbors=min(_UMAP_NEIGHBOURS, n - 1),
+        init="spectral" if n > _UMAP_NEIGHBOURS else "random",
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="n_jobs value")  # a random_state means one thread
+        return reducer.fit_transform(features)
+
+
+def embed_and_project(
+    checkpoint_or_run: str | Path | TrainedModel,
+    shards: str | Path | None = None,
+    split: str = "test",
+    max_samples: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    workers: int = 2,
+) -> pd.DataFrame:
+    """One row per sample of ``split``: key, class, class_name, type, shape, features (the
+    model's penultimate features, a list column), umap_x, umap_y.
+
+    ``shards`` defaults to the checkpoint's ``data.shards``; a specialist embeds only its
+    meta-category's samples. ``max_samples`` subsamples deterministically (``seed``)."""
+    trained = checkpoint_or_run if isinstance(checkpoint_or_run, TrainedModel) else load_trained(checkpoint_or_run)
+    manifest = Manifest.load(shards or trained.checkpoint["config"]["data"]["shards"])
+    samples = select_samples(manifest, split, trained.class_subset, max_samples, seed)
+    if len(samples) < MIN_SAMPLES:
+        raise ValueError(f"split {split!r} of {manifest.root} has {len(samples)} samples; UMAP needs {MIN_SAMPLES}")
+    features = extract_features(trained, manifest, samples["key"].tolist(), batch_size, workers)
+    matrix = np.stack([features[key] for key in samples["key"]])
+    xy = project(matrix, seed)
+    samples["features"] = list(matrix)
+    samples["umap_x"], samples["umap_y"] = xy[:, 0], xy[:, 1]
+    return samples
+
+
+def _categories(values: pd.Series, order: tuple[str, ...]) -> list[str]:
+    present = set(values)
+    return [v for v in order if v in present] + sorted(present - set(order))
+
+
+def plot_umap(df: pd.DataFrame, path: str | Path, title: str = "UMAP of penultimate features") -> Path:
+    """Write the two-panel figure (coloured by type | by shape; :data:`FIGSIZE` at
+    :data:`DPI`) to ``path`` (PNG) and ``df`` next to it as ``<stem>.parquet``."""
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    figure.suptitle(f"{title} ({len(df):,} images)", fontsize=14)
+    size = float(np.clip(3000 / max(len(df), 1), 1, 30))  # small markers for many points
+    for axes, system, order in zip(figure.subplots(1, 2), ("type", "shape"), (TYPES, SHAPES)):
+        categories = _categories(df[system], order)
+        counts = df[system].value_counts()
+        colours = {c: f"C{i % 10}" for i, c in enumerate(categories)}
+        handles = {}
+        for category in sorted(categories, key=lambda c: -counts[c]):  # small categories on top
+            rows = df[df[system] == category]
+            handles[category] = axes.scatter(rows["umap_x"], rows["umap_y"], s=size, c=colours[category],
+                                             alpha=0.7, linewidths=0, rasterized=True)
+        axes.legend([handles[c] for c in categories], [f"{c} ({counts[c]:,})" for c in categories], title=system,
+                    markerscale=max(1.0, 6 / size**0.5), loc="best", fontsize=9, framealpha=0.85)
+        axes.set_title(f"coloured by {system}")
+        axes.set_xlabel("UMAP 1")
+        axes.set_ylabel("UMAP 2")
+    figure.savefig(path, dpi=DPI)
+    df.to_parquet(path.with_suffix(".parquet"), index=False)
+    return path
