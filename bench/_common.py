@@ -108,6 +108,30 @@ def interleaved(
     return series
 
 
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process and every process under it:
+    the live ones (loader workers, the forkserver) and the reaped ones (counted by the
+    parent that waited for them, e.g. the forkserver for pool workers).
+
+    Throughput per CPU second is much less sensitive than wall-clock throughput to other
+    jobs on a shared machine. Returns NaN without psutil.
+    """
+    try:
+        import psutil
+    except ImportError:
+        return float("nan")
+    me = psutil.Process()
+    times = me.cpu_times()
+    total = times.user + times.system + times.children_user + times.children_system
+    for child in me.children(recursive=True):
+        try:
+            t = child.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:  # exited between listing and reading
+            continue
+    return total
+
+
 def paired_ratio(num: Series, den: Series) -> float:
     """Median over repeats of ``num / den`` measured in the same repeat."""
     return statistics.median(n / d for n, d in zip(num.rates, den.rates))

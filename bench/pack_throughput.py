@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing as mp
+import os
 import shutil
+import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,7 @@ from typing import Any
 from PIL import Image
 
 from _common import (
-    interleaved, machine_info, paired_ratio, print_machine, print_table, save_json,
+    cpu_seconds, interleaved, machine_info, paired_ratio, print_machine, print_table, save_json,
     synthetic_tree, workdir,
 )
 from rp2k_dist.data.pack import PackConfig, encode_sample, pack_dataset
@@ -60,33 +64,51 @@ class PackBench:
         self.source_bytes = sum(p.stat().st_size for p in self.paths)
         self.runs = 0
 
-    def _rate(self, seconds: float, images: int, out_bytes: int) -> tuple[float, dict[str, float]]:
+    def _rate(self, start: tuple[float, float], images: int, out_bytes: int) -> tuple[float, dict[str, float]]:
+        seconds, cpu = time.perf_counter() - start[0], cpu_seconds() - start[1]
         return images / seconds, {
-            "seconds": seconds, "images": images,
+            "seconds": seconds, "cpu_seconds": cpu, "images": images, "img_per_cpu_s": images / cpu,
             "in_mb_s": self.source_bytes / seconds / 1e6, "out_mb_s": out_bytes / seconds / 1e6,
         }
 
+    @staticmethod
+    def _start() -> tuple[float, float]:
+        return time.perf_counter(), cpu_seconds()
+
     def naive(self) -> tuple[float, dict[str, float]]:
-        start = time.perf_counter()
+        start = self._start()
         out = sum(len(naive_encode(p, self.config.shorter_side, self.config.jpeg_quality)) for p in self.paths)
-        return self._rate(time.perf_counter() - start, len(self.paths), out)
+        return self._rate(start, len(self.paths), out)
 
     def encode_sample(self) -> tuple[float, dict[str, float]]:
-        start = time.perf_counter()
+        start = self._start()
         out = sum(len(encode_sample(p, self.config)) for p in self.paths)
-        return self._rate(time.perf_counter() - start, len(self.paths), out)
+        return self._rate(start, len(self.paths), out)
 
     def pack(self, workers: int) -> tuple[float, dict[str, float]]:
         self.runs += 1
         out = self.out_root / f"pack-{self.runs}"  # fresh folder: pack_dataset reuses finished ones
         config = replace(self.config, workers=workers)
-        start = time.perf_counter()
+        start = self._start()
         manifest = pack_dataset(self.index, out, config)
-        seconds = time.perf_counter() - start
-        images = sum(manifest.num_samples(split) for split in SPLITS)
-        shard_bytes = sum(s.bytes for split in SPLITS for s in manifest.shards(split))
+        result = self._rate(start, sum(manifest.num_samples(split) for split in SPLITS),
+                            sum(s.bytes for split in SPLITS for s in manifest.shards(split)))
         shutil.rmtree(out)
-        return self._rate(seconds, images, shard_bytes)
+        return result
+
+    def pool_startup(self, workers: int = 2) -> float:
+        """Seconds to start ``pack_dataset``'s kind of pool (forkserver) and get a trivial
+        task back from every worker: the fixed cost inside ``pack workers=2``."""
+        start = time.perf_counter()
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver")) as pool:
+            list(pool.map(_touch, range(workers)))
+        return time.perf_counter() - start
+
+
+def _touch(_: int) -> int:
+    import rp2k_dist.data.pack  # noqa: F401  (what a pack worker needs anyway)
+
+    return os.getpid()
 
 
 def main() -> None:
@@ -118,14 +140,18 @@ def main() -> None:
             "pack workers=1": lambda: bench.pack(1),
             "pack workers=2": lambda: bench.pack(2),
         }, args.repeats)
+        startup = [bench.pool_startup(2) for _ in range(args.repeats)]
 
     rows = []
     for s in series.values():
         mid = sorted(range(len(s.rates)), key=lambda i: s.rates[i])[len(s.rates) // 2]
-        rows.append([s.name, s.median, s.extras[mid]["in_mb_s"], s.extras[mid]["out_mb_s"],
+        per_cpu = statistics.median(e["img_per_cpu_s"] for e in s.extras)
+        rows.append([s.name, s.median, s.extras[mid]["in_mb_s"], s.extras[mid]["out_mb_s"], per_cpu,
                      " ".join(f"{r:.0f}" for r in s.rates)])
     print()
-    print_table(rows, ["mode", "img/s (median)", "src MB/s", "shard MB/s", "per repeat"])
+    print_table(rows, ["mode", "img/s (median)", "src MB/s", "shard MB/s", "img/CPU-s", "img/s per repeat"])
+    print(f"\nforkserver pool start-up, 2 workers (included in 'pack workers=2'): "
+          f"median {statistics.median(startup):.2f} s ({', '.join(f'{t:.2f}' for t in startup)})")
     naive, enc, w1, w2 = series.values()
     ratios = {
         "pack_w2_over_w1": paired_ratio(w2, w1),
@@ -140,7 +166,7 @@ def main() -> None:
         "benchmark": "pack_throughput", "args": vars(args), "machine": info,
         "images": len(bench.paths), "source_mb": bench.source_bytes / 1e6,
         "modes": {s.name: {"median_img_s": s.median, "img_s": s.rates, "extras": s.extras} for s in series.values()},
-        "ratios": ratios,
+        "ratios": ratios, "pool_startup_s": startup,
     }
     save_json(args.json, payload)
 

@@ -34,6 +34,7 @@ class DataConfig:
     loader_workers: int = 2  # decoding processes per training worker
     shuffle_buffer: int = 2000
     max_corrupt_fraction: float = 0.01
+    decode: str = "auto"  # where JPEGs are decoded and augmented: cpu | device | auto (device on CUDA)
     meta_category: str = ""  # "type=liquor": train/evaluate only this meta-category's classes
     classes_per_batch: int = 0  # P of the P x K class-balanced batches (API-Net); 0 = plain batches
     images_per_class: int = 4  # K
@@ -43,6 +44,7 @@ class DataConfig:
         _check(self.eval_batch_size >= 0, "data.eval_batch_size must be >= 0")
         _check(self.loader_workers >= 0, "data.loader_workers must be >= 0")
         _check(0 <= self.max_corrupt_fraction <= 1, "data.max_corrupt_fraction must be in [0, 1]")
+        _check(self.decode in ("auto", "cpu", "device"), "data.decode must be auto, cpu or device")
         if self.meta_category:
             system, _, value = self.meta_category.partition("=")
             _check(system in ("type", "shape") and value, "data.meta_category must look like 'type=liquor' or 'shape=can'")

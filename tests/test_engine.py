@@ -109,3 +109,33 @@ def test_specialist_run_sees_only_its_meta_category(synth_shards, tmp_path):
     assert checkpoint["model_args"]["num_classes"] == types.count(chosen)
     expected = sum(c["counts"]["test"] for c in synth_shards.classes if c["type"] == chosen)
     assert final["val_samples"] == expected
+
+
+def test_apinet_specialist_and_routed_ensemble(synth_shards, tmp_path):
+    from rp2k_dist.ensemble_eval import evaluate_ensemble
+    from rp2k_dist.evaluation.metrics import accuracy_table
+    from rp2k_dist.inference import find_checkpoint
+
+    _, general, _ = _run(synth_shards, tmp_path, "general", epochs=1)
+    types = synth_shards.meta_categories("type")
+    counts = synth_shards.class_counts("train")
+    category = max(set(types), key=lambda t: sum(1 for i, x in enumerate(types) if x == t and counts[i] >= 2))
+    _, special, final = _run(synth_shards, tmp_path, "apinet", [
+        "model.name=apinet", f"model.weights={find_checkpoint(general.local_path())}", f"data.meta_category=type={category}",
+        "data.classes_per_batch=2", "data.images_per_class=2", "model.freeze_backbone_epochs=1"], epochs=2)
+    assert final["val_samples"] == sum(c["counts"]["test"] for c in synth_shards.classes if c["type"] == category)
+    result = evaluate_ensemble(general.local_path(), [special.local_path()], synth_shards.root, workers=0)
+    (row,) = result.table3
+    assert row["meta_category"] == category
+    # "before" is the general model's own Table 2 row for the category
+    general_row = next(r for r in accuracy_table(result.general, synth_shards.classes).by_type if r.group == category)
+    assert row["general_top1"] == pytest.approx(general_row.top1)
+    saved = json.loads((general.local_path() / "ensemble.json").read_text())
+    assert saved["table3"][0]["ensemble_top1"] == pytest.approx(row["ensemble_top1"])
+    assert (general.local_path() / "table3.md").read_text().count(category) == 1
+
+
+def test_device_decode_path_trains_and_evaluates_everything(synth_shards, tmp_path):
+    _, storage, final = _run(synth_shards, tmp_path, "device", ["data.decode=device"], epochs=1)
+    assert final["val_samples"] == synth_shards.num_samples("test")
+    assert final["train_images"] > 0 and final["train_skipped"] == 0

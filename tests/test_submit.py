@@ -140,6 +140,7 @@ def test_preset_errors(tmp_path, monkeypatch):
         submit(outside)
     repo = tmp_path / "repo"
     _write(repo / "pyproject.toml", "[project]\nname = 'x'\n")
+    _write(repo / "rp2k_dist" / "__init__.py", "")
     _write(repo / "runs" / "preset.yaml", "run: {name: x}\n")
     with pytest.raises(SubmitError, match="not uploaded"):
         submit(repo / "runs" / "preset.yaml")

@@ -128,7 +128,8 @@ def plot_umap(df: pd.DataFrame, path: str | Path, title: str = "UMAP of penultim
     for axes, system, order in zip(figure.subplots(1, 2), ("type", "shape"), (TYPES, SHAPES)):
         categories = _categories(df[system], order)
         counts = df[system].value_counts()
-        colours = {c: f"C{i % 10}" for i, c in enumerate(categories)}
+        others = [c for c in categories if c not in order]  # e.g. "unknown": C7 is grey
+        colours = {c: f"C{order.index(c) if c in order else 7 + others.index(c) % 3}" for c in categories}
         handles = {}
         for category in sorted(categories, key=lambda c: -counts[c]):  # small categories on top
             rows = df[df[system] == category]

@@ -260,6 +260,9 @@ class _ShardStream(IterableDataset):
 
     @staticmethod
     def _batch(images, labels, keys, skipped, errors) -> dict[str, Any]:
+        if isinstance(images[0], bytes):  # device decoding: the JPEG bytes travel as they are
+            return {"jpeg": images, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
+                    "skipped": skipped, "errors": list(errors)}
         return {
             "image": torch.stack(images),
             "label": torch.tensor(labels, dtype=torch.int64),
@@ -320,7 +323,8 @@ def _class_balanced_batches(decoded, classes_per_batch: int, per_class: int, rng
 
 
 class ShardLoader:
-    """Batches of one split for one rank: ``{"image": uint8 NCHW, "label": int64 N, "key": [str]}``.
+    """Batches of one split for one rank: ``{"image": uint8 NCHW, "label": int64 N, "key": [str]}``
+    (``{"jpeg": [bytes], ...}`` with the :class:`~rp2k_dist.data.transforms.RawJpeg` transform).
 
     Training loaders (``train=True``) shuffle, drop partial batches and yield exactly
     ``len(loader)`` batches per epoch on every rank; call :meth:`set_epoch` first.
@@ -392,7 +396,7 @@ class ShardLoader:
             self.dataset.state[1] = refill
             for item in self.loader:
                 self._count(item)
-                if "image" not in item:
+                if "key" not in item:
                     continue
                 if steps is not None and emitted >= steps:
                     break
@@ -417,7 +421,7 @@ class ShardLoader:
     def _count(self, item: dict[str, Any]) -> None:
         self.stats.skipped += item["skipped"]
         self.stats.errors.extend(item["errors"][: max(0, 20 - len(self.stats.errors))])
-        if "image" in item:
+        if "key" in item:
             self.stats.samples += len(item["key"])
         self._check_corrupt(final=False)
 

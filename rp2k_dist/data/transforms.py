@@ -87,3 +87,16 @@ def normalize(images: torch.Tensor, spec: InputSpec, dtype: torch.dtype = torch.
     mean = torch.tensor(spec.mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
     inv_std = 1.0 / (torch.tensor(spec.std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255)
     return ((images.float() - mean) * inv_std).to(dtype)
+
+
+class RawJpeg:
+    """No decoding in the loader workers: pass the JPEG bytes on for device decoding.
+
+    Only a cheap framing check (start and end markers) happens here, so truncated images
+    are counted and skipped in the worker like any other corrupt sample.
+    """
+
+    def __call__(self, jpeg: bytes, rng: np.random.Generator | None = None) -> bytes:
+        if jpeg[:2] != b"\xff\xd8" or b"\xff\xd9" not in jpeg[-16:]:
+            raise ValueError("not a complete JPEG (missing start or end marker)")
+        return jpeg

@@ -25,7 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import ExperimentConfig
 from ..data.loader import LoaderConfig, ShardLoader
 from ..data.manifest import Manifest
-from ..data.transforms import EvalTransform, InputSpec, TrainTransform, normalize
+from ..data.transforms import EvalTransform, InputSpec, RawJpeg, TrainTransform
+from .batches import CpuBatches, DeviceBatches
 from ..evaluation.metrics import accuracy_table, confused_pairs
 from ..evaluation.predictions import Predictions
 from ..losses import ClassBalancedLoss
@@ -61,15 +62,32 @@ def select_data(config: ExperimentConfig) -> RunData:
     return RunData(manifest, subset, classes, [counts[g] for g in chosen])
 
 
-def build_loaders(config: ExperimentConfig, data: RunData, spec: InputSpec, rank: int, world: int, cuda: bool):
+def uses_device_decode(config: ExperimentConfig, device: torch.device) -> bool:
+    """Decode and augment on the accelerator (``data.decode``: auto = when on CUDA)."""
+    return config.data.decode == "device" or (config.data.decode == "auto" and device.type == "cuda")
+
+
+def build_batches(config: ExperimentConfig, spec: InputSpec, device: torch.device, rank: int):
+    """(train, eval) callables turning loader batches into device tensors."""
+    channels_last = config.model.channels_last
+    if uses_device_decode(config, device):
+        seed = config.run.seed * 1000 + rank
+        return (DeviceBatches(spec, config.augment, device, channels_last, seed),
+                DeviceBatches(spec, None, device, channels_last, seed))
+    return CpuBatches(spec, device, channels_last), CpuBatches(spec, device, channels_last)
+
+
+def build_loaders(config: ExperimentConfig, data: RunData, spec: InputSpec, rank: int, world: int, device: torch.device):
     c = config.data
+    cuda = device.type == "cuda"
+    raw = uses_device_decode(config, device)
     common = dict(workers=c.loader_workers, shuffle_buffer=c.shuffle_buffer, seed=config.run.seed,
                   max_corrupt_fraction=c.max_corrupt_fraction, pin_memory=cuda)
     balanced = (c.classes_per_batch, c.images_per_class) if c.classes_per_batch else None
-    train = ShardLoader(data.manifest, "train", TrainTransform(spec, config.augment),
+    train = ShardLoader(data.manifest, "train", RawJpeg() if raw else TrainTransform(spec, config.augment),
                         LoaderConfig(batch_size=c.batch_size, **common), rank, world, train=True,
                         classes=data.class_subset, class_balanced=balanced)
-    evaluation = ShardLoader(data.manifest, "test", EvalTransform(spec),
+    evaluation = ShardLoader(data.manifest, "test", RawJpeg() if raw else EvalTransform(spec),
                              LoaderConfig(batch_size=c.eval_batch_size or 2 * c.batch_size, **common),
                              rank, world, train=False, classes=data.class_subset)
     return train, evaluation
@@ -121,16 +139,14 @@ def _drop_frozen_grads(optimizer: torch.optim.Optimizer) -> None:
                 param.grad = None
 
 
-def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, spec, device, config, epoch) -> dict[str, float]:
+def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, prepare, device, config, epoch) -> dict[str, float]:
     """One pass over this rank's batches; returns metrics summed over all ranks."""
     model.train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and config.optim.amp) else nullcontext()
-    memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
     loss_sum = correct = seen = 0.0
     start = time.perf_counter()
     for step, batch in enumerate(loader):
-        images = normalize(batch["image"].to(device, non_blocking=True), spec).contiguous(memory_format=memory_format)
-        labels = batch["label"].to(device, non_blocking=True)
+        images, labels, _ = prepare(batch)
         with autocast:
             output = model(images, labels)  # API-Net pairs images by label; others ignore it
             loss = core.loss(output, labels, criterion)
@@ -152,7 +168,8 @@ def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, spec, 
         loss_sum += loss.item() * len(labels)
         seen += len(labels)
     elapsed = time.perf_counter() - start
-    loss_sum, correct, seen, skipped = dist_utils.all_reduce_sum([loss_sum, correct, seen, loader.stats.skipped], device)
+    skipped = loader.stats.skipped + getattr(prepare, "skipped", 0)
+    loss_sum, correct, seen, skipped = dist_utils.all_reduce_sum([loss_sum, correct, seen, skipped], device)
     return {
         "train_loss": loss_sum / max(seen, 1),
         "train_top1": 100.0 * correct / max(seen, 1),
@@ -164,24 +181,23 @@ def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, spec, 
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: ShardLoader, spec: InputSpec, device: torch.device, channels_last: bool) -> Predictions:
+def predict(model: nn.Module, loader: ShardLoader, prepare, device: torch.device) -> Predictions | None:
     """Top-5 predictions of this rank's share of the evaluation split."""
     model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     parts = []
     for batch in loader:
-        images = normalize(batch["image"].to(device, non_blocking=True), spec).contiguous(memory_format=memory_format)
+        images, labels, keys = prepare(batch)
         with autocast:
             logits = model(images)
-        parts.append(Predictions.from_logits(batch["key"], batch["label"].numpy(), logits.float().cpu()))
+        parts.append(Predictions.from_logits(keys, labels.cpu().numpy(), logits.float().cpu()))
     return Predictions.concat(parts) if parts else None
 
 
-def evaluate(model, loader, spec, device, classes, channels_last: bool) -> tuple[dict[str, float], Predictions | None]:
+def evaluate(model, loader, prepare, device, classes) -> tuple[dict[str, float], Predictions | None]:
     """Evaluate on every test sample exactly once; rank 0 gets the gathered predictions."""
     dist_utils.broadcast_buffers(model)  # every rank evaluates the model rank 0 checkpoints
-    local = predict(model, loader, spec, device, channels_last)
+    local = predict(model, loader, prepare, device)
     gathered = [p for p in dist_utils.all_gather_objects(local) if p is not None]
     if not dist_utils.is_main_process():
         return {}, None
@@ -237,7 +253,8 @@ def train_worker(
     cuda = device.type == "cuda"
     data = select_data(config)
     spec = input_spec(config.model.name, config.model.crop_size or None)
-    train_loader, eval_loader = build_loaders(config, data, spec, context.rank, context.world_size, cuda)
+    train_loader, eval_loader = build_loaders(config, data, spec, context.rank, context.world_size, device)
+    prepare_train, prepare_eval = build_batches(config, spec, device, context.rank)
 
     core = create_model(config.model.name, len(data.classes), pretrained=config.model.pretrained or None,
                         weights=config.model.weights or None)
@@ -277,11 +294,11 @@ def train_worker(
         train_loader.set_epoch(epoch)
         set_backbone_frozen(optimizer, epoch < config.model.freeze_backbone_epochs)
         metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], "global_batch": global_batch,
-                   **train_one_epoch(model, core, criterion, optimizer, scheduler, train_loader, spec, device, config, epoch)}
+                   **train_one_epoch(model, core, criterion, optimizer, scheduler, train_loader, prepare_train, device, config, epoch)}
         last = epoch + 1 == config.optim.epochs
         predictions = None
         if (epoch + 1) % config.run.eval_every == 0 or last:
-            val, predictions = evaluate(core, eval_loader, spec, device, data.classes, config.model.channels_last)
+            val, predictions = evaluate(core, eval_loader, prepare_eval, device, data.classes)
             metrics.update(val)
         metrics["world_size"] = context.world_size
         if epoch == start_epoch and start_epoch > 0:

@@ -88,10 +88,11 @@ class SubmitError(RuntimeError):
 
 def find_root(start: str | Path | None = None) -> Path | None:
     """The nearest folder at or above ``start`` (default: the current directory) that holds
-    ``pyproject.toml``; None if there is none."""
+    ``pyproject.toml`` and the ``rp2k_dist`` package (so another project is never uploaded);
+    None if there is none."""
     path = Path(start if start is not None else Path.cwd()).resolve()
     for folder in [path, *path.parents] if path.is_dir() else list(path.parents):
-        if (folder / "pyproject.toml").is_file():
+        if (folder / "pyproject.toml").is_file() and (folder / "rp2k_dist").is_dir():
             return folder
     return None
 
@@ -235,6 +236,11 @@ def friendly_errors(address: str) -> Iterator[None]:
                           "(`ray dashboard cluster/aws-gpu.yaml`, `kubectl port-forward svc/rp2k-head-svc 8265:8265`)? "
                           "The address is the dashboard's (port 8265), not the GCS port 6379.") from None
     except Exception as err:  # noqa: BLE001 - classified below, re-raised otherwise
+        import requests
+
+        if isinstance(err, requests.exceptions.ConnectionError):  # the tunnel went away mid-way
+            raise SubmitError(f"lost the connection to the Ray Jobs API at {address} ({err}); "
+                              "is the tunnel still open?") from None
         if _is_auth_error(err):
             invalid = "invalid" in str(err).lower() or getattr(err, "status", None) == 403
             what = ("the cluster refused the token that was sent (wrong or stale token)" if invalid
@@ -294,8 +300,8 @@ def submit(
     path = path.resolve()
     root = find_root(path) or find_root()
     if root is None:
-        raise SubmitError(f"no pyproject.toml above {path} or the current directory: "
-                          "run rp2k submit from the rp2k-dist repository")
+        raise SubmitError(f"no rp2k-dist repository (pyproject.toml + rp2k_dist/) above {path} or the "
+                          "current directory: run rp2k submit from the repository")
     try:
         relative = path.relative_to(root).as_posix()
     except ValueError:

@@ -1,0 +1,240 @@
+"""Top-5 SKUs for image files: a trained checkpoint (optionally with API-Net specialists
+routed as in Table 3) applied with exactly the evaluation's preprocessing.
+
+Each file goes through :class:`rp2k_dist.data.transforms.EvalTransform` on its raw bytes:
+the same decode (any PIL format, transparency composited on white), resize and centre
+crop as evaluation on the shards, and the same :func:`rp2k_dist.inference.logits_of`.
+Files that are not images (by suffix), cannot be read or cannot be decoded are returned in
+``rejected`` with a reason; they never stop the run. Shard images were re-encoded and
+resized at pack time, so an original photo and its shard copy give slightly different
+scores; the shard bytes themselves give the evaluation's scores.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from ..data.images import DECODE_ERRORS, IMAGE_SUFFIXES
+from ..data.transforms import EvalTransform
+from ..ensemble_eval import specialist_of
+from ..evaluation.ensemble import combine, route
+from ..evaluation.predictions import Predictions
+from ..inference import TrainedModel, load_trained, logits_of
+
+Checkpoint = str | Path | TrainedModel
+#: Output formats of :func:`predict_folder`, by the output file's suffix.
+FORMATS = (".parquet", ".csv", ".json")
+#: Columns of the prediction table: one row per (image, rank); a rejected file has one row
+#: with ``error`` and ``reason`` set and the prediction columns empty.
+COLUMNS = ["path", "rank", "class", "name", "product_name", "sku", "type", "shape", "score", "routed_to",
+           "error", "reason"]
+
+
+def _load(checkpoint: Checkpoint) -> TrainedModel:
+    return checkpoint if isinstance(checkpoint, TrainedModel) else load_trained(checkpoint)
+
+
+def prepare(path: Path, transform: EvalTransform) -> tuple[torch.Tensor | None, dict[str, str] | None]:
+    """(uint8 CHW model input, None), or (None, ``{"path", "error", "reason"}``) when the
+    file is missing, not an image (suffix), unreadable or undecodable."""
+
+    def reject(error: str, reason: str) -> tuple[None, dict[str, str]]:
+        return None, {"path": str(path), "error": error, "reason": reason}
+
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return reject("unsupported", f"not an image file: suffix {path.suffix or '(none)'!r} is not one of "
+                                     f"{', '.join(sorted(IMAGE_SUFFIXES))}")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return reject("unreadable", f"cannot read file: {err}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's palette-transparency chatter
+            return transform(data), None
+    except DECODE_ERRORS as err:
+        message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))  # PIL names the buffer
+        return reject("corrupt", f"cannot decode image: {type(err).__name__}: {message}")
+
+
+def _predictions(trained: TrainedModel, keys: list[str], images: torch.Tensor) -> Predictions:
+    return Predictions.from_logits(keys, np.full(len(keys), -1), logits_of(trained, images))
+
+
+def _describe(classes: list[dict[str, Any]], label: int, rank: int, score: float) -> dict[str, Any]:
+    info = classes[label]
+    return {"rank": rank, "class": int(info.get("global_index", info["index"])), "name": info["name"],
+            "product_name": info.get("product_name", ""), "sku": info.get("sku", ""), "type": info.get("type", ""),
+            "shape": info.get("shape", ""), "score": float(score)}
+
+
+def predict_images(
+    checkpoint: Checkpoint,
+    paths: Sequence[str | Path],
+    specialists: Sequence[Checkpoint] = (),
+    rule: str = "top1",
+    batch_size: int = 64,
+    workers: int = 2,
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Top-5 predictions of each image file, in input order.
+
+    results: ``{"path", "routed_to", "top5": [{"rank", "class" (global index), "name",
+    "product_name", "sku", "type", "shape", "score"}, ...]}``; rejected: ``{"path",
+    "error" (unsupported | unreadable | corrupt), "reason"}``. With ``specialists``
+    (checkpoints trained with ``data.meta_category``), each image is routed by ``rule``
+    (:func:`rp2k_dist.evaluation.ensemble.route`) and a routed image gets its specialist's
+    top-5 (:func:`~rp2k_dist.evaluation.ensemble.combine`); ``routed_to`` names that
+    specialist's meta-category (None: the general model answered).
+    """
+    general = _load(checkpoint)
+    experts = [_load(s) for s in specialists]
+    routing = [specialist_of(expert) for expert in experts]
+    if experts and general.class_subset is not None:
+        raise ValueError("the general model of an ensemble must be trained on all classes (no data.meta_category)")
+    transform = EvalTransform(general.spec)
+    results: list[dict[str, Any]] = []
+    rejected: list[dict[str, str]] = []
+    paths = [Path(p) for p in paths]
+    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(
+        total=len(paths), desc="predict", unit="file", disable=None
+    ) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            keys, images = [], []
+            for path, (image, problem) in zip(chunk, pool.map(partial(prepare, transform=transform), chunk)):
+                if problem is not None:
+                    rejected.append(problem)
+                else:
+                    keys.append(str(path))
+                    images.append(image)
+            bar.update(len(chunk))
+            if not keys:
+                continue
+            predictions = _predictions(general, keys, torch.stack(images))
+            routes = np.full(len(keys), -1)
+            if experts:
+                routes = route(predictions.topk, general.classes, routing, rule)
+                own = {}
+                for s, expert in enumerate(experts):
+                    rows = np.flatnonzero(routes == s)
+                    if len(rows) == 0:
+                        continue
+                    if expert.spec == general.spec:
+                        batch = torch.stack([images[r] for r in rows])
+                    else:  # e.g. API-Net at another resolution: its own transform
+                        own_transform = EvalTransform(expert.spec)
+                        batch = torch.stack([prepare(Path(keys[r]), own_transform)[0] for r in rows])
+                    own[s] = _predictions(expert, [keys[r] for r in rows], batch)
+                predictions = combine(predictions, own, routes, routing)
+            for i, key in enumerate(keys):
+                top = [_describe(general.classes, c, r + 1, s)
+                       for r, (c, s) in enumerate(zip(predictions.topk[i], predictions.scores[i]))]
+                routed = routing[routes[i]].meta_category if routes[i] >= 0 else None
+                results.append({"path": key, "routed_to": routed, "top5": top})
+    return results, rejected
+
+
+def prediction_table(results: list[dict[str, Any]], rejected: list[dict[str, str]]) -> pd.DataFrame:
+    """The long table (:data:`COLUMNS`): one row per image and rank, one per rejected file."""
+    rows = [{"path": r["path"], "routed_to": r["routed_to"], **entry} for r in results for entry in r["top5"]]
+    return pd.DataFrame(rows + list(rejected), columns=COLUMNS).astype({"rank": "Int64", "class": "Int64"})
+
+
+def write_table(table: pd.DataFrame, out: Path) -> Path:
+    """Write ``table`` as Parquet, CSV or JSON (records) by ``out``'s suffix."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        table.to_parquet(out, index=False)
+    elif out.suffix == ".csv":
+        table.to_csv(out, index=False)
+    else:
+        records = json.loads(table.to_json(orient="records", force_ascii=False))
+        out.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return out
+
+
+def _check_format(out: Path) -> None:
+    if out.suffix not in FORMATS:
+        raise ValueError(f"output {out} must end in one of {', '.join(FORMATS)}")
+
+
+def list_files(folder: str | Path) -> list[Path]:
+    """Every file under ``folder`` (recursively, sorted): images and everything else, so
+    that non-images are reported rather than silently ignored."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+@dataclass
+class FolderPrediction:
+    """What :func:`predict_folder` did: the table it wrote and the counts."""
+
+    out: Path
+    images: int  # files predicted
+    rejected: list[dict[str, str]]  # files skipped, with reasons
+
+
+def predict_folder(
+    checkpoint: Checkpoint, folder: str | Path, out: str | Path, specialists: Sequence[Checkpoint] = (),
+    rule: str = "top1", batch_size: int = 64, workers: int = 2,
+) -> FolderPrediction:
+    """Predict every file under ``folder`` and write :func:`prediction_table` to ``out``
+    (``.parquet``, ``.csv`` or ``.json``)."""
+    out = Path(out)
+    _check_format(out)
+    results, rejected = predict_images(checkpoint, list_files(folder), specialists, rule, batch_size, workers)
+    return FolderPrediction(write_table(prediction_table(results, rejected), out), len(results), rejected)
+
+
+class _RayPredictor:
+    """A Ray Data actor holding the models; turns a batch of paths into table rows."""
+
+    def __init__(self, checkpoint: str, specialists: list[str], rule: str, batch_size: int):
+        self.general = load_trained(checkpoint)
+        self.experts = [load_trained(s) for s in specialists]
+        self.rule = rule
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
+        results, rejected = predict_images(self.general, list(batch["path"]), self.experts, self.rule,
+                                           self.batch_size, workers=1)
+        return prediction_table(results, rejected)
+
+
+def predict_folder_ray(
+    checkpoint: str | Path, folder: str | Path, out: str | Path, specialists: Sequence[str | Path] = (),
+    rule: str = "top1", batch_size: int = 64, actors: int = 2, num_gpus: float = 0.0,
+) -> FolderPrediction:
+    """:func:`predict_folder` as Ray Data batch inference over ``actors`` model replicas
+    (each with ``num_gpus``; on the connected Ray cluster, or a local one started here).
+    Same table, rows ordered by path."""
+    import ray
+
+    out = Path(out)
+    _check_format(out)
+    files = list_files(folder)
+    dataset = ray.data.from_items([{"path": str(p)} for p in files]).map_batches(
+        _RayPredictor, fn_constructor_kwargs={"checkpoint": str(checkpoint), "specialists": [str(s) for s in specialists],
+                                              "rule": rule, "batch_size": batch_size},
+        batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=num_gpus,
+    )
+    table = dataset.to_pandas() if files else prediction_table([], [])
+    table = table.sort_values(["path", "rank"], kind="stable").reset_index(drop=True)[COLUMNS]
+    failed = table[table["error"].notna()]
+    rejected = failed[["path", "error", "reason"]].to_dict("records")
+    return FolderPrediction(write_table(table, out), table.loc[table["error"].isna(), "path"].nunique(), rejected)
