@@ -28,8 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from rp2k_dist.data.augment import AugmentConfig, AugmentParams, brightness_lut, output_to_source, sample_params
 from rp2k_dist.data.synth import SynthConfig, make_synthetic_rp2k
-from rp2k_dist.data.transforms import decode, to_tensor
+from rp2k_dist.data.transforms import InputSpec, decode, to_tensor
+
+try:  # optional, only for the prototype of a faster warp; not a project dependency
+    import cv2
+
+    cv2.setNumThreads(1)
+except ImportError:
+    cv2 = None
 
 # --------------------------------------------------------------------------- machine
 
@@ -271,3 +279,31 @@ def torchvision_train_transform(crop_size: int = 224, resize_size: int = 256):
         v2.CenterCrop(crop_size),
         v2.PILToTensor(),
     ])
+
+
+def cv2_warp_to_tensor(array: np.ndarray, params: AugmentParams, resize: int, crop: int) -> torch.Tensor:
+    """What :func:`rp2k_dist.data.augment.apply` + ``to_tensor`` compute, with OpenCV:
+    the same output->source matrix, bilinear, border = fill colour, then the brightness
+    table. (No box pre-shrink: sources packed at 320 px never shrink 2x to 256 px.)"""
+    matrix, size = output_to_source(params, resize, crop)
+    out = cv2.warpPerspective(array, matrix, size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=params.fill)
+    if params.brightness != 1.0:
+        out = cv2.LUT(out, np.asarray(brightness_lut(params.brightness)[:256], np.uint8))
+    return torch.from_numpy(out).permute(2, 0, 1)
+
+
+class Cv2TrainTransform:
+    """Prototype of the proposed fix: :class:`TrainTransform` with the warp and the
+    brightness done by OpenCV (decode and parameter draws unchanged)."""
+
+    def __init__(self, spec: InputSpec, augment: AugmentConfig):
+        if cv2 is None:
+            raise ImportError("Cv2TrainTransform needs OpenCV (opencv-python-headless)")
+        self.spec = spec
+        self.augment = augment
+
+    def __call__(self, jpeg: bytes, rng: np.random.Generator) -> torch.Tensor:
+        image = decode(jpeg)
+        params = sample_params(rng, image.width, image.height, self.augment)
+        return cv2_warp_to_tensor(np.asarray(image), params, self.spec.resize_size, self.spec.crop_size)

@@ -119,12 +119,16 @@ def main() -> None:
     parser.add_argument("--shorter-side", type=int, default=320, help="PackConfig.shorter_side")
     parser.add_argument("--samples-per-shard", type=int, default=64, help="small shards: enough of them for 2 workers")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--forkserver-preload", action="store_true",
+                        help="preload rp2k_dist.data.pack in the forkserver (the proposed fix, applied from outside)")
     parser.add_argument("--workdir", help="keep the synthetic tree here and reuse it (default: temp dir, removed)")
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args()
 
     info = machine_info()
     print_machine(info)
+    if args.forkserver_preload:  # must happen before the first pool starts the forkserver
+        mp.get_context("forkserver").set_forkserver_preload(["rp2k_dist.data.pack"])
     with workdir(args.workdir, "bench-pack-") as work:
         tree = synthetic_tree(work / f"synth-{args.classes}x{args.images_per_class}-{args.image_size}",
                               args.classes, args.images_per_class, args.image_size)

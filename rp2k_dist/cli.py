@@ -188,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset size and epochs (tiny: a smoke run of ~1 minute)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.set_defaults(func=cmd_demo)
+
+    from .launch.submit import add_jobs_parser, add_submit_parser
+
+    add_submit_parser(sub)
+    add_jobs_parser(sub)
     return parser
 
 

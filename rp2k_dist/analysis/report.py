@@ -1,0 +1,418 @@
+"""Reports of trained runs: one run in Markdown + self-contained HTML (:func:`write_report`),
+several runs side by side with the paper's Table 4 (:func:`compare_runs`).
+
+A report reads only the run folder (``config.yaml``, ``metrics.jsonl``,
+``evaluation.json``, ``predictions.parquet``, optional ``ensemble.json`` / ``table3.md`` /
+``umap.png``) and, for example thumbnails, the shards named in its config. The paper's
+numbers are shown next to the run's only for runs on the real RP2K (a dataset of at least
+:data:`REAL_RP2K_MIN_CLASSES` classes: RP2K has 2,388, the synthetic sets tens) with a
+model the paper reports; otherwise the report says why they are left out.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import re
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from ..data.manifest import Manifest, ManifestError
+from ..evaluation.ensemble import table3_markdown
+from ..evaluation.metrics import PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE4, AccuracyRow, AccuracyTable, format_percent
+from . import iter_shard_images
+
+#: A dataset with at least this many classes is taken to be the real RP2K (2,388 classes).
+REAL_RP2K_MIN_CLASSES = 2000
+#: Confused pairs listed in the report, and how many of them get example thumbnails.
+CONFUSED_PAIRS = 10
+CONFUSED_THUMBNAILS = 5
+DPI = 100
+
+
+# -- reading a run folder -----------------------------------------------------------------
+
+
+def table_from_dict(data: dict[str, Any]) -> AccuracyTable:
+    """Rebuild an :class:`AccuracyTable` from :meth:`AccuracyTable.to_dict`."""
+    return AccuracyTable(
+        by_type=[AccuracyRow(**row) for row in data["by_type"]],
+        by_shape=[AccuracyRow(**row) for row in data["by_shape"]],
+        overall=AccuracyRow(**data["overall"]),
+        macro=AccuracyRow(**data["macro"]),
+    )
+
+
+def _json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+@dataclass
+class Run:
+    """The artefacts of one run folder."""
+
+    path: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]  # one per finished epoch
+    evaluation: dict[str, Any] | None  # evaluation.json (after the last epoch)
+    ensemble: dict[str, Any] | None  # ensemble.json (after `evaluate_ensemble`)
+
+    @classmethod
+    def read(cls, run_dir: str | Path) -> "Run":
+        path = Path(run_dir)
+        if not (path / "config.yaml").exists():
+            raise FileNotFoundError(f"{path} is not a run folder (no config.yaml)")
+        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+        lines = (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if (path / "metrics.jsonl").exists() else []
+        metrics = [json.loads(line) for line in lines if line.strip()]
+        return cls(path, config, metrics, _json(path / "evaluation.json"), _json(path / "ensemble.json"))
+
+    @property
+    def name(self) -> str:
+        return self.config["run"]["name"]
+
+    @property
+    def model(self) -> str:
+        return self.config["model"]["name"]
+
+    @property
+    def table2(self) -> AccuracyTable | None:
+        return table_from_dict(self.evaluation["table2"]) if self.evaluation else None
+
+    def final(self) -> dict[str, float]:
+        """Top-1, top-5 and macro top-1 (percent) of the last evaluation; nan if none."""
+        if self.table2 is not None:
+            t = self.table2
+            return {"top1": t.overall.top1, "top5": t.overall.top5, "macro": t.macro.top1}
+        evaluated = [m for m in self.metrics if "val_top1" in m]
+        last = evaluated[-1] if evaluated else {}
+        return {"top1": last.get("val_top1", np.nan), "top5": last.get("val_top5", np.nan),
+                "macro": last.get("val_macro_top1", np.nan)}
+
+    def manifest(self) -> Manifest | None:
+        """The run's packed dataset, when its folder is reachable from here."""
+        try:
+            return Manifest.load(self.config["data"]["shards"])
+        except ManifestError:
+            return None
+
+    def paper_table2(self, manifest: Manifest | None) -> tuple[dict[str, tuple[float, float]] | None, str]:
+        """The paper's Table 2 column for this run, or None, and a sentence saying which."""
+        if manifest is None:
+            return None, "The run's dataset is not reachable from here, so the paper's numbers are not shown."
+        if not self.is_real_rp2k(manifest):
+            return None, (f"The dataset has {manifest.num_classes} classes, not RP2K's 2,388 (a synthetic or "
+                          "reduced set), so the paper's numbers are not shown: they would not be comparable.")
+        if self.config["data"]["meta_category"]:
+            return None, "A specialist run (one meta-category): the paper's Table 2 does not apply."
+        if self.model not in PAPER_TABLE2:
+            return None, f"The paper's Table 2 has no {self.model} column."
+        return PAPER_TABLE2[self.model], f"Paper columns: the paper's Table 2, {self.model}."
+
+    def is_real_rp2k(self, manifest: Manifest | None) -> bool:
+        return manifest is not None and manifest.num_classes >= REAL_RP2K_MIN_CLASSES
+
+
+# -- figures --------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def plot_curves(metrics: list[dict[str, Any]], path: Path) -> Path:
+    """Training loss and top-1 (train, val; val top-5 dashed) per epoch."""
+    figure = _figure(11, 4)
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    epochs = [m["epoch"] for m in metrics]
+
+    def series(axes, key: str, label: str, style: str = "-o") -> None:
+        points = [(m["epoch"], m[key]) for m in metrics if key in m]
+        if points:
+            axes.plot(*zip(*points), style, label=label, markersize=4)
+
+    series(loss_axes, "train_loss", "train")
+    series(accuracy_axes, "train_top1", "train top-1")
+    series(accuracy_axes, "val_top1", "val top-1")
+    series(accuracy_axes, "val_top5", "val top-5", "--s")
+    loss_axes.set(title="training loss", xlabel="epoch", ylabel="loss")
+    accuracy_axes.set(title="accuracy", xlabel="epoch", ylabel="%", ylim=(0, 100))
+    for axes in (loss_axes, accuracy_axes):
+        if epochs:
+            axes.set_xticks(sorted(set(epochs)) if len(epochs) <= 20 else axes.get_xticks())
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.savefig(path)
+    return path
+
+
+def plot_categories(table: AccuracyTable, path: Path, paper: dict[str, tuple[float, float]] | None = None) -> Path:
+    """Top-1 and top-5 per meta-category (type | shape), paper top-1 as black ticks."""
+    figure = _figure(13, 4.5)
+    for axes, system, rows in zip(figure.subplots(1, 2), ("type", "shape"), (table.by_type, table.by_shape)):
+        x = np.arange(len(rows))
+        axes.bar(x - 0.2, [r.top1 for r in rows], 0.4, label="top-1")
+        axes.bar(x + 0.2, [r.top5 for r in rows], 0.4, label="top-5", alpha=0.6)
+        reported = [(i, paper[r.group][0]) for i, r in enumerate(rows) if paper and r.group in paper]
+        if reported:
+            axes.scatter(*zip(*[(i - 0.2, v) for i, v in reported]), marker="_", s=300, c="k", label="paper top-1")
+        axes.set_xticks(x, [f"{r.group}\n(n={r.samples})" for r in rows], fontsize=8)
+        axes.set(title=f"by {system}", ylabel="%", ylim=(0, 105))
+        axes.grid(axis="y", alpha=0.3)
+        axes.legend(fontsize=8, loc="lower right")
+    figure.savefig(path)
+    return path
+
+
+def confusion_examples(run: Run, manifest: Manifest, pairs: list[dict[str, Any]], path: Path) -> Path | None:
+    """Per confused pair a misclassified test image of the true class and a test image of
+    the predicted class (labels by class index: names are in the report's table). None
+    when no image can be shown."""
+    predictions = pd.read_parquet(run.path / "predictions.parquet", columns=["key", "true_class", "top5_classes",
+                                                                             "correct_top1"])
+    first = predictions["top5_classes"].map(lambda top: int(top[0]))
+    cells = []
+    for pair in pairs:
+        wrong = predictions[(predictions["true_class"] == pair["true"]) & (first == pair["predicted"])]
+        other = predictions[predictions["true_class"] == pair["predicted"]].sort_values("correct_top1", ascending=False)
+        cells.append([
+            (wrong["key"].iloc[0], f"true #{pair['true']}, predicted #{pair['predicted']}"),
+            (other["key"].iloc[0], f"a test image of #{pair['predicted']}") if len(other) else None,
+        ])
+    keys = [cell[0] for row in cells for cell in row if cell]
+    if not keys:
+        return None
+    images = dict(iter_shard_images(manifest, keys))
+    from PIL import Image
+
+    figure = _figure(5, 2.3 * len(cells))
+    grid = np.atleast_2d(figure.subplots(len(cells), 2))
+    for row, axes_row in zip(cells, grid):
+        for cell, axes in zip(row, axes_row):
+            axes.set_axis_off()
+            if cell is None:
+                axes.text(0.5, 0.5, "no test image of this class", ha="center", va="center", fontsize=8)
+                continue
+            key, caption = cell
+            axes.imshow(Image.open(BytesIO(images[key])).convert("RGB"))
+            axes.set_title(f"{caption}\n{key}", fontsize=8)
+    figure.savefig(path)
+    return path
+
+
+# -- Markdown + HTML ------------------------------------------------------------------------
+
+
+def _inline(text: str) -> str:
+    """Escaped HTML of one line of text with Markdown's **bold** and `code`."""
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def markdown_table_html(markdown: str) -> str:
+    """An HTML table from a Markdown pipe table (header, alignment row, body rows)."""
+    rows = [[cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+            for line in markdown.strip().splitlines()]
+    header, alignment, body = rows[0], rows[1], rows[2:]
+    align = ["right" if a.endswith(":") else "left" for a in alignment]
+
+    def cells(row: list[str], tag: str) -> str:
+        return "".join(f'<{tag} style="text-align:{a}">{_inline(c)}</{tag}>' for c, a in zip(row, align))
+
+    lines = [f"<tr>{cells(header, 'th')}</tr>"] + [f"<tr>{cells(row, 'td')}</tr>" for row in body]
+    return "<table>\n" + "\n".join(lines) + "\n</table>"
+
+
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 8px}th{background:#f3f3f3}
+pre{background:#f6f6f6;padding:1em;overflow:auto}img{max-width:100%}code{background:#f3f3f3}"""
+
+
+class Document:
+    """A report written as Markdown (images linked) and HTML (images embedded) at once."""
+
+    def __init__(self, title: str, out_dir: Path):
+        self.title = title
+        self.out_dir = out_dir
+        self.md = [f"# {title}\n"]
+        self.html = [f"<h1>{html.escape(title)}</h1>"]
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.md.append(f"{'#' * level} {text}\n")
+        self.html.append(f"<h{level}>{_inline(text)}</h{level}>")
+
+    def para(self, text: str) -> None:
+        self.md.append(text + "\n")
+        self.html.append(f"<p>{_inline(text)}</p>")
+
+    def table(self, markdown: str) -> None:
+        self.md.append(markdown.strip() + "\n")
+        self.html.append(markdown_table_html(markdown))
+
+    def code(self, text: str, language: str = "") -> None:
+        self.md.append(f"```{language}\n{text.rstrip()}\n```\n")
+        self.html.append(f"<pre><code>{html.escape(text.rstrip())}</code></pre>")
+
+    def image(self, path: Path, alt: str) -> None:
+        self.md.append(f"![{alt}]({Path(os.path.relpath(path, self.out_dir)).as_posix()})\n")
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        self.html.append(f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>')
+
+    def write(self, stem: str = "report") -> tuple[Path, Path]:
+        md_path, html_path = self.out_dir / f"{stem}.md", self.out_dir / f"{stem}.html"
+        md_path.write_text("\n".join(self.md), encoding="utf-8")
+        page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>'
+                f"<style>{_STYLE}</style></head>\n<body>\n" + "\n".join(self.html) + "\n</body></html>\n")
+        html_path.write_text(page, encoding="utf-8")
+        return md_path, html_path
+
+
+def _markdown_rows(header: list[str], rows: list[list[str]], text_columns: int = 1) -> str:
+    """A Markdown pipe table: the first ``text_columns`` columns left-aligned, the rest
+    (numbers) right-aligned."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    alignment = "|" + "---|" * text_columns + "---:|" * (len(header) - text_columns)
+    return "\n".join([line(header), alignment] + [line(r) for r in rows]) + "\n"
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` (plus the PNGs the Markdown links) into
+    ``out_dir`` (default ``<run>/report``); returns their paths."""
+    run = Run.read(run_dir)
+    out = Path(out_dir) if out_dir else run.path / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = run.manifest()
+    doc = Document(f"Run {run.name}: {run.model}", out)
+
+    doc.heading("Summary")
+    final = run.final()
+    epochs = run.metrics[-1]["epoch"] if run.metrics else 0
+    seconds = sum(m.get("epoch_seconds", 0.0) for m in run.metrics)
+    speeds = [m["images_per_second"] for m in run.metrics if "images_per_second" in m]
+    doc.table(_markdown_rows(
+        ["run", "model", "epochs", "test top-1 %", "test top-5 %", "macro top-1 %", "throughput (img/s, last epoch)",
+         "training time (sum of epoch_seconds)"],
+        [[run.name, run.model, f"{epochs} of {run.config['optim']['epochs']}", format_percent(final["top1"]),
+          format_percent(final["top5"]), format_percent(final["macro"]), f"{speeds[-1]:.1f}" if speeds else "–",
+          f"{seconds:.1f} s ({seconds / 3600:.2f} h)"]],
+        text_columns=2,
+    ))
+    doc.para(f"Run folder: `{run.path.resolve()}`. Dataset: `{run.config['data']['shards']}`"
+             + (f" ({manifest.num_classes} classes)." if manifest else " (not reachable from here)."))
+
+    doc.heading("Table 2: accuracy per meta-category")
+    table = run.table2
+    paper, why = run.paper_table2(manifest)
+    if table is None:
+        doc.para("No `evaluation.json`: the run has not finished its last epoch.")
+    else:
+        doc.para(why)
+        doc.table(table.to_markdown(paper=paper))
+        doc.image(plot_categories(table, out / "categories.png", paper), "top-1 and top-5 per meta-category")
+
+    if run.ensemble or (run.path / "table3.md").exists():
+        doc.heading("Table 3: general model vs ensemble, within the meta-category")
+        if run.ensemble:
+            real = run.is_real_rp2k(manifest)
+            doc.para(f"Routing rule `{run.ensemble.get('rule', 'top1')}`. "
+                     + ("Paper columns: the paper's Table 3." if real else "Paper columns left out (not the real RP2K)."))
+            doc.table(table3_markdown(run.ensemble["table3"], paper=PAPER_TABLE3 if real else None))
+            doc.heading("Table 2 of the ensemble", 3)
+            doc.table(table_from_dict(run.ensemble["table2"]).to_markdown())
+        else:
+            doc.table((run.path / "table3.md").read_text(encoding="utf-8"))
+
+    if run.metrics:
+        doc.heading("Training curves")
+        doc.image(plot_curves(run.metrics, out / "curves.png"), "training loss and accuracy per epoch")
+
+    pairs = (run.evaluation or {}).get("confused_pairs", [])[:CONFUSED_PAIRS]
+    doc.heading("Most confused pairs")
+    if not pairs:
+        doc.para("No confusions recorded (no `evaluation.json`, or every test image right).")
+    else:
+        doc.table(_markdown_rows(
+            ["true class", "predicted as", "count", "share of the true class's test images"],
+            [[f"#{p['true']} {p['true_name']}", f"#{p['predicted']} {p['predicted_name']}", str(p["count"]),
+              f"{100 * p['share_of_true']:.1f} %"] for p in pairs],
+            text_columns=2,
+        ))
+        examples = confusion_examples(run, manifest, pairs[:CONFUSED_THUMBNAILS], out / "confusions.png") if manifest else None
+        if examples:
+            doc.image(examples, "examples of the most confused pairs")
+        else:
+            doc.para("Example images left out: the run's shards are not reachable from here.")
+
+    if (run.path / "umap.png").exists():
+        doc.heading("UMAP of the features (the paper's Fig. 3)")
+        doc.image(run.path / "umap.png", "UMAP of penultimate features coloured by type and shape")
+
+    doc.heading("Configuration")
+    doc.code((run.path / "config.yaml").read_text(encoding="utf-8"), "yaml")
+    return doc.write()
+
+
+# -- several runs (Table 4) -----------------------------------------------------------------
+
+
+def table4_technique(pretrained: bool, augmented: bool) -> str:
+    """The row name of the paper's Table 4 for this kind of ResNet-34 run."""
+    if not augmented:
+        return "transfer learning (ImageNet)" if pretrained else "from scratch"
+    return f"{'transfer learning' if pretrained else 'from scratch'} + augmentation"
+
+
+def _augmented(config: dict[str, Any]) -> bool:
+    augment = config["augment"]
+    return any(augment[key] for key in ("border", "crop", "perspective", "brightness"))
+
+
+def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """Runs side by side (model, initialisation, augmentation, CBL beta, epochs, top-1,
+    top-5, macro top-1, Table 4 technique and, on the real RP2K, the paper's numbers for
+    it), then the paper's Table 4. ``out``: a ``.md`` file or a folder (``compare.md``)."""
+    out = Path(out)
+    path = out if out.suffix == ".md" else out / "compare.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for run_dir in run_dirs:
+        run = Run.read(run_dir)
+        model = run.config["model"]
+        start = model["pretrained"] or (f"weights {Path(model['weights']).name}" if model["weights"] else "scratch")
+        technique = table4_technique(start != "scratch", _augmented(run.config))
+        paper = PAPER_TABLE4.get(technique) if run.model == "resnet34" and run.is_real_rp2k(run.manifest()) else None
+        final = run.final()
+        epochs = run.metrics[-1]["epoch"] if run.metrics else 0
+        rows.append([
+            run.name, run.model, start, "on" if _augmented(run.config) else "off", technique,
+            f"{run.config['loss']['cbl_beta']:g}", f"{epochs} of {run.config['optim']['epochs']}",
+            format_percent(final["top1"]), format_percent(final["top5"]), format_percent(final["macro"]),
+            format_percent(paper[0] if paper else None), format_percent(paper[1] if paper else None),
+        ])
+    header = ["run", "model", "init", "augmentation", "Table 4 technique", "CBL beta", "epochs", "top-1", "top-5",
+              "macro top-1", "paper top-1", "paper top-5"]
+    reference = _markdown_rows(["technique (paper, ResNet-34)", "top-1", "top-5"],
+                               [[name, format_percent(t1), format_percent(t5)] for name, (t1, t5) in PAPER_TABLE4.items()])
+    text = (
+        "# Runs compared\n\n"
+        "Test-set accuracy in percent (top-1/top-5: all test images; macro: mean of per-class top-1). "
+        "Paper columns only for ResNet-34 runs on the real RP2K.\n\n"
+        + _markdown_rows(header, rows, text_columns=5)
+        + "\n## Reference: the paper's Table 4\n\n" + reference
+    )
+    path.write_text(text, encoding="utf-8")
+    return path

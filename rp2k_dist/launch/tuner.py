@@ -1,0 +1,620 @@
+"""Hyperparameter sweeps with Ray Tune: one Ray Train (V2) run per trial.
+
+``rp2k tune PRESET`` samples config values (``loss.cbl_beta``, ``optim.lr``, ``augment.border``,
+...) from a search space, trains one model per sample, early-stops weak trials with ASHA and
+leaves, in the sweep folder ``<run.storage_path>/<run.name>/``:
+
+- ``trials.parquet`` / ``trials.csv``: one row per trial (status, sampled values, epochs run,
+  best epoch, best val top-1 and the top-5 of that epoch), also printed as a table;
+- ``best.yaml``: the best trial's full config, a preset that ``rp2k train`` accepts as is;
+- ``base.yaml``: the resolved base config of the sweep (a resumed sweep must use the same);
+- ``trials/<trial id>/``: each trial's Train run (config.yaml, metrics.jsonl, checkpoints,
+  predictions, table2.md) and ``trial.json`` (how it ended, written by the sweep driver);
+- Tune's own files: experiment state (for resuming) and per-trial ``progress.csv``,
+  ``result.json`` and TensorBoard events (Tune's default logger callbacks).
+
+How Train V2 and Tune are combined (Ray's guide "Hyperparameter Tuning with Ray Tune" and
+``ray/tune/integration/ray_train.py``): the Tune trainable is a *driver function*
+(:func:`rp2k_trial`) that builds the trial's config and calls
+``build_trainer(config, [TuneReportCallback()]).fit()``. The TorchTrainer starts its own
+controller and ``run.workers`` DDP workers in its own placement group; ``TuneReportCallback``
+(a Train ``UserCallback`` on the controller) hands rank 0's metrics of every
+``ray.train.report`` to Tune. ``Tuner(trainer)`` is deprecated in V2.
+
+Choices (each made where it is used):
+
+- **Driver resources**: the driver reserves no CPU or GPU, only 0.01 of the head node's
+  ``node:__internal_head__`` resource. Tune cannot request nothing at all (an empty bundle is
+  refused), a fraction of a CPU would leave a GPU node one CPU short of a trial that fills it,
+  and Ray advises running Train drivers on a node that is not preempted (the clusters of
+  ``cluster/`` start their head with ``--num-cpus 0``). Each driver is a Python process on
+  the head (the Train controller follows it there); concurrency is capped instead by
+  ``max_concurrent_trials`` = cluster GPUs (or CPUs) // what one trial's workers take.
+- **Trial names**: a trial's Train run is ``trials/<Tune trial id>``: stable across a resume,
+  so a restarted trial resumes its Train run from the last checkpoint (Ray: no timestamps or
+  random values in the name).
+- **Failures**: a trial whose Train run fails (NaN loss, a worker dying more often than
+  ``run.max_failures``) ends as ERROR and the sweep goes on; Tune does not retry it
+  (``FailureConfig(max_failures=0)``): worker failures are already retried by Train.
+- **Resume**: the same command again continues a sweep whose driver died
+  (``Tuner.restore(resume_unfinished=True, resume_errored=False, restart_errored=False)``):
+  finished trials are kept, unfinished ones resume their Train run, failed ones stay failed
+  (a NaN loss fails again; start a new sweep name to retry them). Tune saves its state only
+  every ~10 s, so the sweep driver also writes ``trial.json`` the moment a trial ends, and a
+  trial that finds its ``trial.json`` replays its result instead of training again.
+- **Stopped trials free their resources**: when ASHA stops a trial, Tune ends the driver
+  actor; its Train controller and workers die with it, but the workers' placement group
+  belongs to the sweep's job and stays reserved (ray issue 54305). Ray 2.60's fix, a detached
+  ``PlacementGroupCleaner``, asks the State API (the dashboard) whether the controller is
+  alive, so it does nothing without a dashboard, or when several Ray instances share the
+  machine. The sweep driver therefore removes every placement group of its job whose
+  creating actor is dead (:func:`free_orphaned_placement_groups`): exactly the groups
+  the cleaner would remove.
+- **ASHA** uses ``time_attr="epoch"`` (the engine's epoch counter, correct across resumes, where
+  Tune's ``training_iteration`` restarts), ``metric="val_top1"``, ``max_t=optim.epochs``;
+  every trial evaluates each epoch (``run.eval_every=1``).
+- **Best trial**: the highest val top-1 at any epoch among trials that did not fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune.search.sample import Categorical, Float, Integer
+
+from ..config import ConfigError, ExperimentConfig, config_from_dict, load_config, merge, read_yaml
+from ..storage import RunStorage
+from .trainer import build_trainer, read_metrics, storage_uri
+
+#: What a trial's driver function reserves (see "Driver resources" above).
+DRIVER_RESOURCES: dict[str, float] = {"node:__internal_head__": 0.01}
+
+#: Set by the sweep for every trial; a search space may not name them.
+SWEEP_KEYS = ("run.name", "run.storage_path", "run.eval_every")
+
+METRIC = "val_top1"
+SCHEDULERS = ("asha", "none")
+TRIAL_RECORD = "trial.json"
+DEFAULT_RANDOM_SAMPLES = 16
+
+# --------------------------------------------------------------------------- search spaces
+
+
+def _number(value: Any) -> Any:
+    """YAML reads ``1e-4`` (no dot) as a string: numbers written so become floats."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _values(key: str, kind: str, args: Any) -> list[Any]:
+    if not isinstance(args, list) or not args:
+        raise ConfigError(f"{key}: {kind} needs a non-empty list of values, got {args!r}")
+    values = [_number(v) for v in args]
+    if all(_is_number(v) for v in values) and any(isinstance(v, float) for v in values):
+        values = [float(v) for v in values]  # [0, 0.9] -> one numeric type per column
+    return values
+
+
+def _bounds(key: str, kind: str, args: Any) -> tuple[float, float]:
+    bounds = [_number(v) for v in args] if isinstance(args, list) else []
+    if len(bounds) != 2 or not all(_is_number(b) for b in bounds) or not bounds[0] < bounds[1]:
+        raise ConfigError(f"{key}: {kind} needs [low, high] with low < high, got {args!r}")
+    if kind == "randint" and not all(float(b).is_integer() for b in bounds):
+        raise ConfigError(f"{key}: randint needs integer bounds [low, high) , got {args!r}")
+    if kind == "loguniform" and bounds[0] <= 0:
+        raise ConfigError(f"{key}: loguniform needs low > 0, got {args!r}")
+    return bounds[0], bounds[1]
+
+
+#: YAML distribution name -> builder of the Tune search space entry.
+DISTRIBUTIONS: dict[str, Callable[[str, Any], Any]] = {
+    "choice": lambda key, args: tune.choice(_values(key, "choice", args)),
+    "grid_search": lambda key, args: tune.grid_search(_values(key, "grid_search", args)),
+    "uniform": lambda key, args: tune.uniform(*_bounds(key, "uniform", args)),
+    "loguniform": lambda key, args: tune.loguniform(*_bounds(key, "loguniform", args)),
+    "randint": lambda key, args: tune.randint(*(int(b) for b in _bounds(key, "randint", args))),  # high excluded
+}
+
+
+def parse_search_space(spec: Any, source: str = "search space") -> dict[str, Any]:
+    """``{"optim.lr": {"loguniform": [1e-4, 1e-1]}, ...}`` -> Tune's param space (same keys).
+
+    Each value names exactly one of :data:`DISTRIBUTIONS` with its arguments: ``choice`` /
+    ``grid_search`` a list of values, ``uniform`` / ``loguniform`` ``[low, high]``, ``randint``
+    ``[low, high)`` (high excluded, as in Tune). Keys are checked by :func:`check_search_space`.
+    """
+    if not isinstance(spec, dict) or not spec:
+        raise ConfigError(f"{source} must be a non-empty mapping of config keys to distributions, "
+                          "e.g. optim.lr: {loguniform: [0.001, 0.1]}")
+    space = {}
+    for key, entry in spec.items():
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise ConfigError(f"{source}: {key} must name one distribution, e.g. {{choice: [a, b]}}; got {entry!r}")
+        (kind, args), = entry.items()
+        if kind not in DISTRIBUTIONS:
+            raise ConfigError(f"{source}: {key}: unknown distribution {kind!r}; known: {', '.join(DISTRIBUTIONS)}")
+        space[str(key)] = DISTRIBUTIONS[kind](f"{source}: {key}", args)
+    return space
+
+
+def load_search_space(path: str | Path) -> dict[str, Any]:
+    """A search space YAML file (see ``jobs/search_space.yaml``) as Tune's param space."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"search space file {path} not found")
+    import yaml
+
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    return parse_search_space(spec, str(path))
+
+
+def _probe_values(key: str, entry: Any) -> list[Any]:
+    """Every value a grid or choice can take, and the bounds of a range."""
+    if isinstance(entry, dict) and set(entry) == {"grid_search"}:
+        return list(entry["grid_search"])
+    if isinstance(entry, Categorical):
+        return list(entry.categories)
+    if isinstance(entry, Integer):
+        return [entry.lower, entry.upper - 1]
+    if isinstance(entry, Float):
+        return [entry.lower, entry.upper]
+    raise ConfigError(f"search space {key}: unsupported entry {entry!r} (use {', '.join(DISTRIBUTIONS)})")
+
+
+def apply_values(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the config dict ``base`` with dotted keys set (``{"optim.lr": 0.01}``)."""
+    data = copy.deepcopy(base)
+    for key, value in values.items():
+        merge(data, key.split("."), value)
+    return data
+
+
+def check_search_space(config: ExperimentConfig, space: dict[str, Any]) -> None:
+    """Apply every grid/choice value and both ends of every range to ``config``: an unknown
+    key or an invalid value fails here, before any trial starts."""
+    if not space:
+        raise ConfigError("the search space is empty")
+    base = config.to_dict()
+    for key, entry in space.items():
+        if key in SWEEP_KEYS:
+            raise ConfigError(f"search space: {key} is set by the sweep for every trial and cannot be searched")
+        for value in _probe_values(key, entry):
+            try:
+                config_from_dict(apply_values(base, {key: value}))
+            except ConfigError as err:
+                raise ConfigError(f"search space {key}={value!r}: {err}") from None
+
+
+def is_grid(space: dict[str, Any]) -> bool:
+    return all(isinstance(e, dict) and "grid_search" in e for e in space.values())
+
+
+# --------------------------------------------------------------------------- sweep presets
+
+
+@dataclass
+class SweepSettings:
+    """The ``tune:`` section of a sweep preset (command-line flags override it)."""
+
+    samples: int | None = None  # per grid point; None: 1 for a pure grid, else 16
+    scheduler: str = "asha"  # asha | none (FIFO: every trial runs all epochs)
+    max_concurrent: int | None = None  # None: from the cluster's GPUs (or CPUs)
+    grace_period: int = 1  # ASHA: epochs before a trial can be stopped
+    reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"tune.scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        for name in ("samples", "max_concurrent"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"tune.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.grace_period, int) or self.grace_period < 1:
+            raise ConfigError(f"tune.grace_period must be an integer >= 1, got {self.grace_period!r}")
+        if not isinstance(self.reduction_factor, int) or self.reduction_factor < 2:
+            raise ConfigError(f"tune.reduction_factor must be an integer >= 2, got {self.reduction_factor!r}")
+
+
+@dataclass
+class Sweep:
+    """A sweep preset resolved: base config, Tune param space, settings."""
+
+    config: ExperimentConfig
+    space: dict[str, Any]
+    settings: SweepSettings
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None, search_space: str | Path | None = None) -> Sweep:
+    """A training preset or a sweep preset, with its search space.
+
+    A sweep preset is a training preset (sections, ``base: other.yaml``) plus ``search_space:``
+    (a mapping as in ``jobs/search_space.yaml``) and optionally ``tune:`` (:class:`SweepSettings`).
+    The space is ``search_space`` (a file) if given, else the preset's ``search_space:``, else
+    ``search_space.yaml`` next to the preset (``jobs/search_space.yaml`` for the presets in jobs/).
+    """
+    path = Path(path)
+    data = read_yaml(path)
+    inline = data.pop("search_space", None)
+    tune_section = data.pop("tune", None) or {}
+    config = load_config(None, overrides, base=data)
+    if not isinstance(tune_section, dict):
+        raise ConfigError(f"{path}: tune must be a mapping of sweep settings")
+    known = SweepSettings.__dataclass_fields__
+    unknown = sorted(set(tune_section) - set(known))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join('tune.' + k for k in unknown)}; known: {sorted(known)}")
+    settings = SweepSettings(**tune_section)
+    if search_space is not None:
+        space = load_search_space(search_space)
+    elif inline is not None:
+        space = parse_search_space(inline, f"{path}: search_space")
+    elif (path.parent / "search_space.yaml").is_file():
+        space = load_search_space(path.parent / "search_space.yaml")
+    else:
+        raise ConfigError(f"{path} has no search_space: and no search_space.yaml lies next to it; "
+                          "pass --search-space FILE (e.g. jobs/search_space.yaml)")
+    return Sweep(config, space, settings)
+
+
+def is_sweep_preset(path: str | Path) -> bool:
+    """Whether the preset (or a preset it extends) holds a ``search_space:``."""
+    return "search_space" in read_yaml(path)
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], trials_uri: str, trial_id: str) -> ExperimentConfig:
+    """The config of one trial: base + sampled values, its own run under ``trials_uri``."""
+    data = apply_values(base, params)
+    data["run"].update(name=trial_id, storage_path=trials_uri, eval_every=1)
+    return config_from_dict(data)
+
+
+class TrialFailedBefore(RuntimeError):
+    """A trial that had failed before the sweep was resumed."""
+
+
+def rp2k_trial(params: dict[str, Any], base: dict[str, Any], trials_uri: str) -> None:
+    """The Tune trainable: the driver of one trial's Ray Train run (with TuneReportCallback)."""
+    from ray.tune.integration.ray_train import TuneReportCallback  # needs a Tune session
+
+    trial_id = tune.get_context().get_trial_id()
+    config = trial_config(base, params, trials_uri, trial_id)
+    record = read_trial_record(trials_uri, trial_id)
+    if record is not None:  # it ended before the sweep driver died: replay, do not train again
+        if record["status"] == "ERROR":
+            raise TrialFailedBefore(record["error"])
+        history = read_metrics(config)
+        if history:
+            tune.report(history[-1])
+        return
+    build_trainer(config, run_callbacks=[TuneReportCallback()]).fit()
+
+
+def read_trial_record(trials_uri: str, trial_id: str) -> dict[str, Any] | None:
+    storage = RunStorage(trials_uri, trial_id)
+    return json.loads(storage.read_bytes(TRIAL_RECORD)) if storage.exists(TRIAL_RECORD) else None
+
+
+def _error_text(trial: Any) -> str:
+    """The most telling line of a trial's error (the worker's exception, not Ray's wrappers)."""
+    path = Path(trial.error_file) if trial.error_file else None
+    text = path.read_text(encoding="utf-8", errors="replace") if path and path.exists() else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("Failure #")]
+    named = [line for line in lines if "Error:" in line and not line.startswith(("ray.", "Traceback"))]
+    return (named[-1] if named else lines[-1] if lines else "unknown error")[:500]
+
+
+# --------------------------------------------------------------------------- leaked placement groups
+
+
+def _orphaned_placement_groups() -> tuple[list[bytes], int]:
+    """(ids of this job's live placement groups whose creating actor is dead, number of this
+    job's live placement groups created by any actor)."""
+    from ray._private.state import state
+    from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+
+    job = bytes.fromhex(ray.get_runtime_context().get_job_id())
+    orphans, by_actors = [], 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        group = PlacementGroupTableData.FromString(raw)
+        created_by_actor = group.creator_actor_id.strip(b"\xff") != b""  # nil ids are all 0xff
+        if (group.creator_job_id != job or not created_by_actor or group.is_detached
+                or group.state == PlacementGroupTableData.REMOVED):
+            continue
+        by_actors += 1
+        if group.creator_actor_dead:
+            orphans.append(group.placement_group_id)
+    return orphans, by_actors
+
+
+def free_orphaned_placement_groups() -> int:
+    """Remove this job's placement groups whose creating actor (a Train controller) is dead.
+
+    Such a group is what a stopped trial leaves behind (ray issue 54305): its workers are gone,
+    nothing can use it, and Ray would keep it until the sweep's job ends. Returns how many."""
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    orphans, _ = _orphaned_placement_groups()
+    for group_id in orphans:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(group_id)))
+    return len(orphans)
+
+
+def wait_for_trial_placement_groups(timeout_s: float = 60.0) -> bool:
+    """After the sweep: free leaked groups until no trial's group is left (True) or timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free_orphaned_placement_groups()
+        if _orphaned_placement_groups()[1] == 0:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+
+
+class SweepBookkeeping(tune.Callback):
+    """Runs in the sweep driver: records each ended trial at once (``trial.json``) and frees
+    the placement groups that stopped trials leave behind."""
+
+    def __init__(self, trials_uri: str, reap_every_s: float = 1.0):
+        self.trials_uri = trials_uri
+        self.reap_every_s = reap_every_s
+        self._last_reap = 0.0
+
+    def _record(self, trial: Any, error: str | None) -> None:
+        record = {"trial_id": trial.trial_id, "status": "ERROR" if error else "TERMINATED",
+                  "params": trial.config, "error": error}
+        RunStorage(self.trials_uri, trial.trial_id).write_text(TRIAL_RECORD, json.dumps(record, default=str))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._record(trial, None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._record(trial, _error_text(trial))
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self._last_reap >= self.reap_every_s:
+            self._last_reap = time.monotonic()
+            free_orphaned_placement_groups()
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class SweepResult:
+    """What a sweep leaves: its folder, the table of trials, the best config (None if every
+    trial failed) and where ``best.yaml`` is."""
+
+    path: str
+    table: pd.DataFrame
+    best_config: ExperimentConfig | None
+    best_yaml: str | None
+
+
+def trial_table(sweep: RunStorage, space_keys: list[str], epochs: int) -> pd.DataFrame:
+    """One row per ended trial, best first: trial_id, status (TERMINATED, STOPPED = stopped
+    early by ASHA, ERROR), the sampled values, epochs run, best epoch, best val top-1 and the
+    val top-5 of that epoch, the trial's run folder and its error."""
+    rows = []
+    for trial_id in sweep.listdir("trials"):
+        if not sweep.exists(f"trials/{trial_id}/{TRIAL_RECORD}"):
+            continue
+        record = json.loads(sweep.read_bytes(f"trials/{trial_id}/{TRIAL_RECORD}"))
+        run = RunStorage(f"{sweep.uri}/trials", trial_id)
+        history = [json.loads(line) for line in run.read_bytes("metrics.jsonl").decode().splitlines() if line] \
+            if run.exists("metrics.jsonl") else []
+        evaluated = [m for m in history if METRIC in m]
+        best = max(evaluated, key=lambda m: m[METRIC]) if evaluated else {}
+        ran = max((m["epoch"] for m in history), default=0)
+        status = record["status"]
+        if status == "TERMINATED" and ran < epochs:
+            status = "STOPPED"
+        rows.append({"trial_id": trial_id, "status": status,
+                     **{key: record["params"].get(key) for key in space_keys},
+                     "epochs": ran, "best_epoch": best.get("epoch"), "best_val_top1": best.get(METRIC, math.nan),
+                     "val_top5": best.get("val_top5", math.nan), "run": run.uri, "error": record["error"] or ""})
+    table = pd.DataFrame(rows, columns=["trial_id", "status", *space_keys, "epochs", "best_epoch",
+                                        "best_val_top1", "val_top5", "run", "error"])
+    table["best_epoch"] = table["best_epoch"].astype("Int64")
+    for key in space_keys:  # a column mixing strings and numbers (choice: [random, 128]) as text
+        if table[key].dtype == object and len({type(v) for v in table[key].dropna()}) > 1:
+            table[key] = table[key].astype(str)
+    return table.sort_values(["best_val_top1", "trial_id"], ascending=[False, True], na_position="last",
+                             ignore_index=True)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """The trials as a fixed-width text table (without the run folders)."""
+    shown = table.drop(columns=["run"]).copy()
+    shown["error"] = shown["error"].str.slice(0, 60)
+    return shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}")
+
+
+def best_config(base: ExperimentConfig, table: pd.DataFrame, space_keys: list[str], name: str) -> ExperimentConfig | None:
+    """The base config with the best trial's values, as run ``name`` under the base storage."""
+    ok = table[(table["status"] != "ERROR") & table["best_val_top1"].notna()]
+    if ok.empty:
+        return None
+    row = ok.iloc[0]
+    values = {key: (row[key].item() if hasattr(row[key], "item") else row[key]) for key in space_keys}
+    data = apply_values(base.to_dict(), values)
+    data["run"]["name"] = name
+    return config_from_dict(data)
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def default_max_concurrent(config: ExperimentConfig) -> int:
+    """How many trials fit at once: the cluster's GPUs (or CPUs) // one trial's workers' share."""
+    resources = ray.cluster_resources()
+    r = config.run
+    if r.use_gpu:
+        total, per_trial = resources.get("GPU", 0.0), r.workers * r.gpus_per_worker
+    else:
+        total, per_trial = resources.get("CPU", 0.0), r.workers * r.cpus_per_worker
+    return max(1, int(total // per_trial))
+
+
+def _resolve_paths(config: ExperimentConfig) -> ExperimentConfig:
+    """A copy with local paths made absolute (trials run in other folders, maybe other nodes)."""
+    config = copy.deepcopy(config)
+    config.run.storage_path = storage_uri(config.run.storage_path)
+    config.data.shards = storage_uri(config.data.shards)
+    if config.model.weights:
+        config.model.weights = storage_uri(config.model.weights)
+    return config
+
+
+def _mlflow_callback(uri: str, experiment: str) -> tune.Callback:
+    if find_spec("mlflow") is None:
+        raise ConfigError(f"--mlflow-uri {uri} needs the mlflow package, which is not installed (pip install mlflow)")
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    return MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment, save_artifact=False)
+
+
+def _claim_sweep_folder(sweep: RunStorage, config: ExperimentConfig) -> None:
+    """Write ``base.yaml``, or check that a resumed sweep has the same base config."""
+    text = config.to_yaml()
+    if sweep.exists("base.yaml") and sweep.read_bytes("base.yaml").decode("utf-8") != text:
+        raise ConfigError(f"sweep {sweep.uri} was started with another base config (see its base.yaml); "
+                          "run the same command to resume it, or pick a new name (--name) for a new sweep")
+    sweep.write_text("base.yaml", text)
+
+
+def run_sweep(
+    config: ExperimentConfig,
+    space: dict[str, Any],
+    samples: int,
+    scheduler: str,
+    max_concurrent: int | None,
+    address: str | None,
+    mlflow_uri: str | None = None,
+    *,
+    grace_period: int = 1,
+    reduction_factor: int = 2,
+) -> SweepResult:
+    """Run (or resume) the sweep ``run.name`` under ``run.storage_path``; see the module doc.
+
+    ``space``: Tune param space keyed by dotted config keys (:func:`load_search_space`);
+    ``samples``: Tune's ``num_samples`` (per grid point); ``scheduler``: ``asha`` or ``none``;
+    ``max_concurrent``: trials at once (None: :func:`default_max_concurrent`).
+    """
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+    SweepSettings(samples=samples, scheduler=scheduler, max_concurrent=max_concurrent,
+                  grace_period=grace_period, reduction_factor=reduction_factor)  # validates
+    config = _resolve_paths(config)
+    check_search_space(config, space)
+    callbacks: list[tune.Callback] = [_mlflow_callback(mlflow_uri, config.run.name)] if mlflow_uri else []
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+
+    sweep = RunStorage(config.run.storage_path, config.run.name)
+    _claim_sweep_folder(sweep, config)
+    trials_uri = f"{sweep.uri}/trials"
+    trainable = tune.with_resources(
+        tune.with_parameters(rp2k_trial, base=config.to_dict(), trials_uri=trials_uri), DRIVER_RESOURCES)
+    if tune.Tuner.can_restore(sweep.uri):
+        print(f"resuming sweep {sweep.uri}: finished and failed trials are kept, unfinished ones resume")
+        tuner = tune.Tuner.restore(sweep.uri, trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+    else:
+        # stop_last_trials=False: a trial that reaches max_t ends on its own (Train shuts down
+        # cleanly, the last epoch's artefacts are complete) instead of being stopped by Tune.
+        asha = tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=config.optim.epochs, grace_period=grace_period,
+                                             reduction_factor=reduction_factor, stop_last_trials=False)
+        # The concurrency limit goes into the generator: Tune ignores max_concurrent_trials
+        # (with a warning) when a BasicVariantGenerator is passed.
+        searcher = tune.search.BasicVariantGenerator(
+            max_concurrent=max_concurrent or default_max_concurrent(config), random_state=config.run.seed)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=samples, search_alg=searcher,
+                                        scheduler=asha if scheduler == "asha" else None),
+            run_config=tune.RunConfig(
+                name=config.run.name, storage_path=config.run.storage_path,
+                failure_config=tune.FailureConfig(max_failures=0),
+                callbacks=[SweepBookkeeping(trials_uri), *callbacks],
+            ),
+        )
+    tuner.fit()
+    if not wait_for_trial_placement_groups():
+        print("warning: placement groups of ended trials are still reserved after 60 s")
+
+    keys = list(space)
+    table = trial_table(sweep, keys, config.optim.epochs)
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    sweep.write_bytes("trials.parquet", buffer.getvalue())
+    sweep.write_text("trials.csv", table.to_csv(index=False))
+    best = best_config(config, table, keys, f"{config.run.name}-best")
+    best_yaml = None
+    if best is not None:
+        sweep.write_text("best.yaml", best.to_yaml())
+        best_yaml = f"{sweep.uri}/best.yaml"
+    return SweepResult(sweep.uri, table, best, best_yaml)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+#: ``rp2k train`` flags that ``rp2k tune`` takes too (argparse dest -> config key), as in
+#: ``cli.load_experiment``.
+RUN_FLAGS = (("workers", "run.workers"), ("gpus_per_worker", "run.gpus_per_worker"), ("name", "run.name"),
+             ("storage_path", "run.storage_path"), ("shards", "data.shards"))
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``rp2k tune PRESET [--search-space FILE] [--samples N] [--scheduler asha|none]
+    [--max-concurrent K] [--grace-period G] [--reduction-factor R] [--mlflow-uri URI]`` plus the
+    options of ``rp2k train`` (``--set``, ``--address``, ``--workers``, ``--name``, ...)."""
+    overrides = list(args.set or [])
+    for flag, key in RUN_FLAGS:
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    if getattr(args, "gpus_per_worker", None):
+        overrides.append("run.use_gpu=true")
+    sweep = load_sweep(args.config, overrides, args.search_space)
+    flags = {name: getattr(args, name, None) for name in SweepSettings.__dataclass_fields__}
+    s = SweepSettings(**{**asdict(sweep.settings), **{k: v for k, v in flags.items() if v is not None}})
+    samples = s.samples or (1 if is_grid(sweep.space) else DEFAULT_RANDOM_SAMPLES)
+    result = run_sweep(sweep.config, sweep.space, samples, s.scheduler, s.max_concurrent, args.address,
+                       args.mlflow_uri, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    print(format_table(result.table))
+    print(f"sweep {result.path}: {len(result.table)} trials "
+          f"({', '.join(f'{n} {status}' for status, n in result.table['status'].value_counts().items())}); "
+          "trials.parquet, trials.csv")
+    if result.best_yaml is None:
+        print("no trial finished without error: no best.yaml")
+        return 1
+    print(f"best config: {result.best_yaml}  (train it: rp2k train {result.best_yaml})")
+    return 0
