@@ -12,6 +12,24 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 
+def is_uri(path: str | Path) -> bool:
+    """``s3://…``, ``gs://…``, ``hdfs://…``: anything pyarrow.fs resolves; not a local path."""
+    return "://" in str(path)
+
+
+def open_input(path: str | Path):
+    """A readable binary stream for a local path or an object-store URI (pyarrow.fs)."""
+    if is_uri(path):
+        fs, inner = pafs.FileSystem.from_uri(str(path))
+        return fs.open_input_stream(inner)
+    return open(path, "rb")
+
+
+def read_bytes(path: str | Path) -> bytes:
+    with open_input(path) as stream:
+        return stream.read()
+
+
 class RunStorage:
     """The folder ``<storage_path>/<name>`` of one run."""
 

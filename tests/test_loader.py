@@ -205,3 +205,13 @@ def test_uneven_shards_fall_back_to_balanced_sample_splitting():
         assert plan.modulo == (2, rank) and plan.samples == 31
     steps, _ = plan_training_epoch(shards, 0, 2, workers=0, batch_size=16)
     assert steps == 1
+
+
+def test_shards_behind_a_uri_stream_through_pyarrow_fs(many_shards):
+    """Object-store shards (s3://, gs://) go through pyarrow.fs; file:// takes the same path."""
+    remote = Manifest.load(f"file://{many_shards.root}")
+    assert remote.shard_paths("test")[0].startswith("file://")
+    assert remote.index().num_rows == many_shards.index().num_rows
+    keys = lambda m: [k for b in ShardLoader(m, "test", EvalTransform(SPEC), LoaderConfig(batch_size=4, workers=0), train=False)
+                      for k in b["key"]]
+    assert keys(remote) == keys(many_shards)

@@ -39,8 +39,10 @@ Checkpoint = str | Path | TrainedModel
 FORMATS = (".parquet", ".csv", ".json")
 #: Columns of the prediction table: one row per (image, rank); a rejected file has one row
 #: with ``error`` and ``reason`` set and the prediction columns empty.
-COLUMNS = ["path", "rank", "class", "name", "product_name", "sku", "type", "shape", "score", "routed_to",
-           "error", "reason"]
+DTYPES = {"path": "string", "rank": "Int64", "class": "Int64", "name": "string", "product_name": "string",
+          "sku": "string", "type": "string", "shape": "string", "score": "float64", "routed_to": "string",
+          "error": "string", "reason": "string"}
+COLUMNS = list(DTYPES)
 
 
 def _load(checkpoint: Checkpoint) -> TrainedModel:
@@ -147,10 +149,14 @@ def predict_images(
     return results, rejected
 
 
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=COLUMNS).astype(DTYPES)
+
+
 def prediction_table(results: list[dict[str, Any]], rejected: list[dict[str, str]]) -> pd.DataFrame:
     """The long table (:data:`COLUMNS`): one row per image and rank, one per rejected file."""
     rows = [{"path": r["path"], "routed_to": r["routed_to"], **entry} for r in results for entry in r["top5"]]
-    return pd.DataFrame(rows + list(rejected), columns=COLUMNS).astype({"rank": "Int64", "class": "Int64"})
+    return _frame(rows + list(rejected))
 
 
 def write_table(table: pd.DataFrame, out: Path) -> Path:
@@ -231,10 +237,9 @@ def predict_folder_ray(
     dataset = ray.data.from_items([{"path": str(p)} for p in files]).map_batches(
         _RayPredictor, fn_constructor_kwargs={"checkpoint": str(checkpoint), "specialists": [str(s) for s in specialists],
                                               "rule": rule, "batch_size": batch_size},
-        batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=num_gpus,
+        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=num_gpus,
     )
-    table = dataset.to_pandas() if files else prediction_table([], [])
-    table = table.sort_values(["path", "rank"], kind="stable").reset_index(drop=True)[COLUMNS]
-    failed = table[table["error"].notna()]
-    rejected = failed[["path", "error", "reason"]].to_dict("records")
+    table = _frame(dataset.take_all() if files else [])
+    table = table.sort_values(["path", "rank"], kind="stable").reset_index(drop=True)
+    rejected = table.loc[table["error"].notna(), ["path", "error", "reason"]].to_dict("records")
     return FolderPrediction(write_table(table, out), table.loc[table["error"].isna(), "path"].nunique(), rejected)

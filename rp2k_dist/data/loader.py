@@ -33,6 +33,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .images import DECODE_ERRORS
+from ..storage import open_input
 from .manifest import Manifest
 
 Transform = Callable[[bytes, np.random.Generator], torch.Tensor]
@@ -211,7 +212,7 @@ class _ShardStream(IterableDataset):
             errors.append(f"{type(exn).__name__}: {exn}"[:300])
             return True  # keep reading; counted instead of slept on
 
-        samples = wds.tarfile_to_samples(handler=on_error)(iter([{"url": u} for u in plan.shards]))
+        samples = _tar_samples(plan.shards, on_error)
         if self.remap is not None:
             samples = self._keep_classes(samples, errors)
         if plan.modulo is not None:
@@ -270,6 +271,22 @@ class _ShardStream(IterableDataset):
             "skipped": skipped,
             "errors": list(errors),
         }
+
+
+def _open_shards(urls, handler):
+    """WebDataset's url_opener, for local paths and any pyarrow.fs URI (s3://, gs://, ...)."""
+    for url in urls:
+        try:
+            yield {"url": url, "stream": open_input(url)}
+        except Exception as exn:  # noqa: BLE001 - reported through the handler, like WebDataset
+            if not handler(exn):
+                return
+
+
+def _tar_samples(urls, handler):
+    """Samples of the shards at ``urls``, in order (tar members grouped by key)."""
+    files = wds.tariterators.tar_file_expander(_open_shards(urls, handler), handler=handler)
+    return wds.tariterators.group_by_keys(files, handler=handler)
 
 
 def _plain_batches(decoded, batch_size: int, partial: bool):

@@ -17,6 +17,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..storage import is_uri, open_input, read_bytes
+
 FORMAT_VERSION = 1
 DATASET_JSON = "dataset.json"
 INDEX_PARQUET = "index.parquet"
@@ -54,23 +56,30 @@ class ShardInfo:
 
 
 class Manifest:
-    """A packed dataset: its folder and the parsed ``dataset.json``."""
+    """A packed dataset: its folder (local, or an ``s3://``/``gs://`` prefix) and the parsed
+    ``dataset.json``. Shards in object storage are streamed through pyarrow.fs."""
 
     def __init__(self, root: str | Path, data: dict[str, Any]):
-        self.root = Path(root)
+        self.uri = str(root).rstrip("/") if is_uri(root) else None
+        self.root = Path(root) if self.uri is None else Path(self.uri.split("://", 1)[1])
         self.data = data
+
+    def location(self, name: str) -> str:
+        """Where a file of the dataset lives: a local path or a URI."""
+        return f"{self.uri}/{name}" if self.uri else str(self.root / name)
 
     @classmethod
     def load(cls, root: str | Path) -> "Manifest":
-        root = Path(root)
-        path = root / DATASET_JSON
-        if not path.exists():
+        path = f"{str(root).rstrip('/')}/{DATASET_JSON}" if is_uri(root) else Path(root) / DATASET_JSON
+        try:
+            raw = read_bytes(path)
+        except (FileNotFoundError, OSError) as err:
             raise ManifestError(
                 f"{path} not found: {root} is not a packed dataset. Pack one with "
                 f"`rp2k pack <RP2K root> {root}` (or `rp2k synth` first for the synthetic set)"
-            )
+            ) from err
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(raw.decode("utf-8"))
         except json.JSONDecodeError as err:
             raise ManifestError(f"{path} is not valid JSON ({err}); repack or restore it") from err
         if data.get("format_version") != FORMAT_VERSION:
@@ -108,7 +117,7 @@ class Manifest:
         return [ShardInfo(split=split, **s) for s in self.data["splits"][split]["shards"]]
 
     def shard_paths(self, split: str) -> list[str]:
-        return [str(self.root / s.name) for s in self.shards(split)]
+        return [self.location(s.name) for s in self.shards(split)]
 
     def num_samples(self, split: str) -> int:
         return sum(s.samples for s in self.shards(split))
@@ -137,7 +146,8 @@ class Manifest:
 
     def index(self) -> pa.Table:
         """The per-sample index (``index.parquet``)."""
-        return pq.read_table(self.root / INDEX_PARQUET)
+        with open_input(self.location(INDEX_PARQUET)) as stream:
+            return pq.read_table(pa.BufferReader(stream.read()))
 
 
 def write_atomic(path: Path, payload: bytes) -> None:
