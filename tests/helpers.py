@@ -29,3 +29,24 @@ def jpeg_bytes(seed: int, size: tuple[int, int] = (48, 64)) -> bytes:
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, "JPEG")
     return buffer.getvalue()
+
+
+def after_epoch(config, epoch: int, action):
+    """Run ``action()`` in a thread once the run's metrics.jsonl reaches ``epoch``
+    (a fault injected mid-run, while the driver is blocked in ``fit``)."""
+    import threading
+    import time
+
+    from rp2k_dist.launch.trainer import read_metrics
+
+    def watch():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if any(m["epoch"] >= epoch for m in read_metrics(config)):
+                action()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread

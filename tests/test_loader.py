@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 from collections import Counter
 
 import pytest
@@ -96,7 +94,6 @@ def test_plan_quotas_add_up_for_uneven_shards():
 
 def _corrupt_copy(manifest, tmp_path, bad_keys):
     """A copy of ``manifest``'s dataset whose samples ``bad_keys`` hold garbage bytes."""
-    import json
     import shutil
 
     out = tmp_path / "corrupt"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import pytest
 import ray
@@ -14,6 +12,7 @@ from rp2k_dist.config import load_config
 from rp2k_dist.launch.trainer import read_metrics, run_training
 from rp2k_dist.storage import RunStorage
 from tests.conftest import tiny_run_overrides
+from tests.helpers import after_epoch
 
 pytestmark = pytest.mark.slow
 
@@ -35,20 +34,13 @@ def _config(shards, tmp_path, name, epochs, max_failures):
         f"run.max_failures={max_failures}"])
 
 
-def _remove_node_after_epoch(cluster, node, config, epoch, replace: bool) -> threading.Thread:
-    def watch():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if any(m["epoch"] >= epoch for m in read_metrics(config)):
-                cluster.remove_node(node)
-                if replace:
-                    cluster.add_node(num_cpus=2)
-                return
-            time.sleep(0.05)
+def _remove_node_after_epoch(cluster, node, config, epoch, replace: bool):
+    def remove():
+        cluster.remove_node(node)
+        if replace:
+            cluster.add_node(num_cpus=2)
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    return after_epoch(config, epoch, remove)
 
 
 def test_one_worker_per_node_survives_losing_a_node(two_node_cluster, synth_shards, tmp_path):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
-import time
 
 import psutil
 import pytest
@@ -16,6 +14,7 @@ from rp2k_dist.config import load_config
 from rp2k_dist.launch.trainer import read_metrics, run_training
 from rp2k_dist.storage import RunStorage
 from tests.conftest import tiny_run_overrides
+from tests.helpers import after_epoch
 
 pytestmark = pytest.mark.slow
 
@@ -68,28 +67,19 @@ def test_two_worker_ddp_keeps_ranks_identical_and_reports_what_it_writes(local_r
     assert history3[2]["resumed_from_epoch"] == 2
 
 
-def _kill_a_worker_after_epoch(config, epoch: int, killed: list[int]) -> threading.Thread:
-    def watch():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if any(m["epoch"] >= epoch for m in read_metrics(config)):
-                for process in psutil.process_iter(["cmdline"]):
-                    if any("RayTrainWorker" in part for part in process.info["cmdline"] or []):
-                        os.kill(process.pid, signal.SIGKILL)  # a real kill, no exception
-                        killed.append(process.pid)
-                        return
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+def _kill_a_train_worker(killed: list[int]) -> None:
+    for process in psutil.process_iter(["cmdline"]):
+        if any("RayTrainWorker" in part for part in process.info["cmdline"] or []):
+            os.kill(process.pid, signal.SIGKILL)  # a real kill, no exception
+            killed.append(process.pid)
+            return
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint(local_ray, synth_shards, tmp_path):
     config = _config(synth_shards, tmp_path, "kill", epochs=4)
     killed: list[int] = []
     # metrics of epoch 2 on disk => epoch 1's checkpoint was reported (report is a barrier)
-    watcher = _kill_a_worker_after_epoch(config, 2, killed)
+    watcher = after_epoch(config, 2, lambda: _kill_a_train_worker(killed))
     final = run_training(config)
     watcher.join(timeout=5)
     assert killed, "no worker was killed"

@@ -265,8 +265,8 @@ TINY = ["data.batch_size=8", "data.loader_workers=0", "model.crop_size=32", "mod
 
 
 def _module_cli(*args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """`python -m rp2k_dist.launch.submit ...`: the same parser functions `rp2k submit/jobs` use."""
-    return subprocess.run([sys.executable, "-m", "rp2k_dist.launch.submit", *args], cwd=REPO, env=env,
+    """`rp2k submit/jobs ...`, run as `python -m rp2k_dist.cli`."""
+    return subprocess.run([sys.executable, "-m", "rp2k_dist.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

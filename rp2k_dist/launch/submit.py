@@ -533,25 +533,3 @@ def add_jobs_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             q.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
     p.set_defaults(func=cmd_jobs)
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m rp2k_dist.launch.submit submit|jobs ...`` (the same commands as ``rp2k``)."""
-    parser = argparse.ArgumentParser(prog="python -m rp2k_dist.launch.submit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--traceback", action="store_true", help="show full tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_submit_parser(sub)
-    add_jobs_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        if args.traceback:
-            raise
-        print(f"rp2k {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
