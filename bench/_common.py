@@ -281,11 +281,18 @@ def torchvision_train_transform(crop_size: int = 224, resize_size: int = 256):
     ])
 
 
+_HALF_FORWARD = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
+_HALF_BACK = np.array([[1, 0, -0.5], [0, 1, -0.5], [0, 0, 1]])
+
+
 def cv2_warp_to_tensor(array: np.ndarray, params: AugmentParams, resize: int, crop: int) -> torch.Tensor:
     """What :func:`rp2k_dist.data.augment.apply` + ``to_tensor`` compute, with OpenCV:
     the same output->source matrix, bilinear, border = fill colour, then the brightness
     table. (No box pre-shrink: sources packed at 320 px never shrink 2x to 256 px.)"""
     matrix, size = output_to_source(params, resize, crop)
+    # PIL samples output pixel (x, y) at its centre (x + .5, y + .5) and puts source pixel
+    # centres at (i + .5, j + .5); OpenCV uses the integer grid for both.
+    matrix = _HALF_BACK @ matrix @ _HALF_FORWARD
     out = cv2.warpPerspective(array, matrix, size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=params.fill)
     if params.brightness != 1.0:

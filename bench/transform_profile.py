@@ -107,8 +107,9 @@ def main() -> None:
             manifest = Manifest.load(args.shards)
         else:
             classes = 16
-            tree = synthetic_tree(work / f"synth-{classes}x{-(-args.images // classes)}-{args.image_size}",
-                                  classes, max(4, -(-args.images // classes)), args.image_size)
+            per_class = max(4, -(-3 * args.images // (2 * classes)))  # sizes are long-tailed: ask for 1.5x
+            tree = synthetic_tree(work / f"synth-{classes}x{per_class}-{args.image_size}",
+                                  classes, per_class, args.image_size)
             manifest = pack_dataset(scan_rp2k(tree), work / f"shards-{args.image_size}-{args.shorter_side}",
                                     PackConfig(shorter_side=args.shorter_side, workers=1))
         jpegs = read_jpegs(manifest, args.images)
@@ -144,6 +145,16 @@ def main() -> None:
         stages["alt: cv2 warp+LUT+tensor"] = (lambda ap: cv2_warp_to_tensor(*ap, args.resize, args.crop), arrays)
         stages["  (PIL apply+to_tensor, same)"] = (lambda ip: to_tensor(apply(*ip, args.resize, args.crop)), pairs)
 
+    fidelity = None
+    if cv2 is not None:  # the candidate must compute the same image
+        diffs = [(cv2_warp_to_tensor(a, p, args.resize, args.crop).int()
+                  - to_tensor(apply(im, p, args.resize, args.crop)).int()).abs() for (a, p), im in zip(arrays, images)]
+        fidelity = {"mean_abs_diff": float(np.mean([d.float().mean() for d in diffs])),
+                    "p99_abs_diff": float(np.percentile(torch.cat([d.flatten() for d in diffs]).numpy(), 99)),
+                    "max_abs_diff": int(max(d.max() for d in diffs))}
+        print("cv2 vs PIL output, uint8 levels: mean |diff| {mean_abs_diff:.2f}, 99th pct {p99_abs_diff:.0f}, "
+              "max {max_abs_diff}".format(**fidelity))
+
     times: dict[str, list[float]] = {name: [] for name in stages}
     names = list(stages)
     for r in range(args.repeats):
@@ -158,7 +169,8 @@ def main() -> None:
     print(f"\ntransform-level bound on (b)/(c): {med['decode-only (c)'] / whole:.3f} "
           f"(loader overheads come on top of both)")
     save_json(args.json, {"benchmark": "transform_profile", "args": vars(args), "machine": info,
-                          "images": len(jpegs), "ms_per_image": times, "median_ms": med})
+                          "images": len(jpegs), "ms_per_image": times, "median_ms": med,
+                          "cv2_fidelity": fidelity})
 
 
 if __name__ == "__main__":

@@ -133,6 +133,71 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out), size=args.size, address=args.address)
 
 
+def cmd_umap(args: argparse.Namespace) -> int:
+    from .analysis.umap_plot import embed_and_project, plot_umap
+    from .ensemble_eval import find_run_dir
+
+    df = embed_and_project(args.run, shards=args.shards, split=args.split, max_samples=args.max_samples or None,
+                           seed=args.seed, batch_size=args.batch_size, workers=args.workers)
+    out = Path(args.out) if args.out else find_run_dir(args.run)
+    png = plot_umap(df, out / "umap.png", f"UMAP of {Path(find_run_dir(args.run)).name} features, {args.split} split")
+    print(f"UMAP of {len(df)} {args.split} images: {png} and {png.with_suffix('.parquet')}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .analysis.report import write_report
+
+    md, html = write_report(args.run, args.out)
+    print(f"report: {md}\n        {html} (self-contained)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .analysis.report import compare_runs
+
+    path = compare_runs(args.runs, args.out)
+    print(path.read_text(encoding="utf-8"))
+    print(f"written to {path}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .analysis.predict import predict_folder, predict_folder_ray
+
+    common = dict(specialists=args.specialist or [], rule=args.rule, batch_size=args.batch_size)
+    if args.ray:
+        import ray
+
+        from .launch.trainer import ray_address
+
+        ray.init(address=ray_address(args.address))
+        summary = predict_folder_ray(args.checkpoint, args.folder, args.out, actors=args.actors,
+                                     num_gpus=args.gpus_per_actor, **common)
+    else:
+        summary = predict_folder(args.checkpoint, args.folder, args.out, workers=args.workers, **common)
+    print(f"{summary.images} images predicted, {len(summary.rejected)} files rejected -> {summary.out}")
+    for problem in summary.rejected[:20]:
+        print(f"  rejected {problem['path']}: {problem['reason']}")
+    if len(summary.rejected) > 20:
+        print(f"  ... and {len(summary.rejected) - 20} more (rows with an 'error' in {summary.out})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .analysis.export import export_onnx, export_safetensors
+
+    out = Path(args.out)
+    if args.format in ("onnx", "both"):
+        result = export_onnx(args.checkpoint, out / "model.onnx", opset=args.opset)
+        print(f"ONNX (opset {result.opset}): {result.path}, model card {result.card}; "
+              f"max |logit difference| vs PyTorch {result.max_abs_diff:.2e}")
+    if args.format in ("safetensors", "both"):
+        result = export_safetensors(args.checkpoint, out / "model.safetensors")
+        print(f"safetensors: {result.path}, model card {result.card}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rp2k", description=__doc__)
     parser.add_argument("--traceback", action="store_true", help="show full tracebacks of errors")
@@ -188,6 +253,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset size and epochs (tiny: a smoke run of ~1 minute)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("umap", help="UMAP of a trained model's features coloured by type and shape (paper Fig. 3)")
+    p.add_argument("run", help="run folder, checkpoint folder or checkpoint.pt")
+    p.add_argument("--shards", help="packed dataset (default: the run's data.shards)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--max-samples", type=int, default=20000, help="deterministic subsample; 0 = every image")
+    p.add_argument("--seed", type=int, default=0, help="subsample and UMAP seed")
+    p.add_argument("--out", help="folder for umap.png + umap.parquet (default: the run folder)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="decoding threads")
+    p.set_defaults(func=cmd_umap)
+
+    p = sub.add_parser("report", help="Markdown + self-contained HTML report of a run")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--out", help="output folder (default: RUN/report)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="several runs side by side with the paper's Table 4")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--out", default="compare.md", help="Markdown file, or a folder for compare.md")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("predict", help="top-5 SKUs for every image file under a folder")
+    p.add_argument("checkpoint", help="general model: run folder, checkpoint folder or checkpoint.pt")
+    p.add_argument("folder", help="folder of images (searched recursively; other files are reported)")
+    p.add_argument("--out", required=True, help="output table: .parquet, .csv or .json")
+    p.add_argument("--specialist", action="append", metavar="CHECKPOINT",
+                   help="an API-Net specialist (trained with data.meta_category) for the ensemble; repeatable")
+    p.add_argument("--rule", choices=["top1", "top5-majority"], default="top1", help="ensemble routing rule")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="decoding threads (without --ray)")
+    p.add_argument("--ray", action="store_true", help="Ray Data batch inference (large folders, several GPUs)")
+    p.add_argument("--address", help="Ray cluster address with --ray (default: start a local Ray)")
+    p.add_argument("--actors", type=int, default=2, help="model replicas with --ray")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a checkpoint as ONNX (checked with onnxruntime) and/or safetensors")
+    p.add_argument("checkpoint", help="run folder, checkpoint folder or checkpoint.pt")
+    p.add_argument("out", help="output folder (model.onnx, model.safetensors, each with a .json model card)")
+    p.add_argument("--format", choices=["onnx", "safetensors", "both"], default="both")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (the torch.export exporter starts at 18)")
+    p.set_defaults(func=cmd_export)
 
     from .launch.submit import add_jobs_parser, add_submit_parser
 

@@ -2,7 +2,8 @@
 
 synthetic RP2K (exact on-disk layout, quirks included) -> WebDataset shards + manifest ->
 verify -> distributed ResNet-34 training on local Ray workers -> evaluation (Table 2) ->
-API-Net specialists for liquor and cosmetics -> routed ensemble (Table 3).
+API-Net specialists for liquor and cosmetics -> routed ensemble (Table 3) -> UMAP (Fig. 3)
+-> Markdown/HTML report.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def run_demo(out: Path, size: str = "default", address: str | None = None) -> in
     from .data.rp2k import scan_rp2k
     from .data.synth import SynthConfig, make_synthetic_rp2k
     from .data.verify import verify_shards
+    from .analysis.report import write_report
+    from .analysis.umap_plot import embed_and_project, plot_umap
     from .ensemble_eval import evaluate_ensemble
     from .inference import find_checkpoint
     from .launch.trainer import run_training
@@ -40,14 +43,14 @@ def run_demo(out: Path, size: str = "default", address: str | None = None) -> in
     out = out.resolve()
     start = time.perf_counter()
 
-    t = _step(f"1/5 synthetic RP2K ({classes} classes, ~{per_class} images each, {image_size} px)")
+    t = _step(f"1/6 synthetic RP2K ({classes} classes, ~{per_class} images each, {image_size} px)")
     source = out / "rp2k"
     summary = make_synthetic_rp2k(source, SynthConfig(classes=classes, images_per_class=per_class,
                                                       image_size=image_size), progress=True)
     print(f"{summary.train_images} train + {summary.test_images} test images in {source}/all "
           f"({time.perf_counter() - t:.1f} s); planted quirks: {', '.join(summary.quirks)}")
 
-    t = _step("2/5 pack into WebDataset shards")
+    t = _step("2/6 pack into WebDataset shards")
     index = scan_rp2k(source, summary.metadata_path)
     for line in index.report.lines():
         print(f"  note: {line}")
@@ -60,7 +63,7 @@ def run_demo(out: Path, size: str = "default", address: str | None = None) -> in
     problems = verify_shards(shards)
     print(f"verify: {'all shards match the manifest' if not problems else problems} ({time.perf_counter() - t:.1f} s)")
 
-    t = _step("3/5 distributed training: ResNet-34, 2 Ray Train workers (DDP, gloo)")
+    t = _step("3/6 distributed training: ResNet-34, 2 Ray Train workers (DDP, gloo)")
     config = load_config(PRESET, [f"data.shards={shards}", f"run.storage_path={out / 'runs'}", f"optim.epochs={epochs}"])
     final = run_training(config, address=address)
     run_dir = out / "runs" / config.run.name
@@ -70,7 +73,7 @@ def run_demo(out: Path, size: str = "default", address: str | None = None) -> in
     chance = 100.0 / manifest.num_classes
     print(f"test top-1 {final['val_top1']:.1f} % (chance {chance:.1f} %), top-5 {final['val_top5']:.1f} %")
 
-    t = _step(f"4/5 API-Net specialists for {' and '.join(SPECIALISTS)} (from the ResNet-34, P x K batches)")
+    t = _step(f"4/6 API-Net specialists for {' and '.join(SPECIALISTS)} (from the ResNet-34, P x K batches)")
     specialist_runs = []
     for category in SPECIALISTS:
         members = [c["index"] for c in manifest.classes if c["type"] == category]
@@ -93,13 +96,19 @@ def run_demo(out: Path, size: str = "default", address: str | None = None) -> in
         print(f"{category}: {n} classes, within-category top-1 {result['val_top1']:.1f} %")
     print(f"({time.perf_counter() - t:.0f} s)")
 
-    _step("5/5 evaluation: Table 2 and the routed ensemble (Table 3)")
+    _step("5/6 evaluation: Table 2 and the routed ensemble (Table 3)")
     table = (run_dir / "table2.md").read_text(encoding="utf-8")
     print(f"Table 2 (per meta-category) from {run_dir / 'table2.md'}:\n{table}")
     if specialist_runs:
         ensemble = evaluate_ensemble(run_dir, specialist_runs, shards)
         print(f"Table 3 (within the meta-category, general model vs ensemble) from {run_dir / 'table3.md'}:\n"
               f"{ensemble.markdown}\n")
-    print(f"run folder: {run_dir} (config.yaml, metrics.jsonl, predictions.parquet, evaluation.json, checkpoints)")
+    t = _step("6/6 UMAP of the features (paper Fig. 3) and the report")
+    frame = embed_and_project(run_dir, shards)
+    plot_umap(frame, run_dir / "umap.png", f"UMAP of the demo ResNet-34's features ({len(frame)} test images)")
+    markdown, html = write_report(run_dir)
+    print(f"({time.perf_counter() - t:.0f} s)")
+    print(f"\nreport: {html}\n        {markdown}")
+    print(f"run folder: {run_dir} (config.yaml, metrics.jsonl, predictions.parquet, evaluation.json, umap.png, checkpoints)")
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return 0

@@ -24,3 +24,5 @@ def test_tiny_demo_runs_end_to_end(tmp_path):
     assert history[-1]["val_samples"] == manifest["splits"]["test"]["samples"]
     assert len(manifest["skipped"]) == 1  # the planted corrupt file, counted, not fatal
     assert (run / "predictions.parquet").exists()
+    assert (run / "umap.png").exists() and (run / "report" / "report.html").exists()
+    assert "report: " in done.stdout

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import pandas as pd
@@ -38,7 +39,8 @@ CPUS = 4
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
+    # address="local": a new Ray even when another one runs on this machine (ray start)
+    ray.init(address="local", num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -88,6 +90,15 @@ def test_a_wrong_search_space_fails_before_any_trial_naming_the_key(spec, messag
     config = load_config(JOBS / "demo.yaml")
     with pytest.raises(ConfigError, match=message):
         check_search_space(config, parse_search_space(spec))
+
+
+def test_mlflow_without_the_package_is_a_clear_error(tmp_path):
+    if find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed")
+    config = load_config(JOBS / "demo.yaml", [f"run.storage_path={tmp_path}"])
+    with pytest.raises(ConfigError, match="needs the mlflow package"):
+        run_sweep(config, parse_search_space({"optim.lr": {"choice": [0.01]}}), 1, "none", 1, None,
+                  mlflow_uri=f"file:{tmp_path}/mlruns")
 
 
 # --------------------------------------------------------------------------- sweeps on Ray

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ..data.images import DECODE_ERRORS, IMAGE_SUFFIXES
 from ..data.transforms import EvalTransform
 from ..ensemble_eval import specialist_of
-from ..evaluation.ensemble import combine, route
+from ..evaluation.ensemble import Specialist, combine, route
 from ..evaluation.predictions import Predictions
 from ..inference import TrainedModel, load_trained, logits_of
 
@@ -83,6 +83,26 @@ def _describe(classes: list[dict[str, Any]], label: int, rank: int, score: float
             "shape": info.get("shape", ""), "score": float(score)}
 
 
+def _with_specialists(
+    general_predictions: Predictions, routes: np.ndarray, general: TrainedModel, experts: list[TrainedModel],
+    routing: list[Specialist], images: list[torch.Tensor],
+) -> Predictions:
+    """The ensemble's predictions: each routed image's top-k from its specialist."""
+    keys = general_predictions.keys
+    own = {}
+    for s, expert in enumerate(experts):
+        rows = np.flatnonzero(routes == s)
+        if len(rows) == 0:
+            continue
+        if expert.spec == general.spec:
+            batch = torch.stack([images[r] for r in rows])
+        else:  # e.g. API-Net at another resolution: its own transform of the file
+            transform = EvalTransform(expert.spec)
+            batch = torch.stack([prepare(Path(keys[r]), transform)[0] for r in rows])
+        own[s] = _predictions(expert, [keys[r] for r in rows], batch)
+    return combine(general_predictions, own, routes, routing)
+
+
 def predict_images(
     checkpoint: Checkpoint,
     paths: Sequence[str | Path],
@@ -129,18 +149,7 @@ def predict_images(
             routes = np.full(len(keys), -1)
             if experts:
                 routes = route(predictions.topk, general.classes, routing, rule)
-                own = {}
-                for s, expert in enumerate(experts):
-                    rows = np.flatnonzero(routes == s)
-                    if len(rows) == 0:
-                        continue
-                    if expert.spec == general.spec:
-                        batch = torch.stack([images[r] for r in rows])
-                    else:  # e.g. API-Net at another resolution: its own transform
-                        own_transform = EvalTransform(expert.spec)
-                        batch = torch.stack([prepare(Path(keys[r]), own_transform)[0] for r in rows])
-                    own[s] = _predictions(expert, [keys[r] for r in rows], batch)
-                predictions = combine(predictions, own, routes, routing)
+                predictions = _with_specialists(predictions, routes, general, experts, routing, images)
             for i, key in enumerate(keys):
                 top = [_describe(general.classes, c, r + 1, s)
                        for r, (c, s) in enumerate(zip(predictions.topk[i], predictions.scores[i]))]
@@ -234,9 +243,10 @@ def predict_folder_ray(
     out = Path(out)
     _check_format(out)
     files = list_files(folder)
+    models = {"checkpoint": str(checkpoint), "specialists": [str(s) for s in specialists], "rule": rule,
+              "batch_size": batch_size}
     dataset = ray.data.from_items([{"path": str(p)} for p in files]).map_batches(
-        _RayPredictor, fn_constructor_kwargs={"checkpoint": str(checkpoint), "specialists": [str(s) for s in specialists],
-                                              "rule": rule, "batch_size": batch_size},
+        _RayPredictor, fn_constructor_kwargs=models,
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=num_gpus,
     )
     table = _frame(dataset.take_all() if files else [])

@@ -71,7 +71,8 @@ class Run:
         if not (path / "config.yaml").exists():
             raise FileNotFoundError(f"{path} is not a run folder (no config.yaml)")
         config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-        lines = (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if (path / "metrics.jsonl").exists() else []
+        history = path / "metrics.jsonl"
+        lines = history.read_text(encoding="utf-8").splitlines() if history.exists() else []
         metrics = [json.loads(line) for line in lines if line.strip()]
         return cls(path, config, metrics, _json(path / "evaluation.json"), _json(path / "ensemble.json"))
 
@@ -89,9 +90,9 @@ class Run:
 
     def final(self) -> dict[str, float]:
         """Top-1, top-5 and macro top-1 (percent) of the last evaluation; nan if none."""
-        if self.table2 is not None:
-            t = self.table2
-            return {"top1": t.overall.top1, "top5": t.overall.top5, "macro": t.macro.top1}
+        table = self.table2
+        if table is not None:
+            return {"top1": table.overall.top1, "top5": table.overall.top5, "macro": table.macro.top1}
         evaluated = [m for m in self.metrics if "val_top1" in m]
         last = evaluated[-1] if evaluated else {}
         return {"top1": last.get("val_top1", np.nan), "top5": last.get("val_top5", np.nan),
@@ -132,9 +133,10 @@ def _figure(width: float, height: float):
 
 def plot_curves(metrics: list[dict[str, Any]], path: Path) -> Path:
     """Training loss and top-1 (train, val; val top-5 dashed) per epoch."""
+    from matplotlib.ticker import MaxNLocator
+
     figure = _figure(11, 4)
     loss_axes, accuracy_axes = figure.subplots(1, 2)
-    epochs = [m["epoch"] for m in metrics]
 
     def series(axes, key: str, label: str, style: str = "-o") -> None:
         points = [(m["epoch"], m[key]) for m in metrics if key in m]
@@ -148,8 +150,7 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path) -> Path:
     loss_axes.set(title="training loss", xlabel="epoch", ylabel="loss")
     accuracy_axes.set(title="accuracy", xlabel="epoch", ylabel="%", ylim=(0, 100))
     for axes in (loss_axes, accuracy_axes):
-        if epochs:
-            axes.set_xticks(sorted(set(epochs)) if len(epochs) <= 20 else axes.get_xticks())
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         axes.legend()
     figure.savefig(path)
@@ -328,8 +329,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tupl
         doc.heading("Table 3: general model vs ensemble, within the meta-category")
         if run.ensemble:
             real = run.is_real_rp2k(manifest)
-            doc.para(f"Routing rule `{run.ensemble.get('rule', 'top1')}`. "
-                     + ("Paper columns: the paper's Table 3." if real else "Paper columns left out (not the real RP2K)."))
+            routed = ", ".join(f"{n} to {category}" for category, n in run.ensemble.get("routed", {}).items())
+            reference = "Paper columns: the paper's Table 3." if real else "Paper columns left out (not the real RP2K)."
+            routing = f"Routing rule `{run.ensemble.get('rule', 'top1')}`"
+            doc.para(routing + (f" (test images routed: {routed}). " if routed else ". ") + reference)
             doc.table(table3_markdown(run.ensemble["table3"], paper=PAPER_TABLE3 if real else None))
             doc.heading("Table 2 of the ensemble", 3)
             doc.table(table_from_dict(run.ensemble["table2"]).to_markdown())
@@ -351,7 +354,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tupl
               f"{100 * p['share_of_true']:.1f} %"] for p in pairs],
             text_columns=2,
         ))
-        examples = confusion_examples(run, manifest, pairs[:CONFUSED_THUMBNAILS], out / "confusions.png") if manifest else None
+        examples = None
+        if manifest is not None:
+            examples = confusion_examples(run, manifest, pairs[:CONFUSED_THUMBNAILS], out / "confusions.png")
         if examples:
             doc.image(examples, "examples of the most confused pairs")
         else:
@@ -405,8 +410,10 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         ])
     header = ["run", "model", "init", "augmentation", "Table 4 technique", "CBL beta", "epochs", "top-1", "top-5",
               "macro top-1", "paper top-1", "paper top-5"]
-    reference = _markdown_rows(["technique (paper, ResNet-34)", "top-1", "top-5"],
-                               [[name, format_percent(t1), format_percent(t5)] for name, (t1, t5) in PAPER_TABLE4.items()])
+    reference = _markdown_rows(
+        ["technique (paper, ResNet-34)", "top-1", "top-5"],
+        [[name, format_percent(top1), format_percent(top5)] for name, (top1, top5) in PAPER_TABLE4.items()],
+    )
     text = (
         "# Runs compared\n\n"
         "Test-set accuracy in percent (top-1/top-5: all test images; macro: mean of per-class top-1). "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -113,12 +114,21 @@ def run_training(config: ExperimentConfig, address: str | None = None) -> dict[s
     if config.model.weights:
         config.model.weights = storage_uri(config.model.weights)
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=ray_address(address), log_to_driver=True)
     result = build_trainer(config).fit()
     if result.error is not None:
         raise result.error
     history = read_metrics(config)
     return history[-1] if history else dict(result.metrics or {})
+
+
+def ray_address(address: str | None) -> str | None:
+    """``--address`` as given; without one, the cluster of the Ray job we run in (Ray sets
+    RAY_ADDRESS for jobs), else a new local Ray (never a stray cluster on this machine).
+    ``--address auto`` joins a cluster started with ``ray start`` on this machine."""
+    if address:
+        return address
+    return None if os.environ.get("RAY_ADDRESS") else "local"
 
 
 def read_metrics(config: ExperimentConfig) -> list[dict[str, Any]]:

@@ -44,12 +44,17 @@ Choices (each made where it is used):
   trial that finds its ``trial.json`` replays its result instead of training again.
 - **Stopped trials free their resources**: when ASHA stops a trial, Tune ends the driver
   actor; its Train controller and workers die with it, but the workers' placement group
-  belongs to the sweep's job and stays reserved (ray issue 54305). Ray 2.60's fix, a detached
-  ``PlacementGroupCleaner``, asks the State API (the dashboard) whether the controller is
-  alive, so it does nothing without a dashboard, or when several Ray instances share the
-  machine. The sweep driver therefore removes every placement group of its job whose
-  creating actor is dead (:func:`free_orphaned_placement_groups`): exactly the groups
-  the cleaner would remove.
+  belongs to the sweep's job and stays reserved until the sweep ends (ray issue 54305).
+  Ray 2.60's fix, a detached ``PlacementGroupCleaner`` per Train run, asks the State API
+  whether the controller is alive, at an address it finds from the environment
+  (``RAY_ADDRESS``, else the last ``ray start`` cluster of the machine). Without a dashboard
+  it never answers (the group leaks and the cleaner process stays forever); with several
+  Ray clusters on one machine it may ask another cluster, read "not found" as dead and
+  remove the placement group of a *running* trial (seen here: the trial failed with
+  "Destroying worker since its placement group was removed"). So sweep trials run without
+  that cleaner, and the sweep driver itself removes every placement group of its job whose
+  creating actor (a Train controller) is dead (:func:`free_orphaned_placement_groups`),
+  asking its own cluster's GCS: the groups the cleaner is meant to remove, and only those.
 - **ASHA** uses ``time_attr="epoch"`` (the engine's epoch counter, correct across resumes, where
   Tune's ``training_iteration`` restarts), ``metric="val_top1"``, ``max_t=optim.epochs``;
   every trial evaluates each epoch (``run.eval_every=1``).
@@ -72,6 +77,8 @@ from typing import Any, Callable
 import pandas as pd
 import ray
 from ray import tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.sample import Categorical, Float, Integer
 
 from ..config import ConfigError, ExperimentConfig, config_from_dict, load_config, merge, read_yaml
@@ -120,7 +127,7 @@ def _bounds(key: str, kind: str, args: Any) -> tuple[float, float]:
     if len(bounds) != 2 or not all(_is_number(b) for b in bounds) or not bounds[0] < bounds[1]:
         raise ConfigError(f"{key}: {kind} needs [low, high] with low < high, got {args!r}")
     if kind == "randint" and not all(float(b).is_integer() for b in bounds):
-        raise ConfigError(f"{key}: randint needs integer bounds [low, high) , got {args!r}")
+        raise ConfigError(f"{key}: randint needs integer bounds [low, high), got {args!r}")
     if kind == "loguniform" and bounds[0] <= 0:
         raise ConfigError(f"{key}: loguniform needs low > 0, got {args!r}")
     return bounds[0], bounds[1]
@@ -209,6 +216,7 @@ def check_search_space(config: ExperimentConfig, space: dict[str, Any]) -> None:
 
 
 def is_grid(space: dict[str, Any]) -> bool:
+    """Whether every entry is a grid_search (then one sample covers the whole space)."""
     return all(isinstance(e, dict) and "grid_search" in e for e in space.values())
 
 
@@ -300,8 +308,6 @@ class TrialFailedBefore(RuntimeError):
 
 def rp2k_trial(params: dict[str, Any], base: dict[str, Any], trials_uri: str) -> None:
     """The Tune trainable: the driver of one trial's Ray Train run (with TuneReportCallback)."""
-    from ray.tune.integration.ray_train import TuneReportCallback  # needs a Tune session
-
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(base, params, trials_uri, trial_id)
     record = read_trial_record(trials_uri, trial_id)
@@ -312,10 +318,23 @@ def rp2k_trial(params: dict[str, Any], base: dict[str, Any], trials_uri: str) ->
         if history:
             tune.report(history[-1])
         return
-    build_trainer(config, run_callbacks=[TuneReportCallback()]).fit()
+    trainer = build_trainer(config, run_callbacks=[TuneReportCallback()])
+    without_placement_group_cleaner(trainer)
+    trainer.fit()
+
+
+def without_placement_group_cleaner(trainer: TorchTrainer) -> None:
+    """Leave Ray's ``PlacementGroupCleaner`` out of this Train run (see the module doc: the
+    sweep driver frees the placement groups of stopped trials instead)."""
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    defaults = trainer._create_default_callbacks  # fails loudly if Ray renames it
+    trainer._create_default_callbacks = lambda: [
+        c for c in defaults() if not isinstance(c, PlacementGroupCleanerCallback)]
 
 
 def read_trial_record(trials_uri: str, trial_id: str) -> dict[str, Any] | None:
+    """The ``trial.json`` of an ended trial (None while it has not ended)."""
     storage = RunStorage(trials_uri, trial_id)
     return json.loads(storage.read_bytes(TRIAL_RECORD)) if storage.exists(TRIAL_RECORD) else None
 
@@ -417,28 +436,30 @@ class SweepResult:
     best_yaml: str | None
 
 
-def trial_table(sweep: RunStorage, space_keys: list[str], epochs: int) -> pd.DataFrame:
-    """One row per ended trial, best first: trial_id, status (TERMINATED, STOPPED = stopped
-    early by ASHA, ERROR), the sampled values, epochs run, best epoch, best val top-1 and the
-    val top-5 of that epoch, the trial's run folder and its error."""
+def trial_table(config: ExperimentConfig, space_keys: list[str]) -> pd.DataFrame:
+    """One row per ended trial of the sweep ``config.run.name``, best first: trial_id, status
+    (TERMINATED, STOPPED = stopped early by ASHA, ERROR), the sampled values, epochs run, best
+    epoch, best val top-1 and the val top-5 of that epoch, the trial's run folder, its error."""
+    sweep = RunStorage(config.run.storage_path, config.run.name)
+    trials_uri = f"{sweep.uri}/trials"
     rows = []
     for trial_id in sweep.listdir("trials"):
-        if not sweep.exists(f"trials/{trial_id}/{TRIAL_RECORD}"):
+        record = read_trial_record(trials_uri, trial_id)
+        if record is None:
             continue
-        record = json.loads(sweep.read_bytes(f"trials/{trial_id}/{TRIAL_RECORD}"))
-        run = RunStorage(f"{sweep.uri}/trials", trial_id)
-        history = [json.loads(line) for line in run.read_bytes("metrics.jsonl").decode().splitlines() if line] \
-            if run.exists("metrics.jsonl") else []
+        trial = trial_config(config.to_dict(), record["params"], trials_uri, trial_id)
+        history = read_metrics(trial)
         evaluated = [m for m in history if METRIC in m]
         best = max(evaluated, key=lambda m: m[METRIC]) if evaluated else {}
         ran = max((m["epoch"] for m in history), default=0)
         status = record["status"]
-        if status == "TERMINATED" and ran < epochs:
+        if status == "TERMINATED" and ran < trial.optim.epochs:
             status = "STOPPED"
         rows.append({"trial_id": trial_id, "status": status,
                      **{key: record["params"].get(key) for key in space_keys},
                      "epochs": ran, "best_epoch": best.get("epoch"), "best_val_top1": best.get(METRIC, math.nan),
-                     "val_top5": best.get("val_top5", math.nan), "run": run.uri, "error": record["error"] or ""})
+                     "val_top5": best.get("val_top5", math.nan), "run": f"{trials_uri}/{trial_id}",
+                     "error": record["error"] or ""})
     table = pd.DataFrame(rows, columns=["trial_id", "status", *space_keys, "epochs", "best_epoch",
                                         "best_val_top1", "val_top5", "run", "error"])
     table["best_epoch"] = table["best_epoch"].astype("Int64")
@@ -525,10 +546,9 @@ def run_sweep(
 
     ``space``: Tune param space keyed by dotted config keys (:func:`load_search_space`);
     ``samples``: Tune's ``num_samples`` (per grid point); ``scheduler``: ``asha`` or ``none``;
-    ``max_concurrent``: trials at once (None: :func:`default_max_concurrent`).
+    ``max_concurrent``: trials at once (None: :func:`default_max_concurrent`); ``mlflow_uri``:
+    also log every trial to MLflow. A resumed sweep keeps the space and settings it started with.
     """
-    if scheduler not in SCHEDULERS:
-        raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
     SweepSettings(samples=samples, scheduler=scheduler, max_concurrent=max_concurrent,
                   grace_period=grace_period, reduction_factor=reduction_factor)  # validates
     config = _resolve_paths(config)
@@ -571,7 +591,7 @@ def run_sweep(
         print("warning: placement groups of ended trials are still reserved after 60 s")
 
     keys = list(space)
-    table = trial_table(sweep, keys, config.optim.epochs)
+    table = trial_table(config, keys)
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
     sweep.write_bytes("trials.parquet", buffer.getvalue())
