@@ -119,6 +119,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .launch.tuner import cmd_tune as run_tune
+
+    return run_tune(args)
+
+
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from .ensemble_eval import evaluate_ensemble
 
@@ -236,6 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="DDP training on Ray Train (local Ray unless --address)")
     add_run_options(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="hyperparameter sweep: one Ray Train run per trial (Ray Tune, ASHA)")
+    add_run_options(p)
+    p.add_argument("--search-space", help="search space YAML (default: the preset's search_space:, "
+                   "else search_space.yaml next to the preset)")
+    p.add_argument("--samples", type=int, help="trials per grid point (default: the preset's tune.samples, "
+                   "else 1 for a pure grid and 16 otherwise)")
+    p.add_argument("--scheduler", choices=["asha", "none"], help="asha: stop weak trials early (default); "
+                   "none: every trial runs all epochs")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: the cluster's GPUs, "
+                   "or CPUs, // what one trial's workers take)")
+    p.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped (default 1)")
+    p.add_argument("--reduction-factor", type=int, help="ASHA: keep the best 1/R of the trials at each rung (default 2)")
+    p.add_argument("--mlflow-uri", help="also log every trial to this MLflow tracking URI (needs mlflow)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("ensemble", help="route test images to API-Net specialists; write Table 3")
     p.add_argument("general", help="run folder (or checkpoint) of the general ResNet-34")

@@ -10,7 +10,8 @@ from rp2k_dist.config import ConfigError, ExperimentConfig, config_from_dict, lo
 from rp2k_dist.models import input_spec, model_names
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
-PRESETS = sorted(p for p in JOBS.glob("*.yaml") if not p.name.startswith("search_space"))
+# sweep presets (search_space: + tune:) are loaded by rp2k tune, see tests/test_tune.py
+PRESETS = sorted(p for p in JOBS.glob("*.yaml") if not p.name.startswith(("search_space", "sweep_")))
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)

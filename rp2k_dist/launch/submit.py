@@ -66,6 +66,9 @@ FORWARDED_FLAGS: dict[str, str] = {
     "storage_path": "--storage-path", "shards": "--shards",
 }
 
+#: What a job can run: ``rp2k train`` or ``rp2k tune`` (a sweep preset, one with ``search_space:``).
+COMMANDS = ("train", "tune")
+
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 AUTH_HELP = (
@@ -121,7 +124,7 @@ def is_excluded(root: str | Path, path: str | Path, excludes: Sequence[str] = EX
 
 
 def build_entrypoint(preset: str | Path, overrides: Sequence[str] = (), flags: Mapping[str, Any] | None = None,
-                     launcher: Sequence[str] = DEFAULT_LAUNCHER) -> str:
+                     launcher: Sequence[str] = DEFAULT_LAUNCHER, command: str = "train") -> str:
     """The job's shell command: ``python -m rp2k_dist.cli train PRESET --set K=V ... --FLAG VALUE``.
 
     ``preset`` is used as given (pass it relative to the working dir, the job's cwd); every
@@ -129,7 +132,9 @@ def build_entrypoint(preset: str | Path, overrides: Sequence[str] = (), flags: M
     arrive unchanged. ``flags`` maps argparse names (``workers``, ``gpus_per_worker``, ``name``,
     ``storage_path``, ``shards``) to values; None values are left out.
     """
-    words = [*launcher, "train", preset if isinstance(preset, str) else Path(preset).as_posix()]
+    if command not in COMMANDS:
+        raise ValueError(f"unknown rp2k command {command!r}; known: {', '.join(COMMANDS)}")
+    words = [*launcher, command, preset if isinstance(preset, str) else Path(preset).as_posix()]
     for override in overrides:
         words += ["--set", override]
     for key, value in (flags or {}).items():
@@ -284,6 +289,7 @@ def submit(
     auth_token_file: str | Path | None = None,
     client: JobSubmissionClient | None = None,
     out: TextIO | None = None,
+    command: str | None = None,
 ) -> str:
     """Submit ``rp2k train PRESET`` (with ``overrides`` and ``flags``) as a Ray job; returns its id.
 
@@ -313,15 +319,25 @@ def submit(
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
 
     from ..cli import load_experiment  # the exact precedence `rp2k train` applies
+    from ..config import read_yaml
 
-    config = load_experiment(argparse.Namespace(config=str(path), set=list(overrides), **flags))
+    command = command or ("tune" if "search_space" in read_yaml(path) else "train")
+    if command == "tune":
+        from .tuner import RUN_FLAGS, load_sweep
+
+        sweep_overrides = list(overrides) + [f"{key}={flags[flag]}" for flag, key in RUN_FLAGS if flag in flags]
+        if flags.get("gpus_per_worker"):
+            sweep_overrides.append("run.use_gpu=true")
+        config = load_sweep(path, sweep_overrides).config  # the space is checked on the cluster
+    else:
+        config = load_experiment(argparse.Namespace(config=str(path), set=list(overrides), **flags))
     for key, value in (("run.storage_path", config.run.storage_path), ("data.shards", config.data.shards)):
         if "://" not in value and not Path(value).is_absolute():
             print(f"warning: {key}={value} is relative: on the cluster it resolves inside the job's "
                   "temporary working dir (shards are not uploaded, runs are lost); use shared storage "
                   "(s3://, gs://, /mnt/shared/...)", file=out)
 
-    entrypoint = build_entrypoint(relative, overrides, flags)
+    entrypoint = build_entrypoint(relative, overrides, flags, command=command)
     runtime_env = build_runtime_env(root, pip=pip)
     submission_id = submission_id or default_submission_id(config.run.name)
     if client is None:
@@ -331,7 +347,7 @@ def submit(
     with friendly_errors(_client_address(client)), _quiet_packaging_logs():
         return client.submit_job(
             entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
-            metadata={"rp2k_run": config.run.name, "rp2k_preset": relative},
+            metadata={"rp2k_run": config.run.name, "rp2k_preset": relative, "rp2k_command": command},
         )
 
 
@@ -445,7 +461,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """``rp2k submit``: 0 when the job SUCCEEDED (or was submitted with --no-wait), 1 otherwise."""
     flags = {key: getattr(args, key, None) for key in FORWARDED_FLAGS}
     job_id = submit(args.config, address=args.address, overrides=args.set or [], flags=flags, pip=args.pip,
-                    submission_id=args.submission_id, auth_token_file=args.auth_token_file)
+                    submission_id=args.submission_id, auth_token_file=args.auth_token_file, command=args.command)
     address = resolve_address(args.address)
     print(f"submitted job {job_id} to {address}", flush=True)
     if args.no_wait:
@@ -515,6 +531,8 @@ def add_submit_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--pip", action="store_true", help="install pyproject's dependencies (except ray) in the job's "
                    "runtime env; default: use what the cluster image has")
     p.add_argument("--submission-id", help="job id to use (default: rp2k-<run name>-<UTC time>-<hex>)")
+    p.add_argument("--command", choices=COMMANDS, help="what the job runs: rp2k train or rp2k tune "
+                   "(default: tune for a sweep preset, one with search_space:, else train)")
     p.set_defaults(func=cmd_submit)
     return p
 

@@ -57,7 +57,8 @@ Choices (each made where it is used):
   asking its own cluster's GCS: the groups the cleaner is meant to remove, and only those.
 - **ASHA** uses ``time_attr="epoch"`` (the engine's epoch counter, correct across resumes, where
   Tune's ``training_iteration`` restarts), ``metric="val_top1"``, ``max_t=optim.epochs``;
-  every trial evaluates each epoch (``run.eval_every=1``).
+  every trial evaluates each epoch (``run.eval_every=1``); a trial that reaches ``max_t``
+  finishes on its own instead of being stopped (``stop_last_trials=False``).
 - **Best trial**: the highest val top-1 at any epoch among trials that did not fail.
 """
 
@@ -83,7 +84,7 @@ from ray.tune.search.sample import Categorical, Float, Integer
 
 from ..config import ConfigError, ExperimentConfig, config_from_dict, load_config, merge, read_yaml
 from ..storage import RunStorage
-from .trainer import build_trainer, read_metrics, storage_uri
+from .trainer import build_trainer, ray_address, read_metrics, storage_uri
 
 #: What a trial's driver function reserves (see "Driver resources" above).
 DRIVER_RESOURCES: dict[str, float] = {"node:__internal_head__": 0.01}
@@ -477,7 +478,8 @@ def format_table(table: pd.DataFrame) -> str:
     return shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}")
 
 
-def best_config(base: ExperimentConfig, table: pd.DataFrame, space_keys: list[str], name: str) -> ExperimentConfig | None:
+def best_config(base: ExperimentConfig, table: pd.DataFrame, space_keys: list[str],
+                name: str) -> ExperimentConfig | None:
     """The base config with the best trial's values, as run ``name`` under the base storage."""
     ok = table[(table["status"] != "ERROR") & table["best_val_top1"].notna()]
     if ok.empty:
@@ -555,7 +557,7 @@ def run_sweep(
     check_search_space(config, space)
     callbacks: list[tune.Callback] = [_mlflow_callback(mlflow_uri, config.run.name)] if mlflow_uri else []
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=ray_address(address), log_to_driver=True)
 
     sweep = RunStorage(config.run.storage_path, config.run.name)
     _claim_sweep_folder(sweep, config)
