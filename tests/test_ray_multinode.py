@@ -17,12 +17,26 @@ from tests.helpers import after_epoch
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def two_node_cluster():
+def _cluster(worker_nodes: int):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    nodes = [cluster.add_node(num_cpus=2) for _ in range(worker_nodes)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
+    return cluster, nodes
+
+
+@pytest.fixture
+def two_node_cluster():
+    cluster, nodes = _cluster(2)
+    yield cluster, nodes
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture
+def three_node_cluster():
+    """Two nodes for the two workers and a spare one to move to (as an autoscaler provides)."""
+    cluster, nodes = _cluster(3)
     yield cluster, nodes
     ray.shutdown()
     cluster.shutdown()
@@ -34,19 +48,24 @@ def _config(shards, tmp_path, name, epochs, max_failures):
         f"run.max_failures={max_failures}"])
 
 
-def _remove_node_after_epoch(cluster, node, config, epoch, replace: bool):
-    def remove():
-        cluster.remove_node(node)
-        if replace:
-            cluster.add_node(num_cpus=2)
+def _busy_node(nodes) -> object:
+    """A worker node that hosts a training worker right now."""
+    import psutil
 
-    return after_epoch(config, epoch, remove)
+    pids = {p.pid for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in p.info["cmdline"] or [])}
+    for node in nodes:
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        if {c.pid for c in raylet.children(recursive=True)} & pids:
+            return node
+    raise AssertionError("no node hosts a training worker")
 
 
-def test_one_worker_per_node_survives_losing_a_node(two_node_cluster, synth_shards, tmp_path):
-    cluster, nodes = two_node_cluster
+def test_one_worker_per_node_survives_losing_a_node(three_node_cluster, synth_shards, tmp_path):
+    cluster, nodes = three_node_cluster
     config = _config(synth_shards, tmp_path, "nodes", epochs=4, max_failures=2)
-    watcher = _remove_node_after_epoch(cluster, nodes[1], config, 2, replace=True)
+    removed = []
+    watcher = after_epoch(config, 2, lambda: (removed.append(_busy_node(nodes)), cluster.remove_node(removed[0])))
     final = run_training(config)
     watcher.join(timeout=5)
     history = read_metrics(config)
@@ -56,13 +75,13 @@ def test_one_worker_per_node_survives_losing_a_node(two_node_cluster, synth_shar
     storage = RunStorage(config.run.storage_path, config.run.name)
     ranks = [json.loads(storage.read_bytes(f"ranks/{n}")) for n in storage.listdir("ranks")]
     assert len({r["node_id"] for r in ranks}) == 2  # one worker per node, after the restart too
-    assert nodes[1].node_id not in {r["node_id"] for r in ranks}
+    assert removed and removed[0].node_id not in {r["node_id"] for r in ranks}
 
 
 def test_losing_a_node_without_failure_budget_is_a_clear_error(two_node_cluster, synth_shards, tmp_path):
     cluster, nodes = two_node_cluster
     config = _config(synth_shards, tmp_path, "nobudget", epochs=4, max_failures=0)
-    watcher = _remove_node_after_epoch(cluster, nodes[1], config, 1, replace=False)
+    watcher = after_epoch(config, 1, lambda: cluster.remove_node(_busy_node(nodes)))
     with pytest.raises(Exception, match="(?i)worker|node|died|actor"):
         run_training(config)
     watcher.join(timeout=5)
