@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from rp2k_dist.cli import main
 from rp2k_dist.launch.submit import (
     EXCLUDES,
     SubmitError,
@@ -36,7 +37,6 @@ from rp2k_dist.launch.submit import (
     jobs_list,
     jobs_status,
     jobs_stop,
-    main,
     project_dependencies,
     resolve_address,
     submit,
