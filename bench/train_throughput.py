@@ -120,7 +120,7 @@ def ray_overhead(shards: Path, args, storage: Path) -> dict[str, float]:
     overrides = [f"data.shards={shards}", f"data.batch_size={args.batch_size}", f"data.loader_workers={args.workers}",
                  f"model.name={args.model}", f"model.crop_size={args.crop_size}", f"model.channels_last={str(args.channels_last).lower()}",
                  f"optim.epochs={args.ray_epochs}", "run.eval_every=1000", "run.checkpoint_every=1000", "run.workers=1",
-                 f"run.cpus_per_worker={args.workers + 1}", f"run.storage_path={storage}",
+                 "run.cpus_per_worker=1", f"run.storage_path={storage}",
                  f"run.use_gpu={str(args.device == 'cuda').lower()}"]
     per_epoch: dict[str, list[float]] = {"engine": [], "ray": []}
     for repeat in range(args.repeats):

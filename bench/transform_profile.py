@@ -134,7 +134,7 @@ def main() -> None:
         "  sample_params + matrix": (lambda im: output_to_source(
             sample_params(rng, im.width, im.height, augment), args.resize, args.crop), images),
         "  warp: PIL transform PERSPECTIVE": (lambda ip: pil_warp(*ip, args.resize, args.crop), pairs),
-        "  brightness: Image.point LUT": (lambda im: im.point(brightness_lut(1.1)), warped),
+        "  brightness: Image.point LUT": (lambda im: im.point(brightness_lut(1.1).tolist() * 3), warped),
         "  to_tensor": (to_tensor, warped),
         "  apply() (warp+brightness)": (lambda ip: apply(*ip, args.resize, args.crop), pairs),
         "no-persp.: PIL transform": (lambda ip: pil_warp(*ip, args.resize, args.crop), flat),

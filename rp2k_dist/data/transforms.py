@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .augment import AugmentConfig, AugmentParams, apply, sample_params
+from .augment import AugmentConfig, AugmentParams, apply_array, sample_params
 from .images import to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,10 +51,10 @@ def decode(jpeg: bytes) -> Image.Image:
         return to_rgb(image)
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """HWC uint8 PIL image -> CHW uint8 tensor (no copy of the pixel buffer beyond one)."""
+def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """HWC uint8 image -> contiguous CHW uint8 tensor."""
     array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
 class TrainTransform:
@@ -67,7 +67,7 @@ class TrainTransform:
     def __call__(self, jpeg: bytes, rng: np.random.Generator) -> torch.Tensor:
         image = decode(jpeg)
         params = sample_params(rng, image.width, image.height, self.augment)
-        return to_tensor(apply(image, params, self.spec.resize_size, self.spec.crop_size))
+        return to_tensor(apply_array(np.asarray(image), params, self.spec.resize_size, self.spec.crop_size))
 
 
 class EvalTransform:
@@ -79,7 +79,7 @@ class EvalTransform:
     def __call__(self, jpeg: bytes, rng: np.random.Generator | None = None) -> torch.Tensor:
         image = decode(jpeg)
         params = AugmentParams(0, (0, 0, 0), (0, 0, image.width, image.height), None, 1.0)
-        return to_tensor(apply(image, params, self.spec.resize_size, self.spec.crop_size))
+        return to_tensor(apply_array(np.asarray(image), params, self.spec.resize_size, self.spec.crop_size))
 
 
 def normalize(images: torch.Tensor, spec: InputSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
