@@ -123,9 +123,12 @@ def ray_overhead(shards: Path, args, storage: Path) -> dict[str, float]:
                  "run.cpus_per_worker=1", f"run.storage_path={storage}",
                  f"run.use_gpu={str(args.device == 'cuda').lower()}"]
     per_epoch: dict[str, list[float]] = {"engine": [], "ray": []}
+    threads = torch.get_num_threads()
     for repeat in range(args.repeats):
         direct = load_config(None, overrides + [f"run.name=direct-{repeat}"])
+        torch.set_num_threads(1)  # what Ray gives a worker with run.cpus_per_worker=1 (OMP_NUM_THREADS=1)
         train_worker(direct, LocalContext(RunStorage(direct.run.storage_path, direct.run.name), args.device))
+        torch.set_num_threads(threads)
         per_epoch["engine"] += [m["epoch_seconds"] / m["train_images"] for m in read_metrics(direct)[1:]]
         ray_config = load_config(None, overrides + [f"run.name=ray-{repeat}"])
         run_training(ray_config)
@@ -150,6 +153,7 @@ def main() -> None:
     parser.add_argument("--shards", type=Path, help="packed dataset (default: a synthetic one in a temp folder)")
     parser.add_argument("--ray-overhead", action="store_true", help="also measure rp2k train (1 Ray worker) vs the engine")
     parser.add_argument("--ray-epochs", type=int, default=3)
+    parser.add_argument("--only-ray-overhead", action="store_true", help="skip modes (a)-(c)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     cuda = args.device == "cuda"
@@ -168,18 +172,19 @@ def main() -> None:
         spec = input_spec(args.model, args.crop_size)
         step = Step(args, manifest.num_classes, manifest.class_counts("train"), device)
         results: dict[str, list[float]] = {"a_compute_bound": [], "b_cpu_decode": [], "c_device_decode": []}
-        for _ in range(args.repeats):  # interleaved: the machine's noise hits every mode alike
+        for _ in range(0 if args.only_ray_overhead else args.repeats):  # interleaved: the machine's noise hits every mode alike
             results["a_compute_bound"].append(timed(step, synthetic(args.batch_size, args.crop_size, manifest.num_classes, device, args.channels_last), args.warmup, args.steps, args.batch_size))
             results["b_cpu_decode"].append(timed(step, from_shards(manifest, spec, args.batch_size, args.workers, device, False, args.channels_last), args.warmup, args.steps, args.batch_size))
             results["c_device_decode"].append(timed(step, from_shards(manifest, spec, args.batch_size, args.workers, device, True, args.channels_last), args.warmup, args.steps, args.batch_size))
-        summary = {k: statistics.median(v) for k, v in results.items()}
+        summary = {k: statistics.median(v) for k, v in results.items() if v}
         name = torch.cuda.get_device_name() if cuda else "cpu"
         print(f"{args.model} @ {args.crop_size}px, batch {args.batch_size}, {name}, channels_last={args.channels_last}, "
               f"compile={args.compile}, loader workers {args.workers}, torch {torch.__version__}")
         for key, value in summary.items():
             print(f"  {key:16s} {value:9.1f} img/s")
-        print(f"  (b)/(a) = {summary['b_cpu_decode'] / summary['a_compute_bound']:.2f}   "
-              f"(c)/(a) = {summary['c_device_decode'] / summary['a_compute_bound']:.2f}")
+        if summary:
+            print(f"  (b)/(a) = {summary['b_cpu_decode'] / summary['a_compute_bound']:.2f}   "
+                  f"(c)/(a) = {summary['c_device_decode'] / summary['a_compute_bound']:.2f}")
         if args.ray_overhead:
             overhead = ray_overhead(Path(shards), args, Path(tmp) / "runs")
             summary.update(overhead)
