@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing as mp
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 from .images import CorruptImageError, encode_jpeg, load_rgb, resize_shorter_side
 from .manifest import DATASET_JSON, Manifest, dump_json, write_atomic, write_manifest
 from .rp2k import SPLITS, RP2KIndex
+from .workers import worker_context
 
 STATE_DIR = ".pack"
 #: Tar bytes per sample beyond the JPEG: three 512-byte headers, one block each for
@@ -265,9 +265,7 @@ def pack_dataset(
                 records[plan.name] = _write_shard(str(index.root), str(out), plan, classes, config)
                 bar.update(len(plan.samples))
         else:
-            # forkserver: safe inside Ray actors and processes that already run threads.
-            context = mp.get_context("forkserver")
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=worker_context()) as pool:
                 futures = {
                     pool.submit(_write_shard, str(index.root), str(out), plan, classes, config): plan
                     for plan in todo
