@@ -5,7 +5,7 @@ The paper imitates blurry shop photos with (1) a constant-colour border of rando
 brightness change within +-20 %. (1)-(3) and the model's resize + centre crop are all
 projective maps of the plane, so they compose into ONE 3x3 matrix and the image is
 resampled once (``cv2.warpPerspective``); the border is simply the fill colour of pixels
-that map outside the source image. (4) is a 256-entry lookup table. The same parameters
+that map outside the source image. (4) is one saturating multiply. The same parameters
 drive the GPU path (:mod:`rp2k_dist.data.device_transforms`).
 
 Parameter ranges (each switchable, magnitude configurable):
@@ -157,15 +157,11 @@ def output_to_source(
     return matrix / matrix[2, 2], size
 
 
-def brightness_lut(factor: float) -> np.ndarray:
-    """uint8 lookup table multiplying a pixel value by ``factor`` (clipped to 255)."""
-    return np.clip(np.round(np.arange(256) * factor), 0, 255).astype(np.uint8)
-
-
 # Output->source matrices use PIL's convention (pixel i covers [i, i+1)); OpenCV puts pixel
 # centres on integers. These shifts convert one into the other.
 _TO_CENTRES = np.array([[1, 0, -0.5], [0, 1, -0.5], [0, 0, 1]])
 _FROM_CENTRES = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
+_IDENTITY = np.eye(3)
 
 
 def apply_array(
@@ -175,7 +171,8 @@ def apply_array(
     crop_size: int | None = None,
 ) -> np.ndarray:
     """Border + crop + perspective (+ resize and centre crop) in one bilinear resampling
-    (``cv2.warpPerspective``), then brightness (a lookup table). HWC uint8 RGB in and out.
+    (``cv2.warpPerspective``), then brightness. HWC uint8 RGB in (3 channels, or 4 with
+    Pillow's padding byte, see ``transforms.pixels``), contiguous HWC RGB out.
 
     OpenCV's warp is ~4x faster than Pillow's generic perspective resampler, which made
     the warp cost 2-3x the JPEG decode (bench/RESULTS.md).
@@ -187,15 +184,17 @@ def apply_array(
         height, width = image.shape[:2]
         image = cv2.resize(image, (max(1, width // shrink), max(1, height // shrink)), interpolation=cv2.INTER_AREA)
         matrix = np.diag([1 / shrink, 1 / shrink, 1]) @ matrix
-    identity = np.allclose(matrix / matrix[2, 2], np.eye(3)) and size == (image.shape[1], image.shape[0])
+    identity = size == (image.shape[1], image.shape[0]) and float(np.abs(matrix - _IDENTITY).max()) < 1e-9
     if not identity:
         image = cv2.warpPerspective(
             image, _TO_CENTRES @ matrix @ _FROM_CENTRES, size,
             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
             borderMode=cv2.BORDER_CONSTANT, borderValue=params.fill,
         )
-    if params.brightness != 1.0:
-        image = cv2.LUT(image, brightness_lut(params.brightness))
+    if image.shape[2] == 4:  # drop Pillow's padding byte: contiguous RGB from here on
+        image = cv2.cvtColor(image, cv2.COLOR_RGBA2RGB)
+    if params.brightness != 1.0:  # round(x * f), saturated at 255: one SIMD pass
+        image = cv2.convertScaleAbs(image, alpha=params.brightness)
     return image
 
 

@@ -35,6 +35,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .images import DECODE_ERRORS
 from ..storage import open_input
 from .manifest import Manifest
+from .transforms import stack_images
+from .workers import worker_context
 
 Transform = Callable[[bytes, np.random.Generator], torch.Tensor]
 
@@ -265,7 +267,7 @@ class _ShardStream(IterableDataset):
             return {"jpeg": images, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
                     "skipped": skipped, "errors": list(errors)}
         return {
-            "image": torch.stack(images),
+            "image": stack_images(images),
             "label": torch.tensor(labels, dtype=torch.int64),
             "key": keys,
             "skipped": skipped,
@@ -376,7 +378,7 @@ class ShardLoader:
         self.train = train
         self.epoch = 0
         self.stats = LoaderStats()
-        context = mp.get_context(config.start_method)
+        context = worker_context(config.start_method)
         self.dataset = _ShardStream(shards, rank, world_size, transform, config, train, context, classes, class_balanced)
         self.loader = DataLoader(
             self.dataset,

@@ -4,6 +4,10 @@ A model declares its :class:`InputSpec` (timm's idea: no silent 224/299 mismatch
 training and evaluation transforms are built from it. Transforms run in loader workers
 and return ``uint8`` CHW tensors: four times less inter-process traffic than float, and
 normalisation happens on the device (:func:`normalize`), fused with the dtype cast.
+
+No pixel is copied that need not be: decoding hands over Pillow's own buffer
+(:func:`pixels`), the warp writes the output image, and the CHW tensor is a view of it;
+the loader's batching then makes the one copy every pipeline needs (into shared memory).
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
+from torch.utils.data import get_worker_info
 
 from .augment import AugmentConfig, AugmentParams, apply_array, sample_params
 from .images import to_rgb
@@ -51,10 +57,62 @@ def decode(jpeg: bytes) -> Image.Image:
         return to_rgb(image)
 
 
+#: Pillow >= 11.2 exports images through the Arrow C data interface, without a copy.
+_ARROW_EXPORT = hasattr(Image.Image, "__arrow_c_array__")
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    """An RGB image's pixels as an ``H x W x C`` uint8 array, ``C`` = 3 or 4.
+
+    Pillow keeps RGB in 4 bytes per pixel; where it can export that buffer without a copy
+    the array is a read-only view of it with the 4th (padding) byte left in place: every
+    consumer here ignores channels past the third. ``np.asarray`` would instead repack
+    the whole image, about a sixth of the decode time (bench/RESULTS.md).
+    """
+    if _ARROW_EXPORT and image.mode == "RGB":
+        try:
+            flat = pa.array(image).flatten().to_numpy(zero_copy_only=True)
+            return flat.reshape(image.height, image.width, 4)
+        except (ValueError, pa.ArrowException):  # rows in several memory blocks (huge images)
+            pass
+    return np.asarray(image, dtype=np.uint8)
+
+
+def decode_array(jpeg: bytes) -> np.ndarray:
+    """Decode shard image bytes to RGB :func:`pixels` (raises PIL/OS errors on corrupt bytes)."""
+    return pixels(decode(jpeg))
+
+
 def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
-    """HWC uint8 image -> contiguous CHW uint8 tensor."""
+    """HWC uint8 image (3 or 4 channels) -> CHW uint8 tensor of its first 3 channels.
+
+    A view, not a copy (strides of an HWC array); :func:`stack_images` gathers the views
+    of a batch with one copy.
+    """
     array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    if not array.flags.writeable:  # a decoder's read-only buffer: torch wants its own memory
+        array = array.copy()
+    return torch.from_numpy(array).permute(2, 0, 1)[:3]
+
+
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """CHW uint8 images -> one ``N x C x H x W`` batch stored channels-last.
+
+    The images are views of HWC arrays, so gathering them into ``N x H x W x C`` memory
+    is a plain row copy (a CHW-contiguous batch would need a transposing copy per
+    image). Inside a loader worker the batch goes straight into shared memory, as in
+    DataLoader's default collate, so handing it to the training process copies nothing.
+    """
+    first = images[0]
+    channels, height, width = first.shape
+    shape = (len(images), height, width, channels)
+    if get_worker_info() is not None:
+        storage = first._typed_storage()._new_shared(len(images) * height * width * channels)
+        out = first.new(storage).view(shape)
+    else:
+        out = first.new_empty(shape)
+    torch.stack([image.permute(1, 2, 0) for image in images], out=out)
+    return out.permute(0, 3, 1, 2)
 
 
 class TrainTransform:
@@ -65,9 +123,9 @@ class TrainTransform:
         self.augment = augment
 
     def __call__(self, jpeg: bytes, rng: np.random.Generator) -> torch.Tensor:
-        image = decode(jpeg)
-        params = sample_params(rng, image.width, image.height, self.augment)
-        return to_tensor(apply_array(np.asarray(image), params, self.spec.resize_size, self.spec.crop_size))
+        array = decode_array(jpeg)
+        params = sample_params(rng, array.shape[1], array.shape[0], self.augment)
+        return to_tensor(apply_array(array, params, self.spec.resize_size, self.spec.crop_size))
 
 
 class EvalTransform:
@@ -77,16 +135,23 @@ class EvalTransform:
         self.spec = spec
 
     def __call__(self, jpeg: bytes, rng: np.random.Generator | None = None) -> torch.Tensor:
-        image = decode(jpeg)
-        params = AugmentParams(0, (0, 0, 0), (0, 0, image.width, image.height), None, 1.0)
-        return to_tensor(apply_array(np.asarray(image), params, self.spec.resize_size, self.spec.crop_size))
+        array = decode_array(jpeg)
+        params = AugmentParams(0, (0, 0, 0), (0, 0, array.shape[1], array.shape[0]), None, 1.0)
+        return to_tensor(apply_array(array, params, self.spec.resize_size, self.spec.crop_size))
 
 
-def normalize(images: torch.Tensor, spec: InputSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 NCHW batch (on any device) -> normalised float batch of ``dtype``."""
+def normalize(
+    images: torch.Tensor,
+    spec: InputSpec,
+    dtype: torch.dtype = torch.float32,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """uint8 NCHW batch (on any device, any layout) -> normalised float batch of ``dtype``
+    in ``memory_format`` (the layout change rides on the dtype cast: one pass)."""
     mean = torch.tensor(spec.mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
     inv_std = 1.0 / (torch.tensor(spec.std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255)
-    return ((images.float() - mean) * inv_std).to(dtype)
+    out = images.to(torch.float32, memory_format=memory_format, copy=True).sub_(mean).mul_(inv_std)
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 class RawJpeg:

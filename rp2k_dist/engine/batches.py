@@ -24,9 +24,9 @@ class CpuBatches:
 
     def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(normalised images, labels) on the device, and the samples' keys."""
-        images = normalize(batch["image"].to(self.device, non_blocking=True), self.spec)
+        images = normalize(batch["image"].to(self.device, non_blocking=True), self.spec, memory_format=self.memory_format)
         labels = batch["label"].to(self.device, non_blocking=True)
-        return images.contiguous(memory_format=self.memory_format), labels, batch["key"]
+        return images, labels, batch["key"]
 
 
 class DeviceBatches:
