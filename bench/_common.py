@@ -25,19 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
-from rp2k_dist.data.augment import AugmentConfig, AugmentParams, brightness_lut, output_to_source, sample_params
 from rp2k_dist.data.synth import SynthConfig, make_synthetic_rp2k
-from rp2k_dist.data.transforms import InputSpec, decode, to_tensor
-
-try:  # optional, only for the prototype of a faster warp; not a project dependency
-    import cv2
-
-    cv2.setNumThreads(1)
-except ImportError:
-    cv2 = None
+from rp2k_dist.data.transforms import decode_array, to_tensor
 
 # --------------------------------------------------------------------------- machine
 
@@ -140,6 +133,23 @@ def cpu_seconds() -> float:
     return total
 
 
+def settle(window: float = 0.25, idle_fraction: float = 0.05, timeout: float = 60.0) -> float:
+    """Wait until this process's children are idle: CPU use of the process tree below
+    ``idle_fraction`` of one core over a ``window``. Returns the seconds waited.
+
+    Loaders kept alive between measurements keep working after one stops being read,
+    until their prefetch queues are full (a slow loader: seconds of two busy cores).
+    Without this wait that work lands in the next mode's measurement.
+    """
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        before = cpu_seconds()
+        time.sleep(window)
+        if cpu_seconds() - before < idle_fraction * window:
+            break
+    return time.perf_counter() - start
+
+
 def paired_ratio(num: Series, den: Series) -> float:
     """Median over repeats of ``num / den`` measured in the same repeat."""
     return statistics.median(n / d for n, d in zip(num.rates, den.rates))
@@ -220,16 +230,19 @@ def replicate_train(root: Path, copies: int) -> int:
 
 
 class DecodeOnly:
-    """Upper bound of a sample transform: decode the JPEG (as TrainTransform does), take a
-    centre ``size`` crop without resampling and make it a uint8 CHW tensor."""
+    """Upper bound of a sample transform: decode the JPEG as TrainTransform does (into
+    Pillow's buffer, no copy), cut a centre ``size`` crop out as contiguous RGB (the
+    cheapest way to the layout the batching copies fastest) and view it as CHW."""
 
     def __init__(self, size: int = 224):
         self.size = size
 
     def __call__(self, jpeg: bytes, rng: np.random.Generator) -> torch.Tensor:
-        image = decode(jpeg)
-        left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
-        return to_tensor(image.crop((left, top, left + self.size, top + self.size)))
+        array = decode_array(jpeg)
+        top, left = (array.shape[0] - self.size) // 2, (array.shape[1] - self.size) // 2
+        crop = array[top:top + self.size, left:left + self.size]
+        rgb = cv2.cvtColor(crop, cv2.COLOR_RGBA2RGB) if crop.shape[2] == 4 else np.array(crop)
+        return to_tensor(rgb)
 
 
 class RandomBorder(torch.nn.Module):
@@ -279,38 +292,3 @@ def torchvision_train_transform(crop_size: int = 224, resize_size: int = 256):
         v2.CenterCrop(crop_size),
         v2.PILToTensor(),
     ])
-
-
-_HALF_FORWARD = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
-_HALF_BACK = np.array([[1, 0, -0.5], [0, 1, -0.5], [0, 0, 1]])
-
-
-def cv2_warp_to_tensor(array: np.ndarray, params: AugmentParams, resize: int, crop: int) -> torch.Tensor:
-    """What :func:`rp2k_dist.data.augment.apply` + ``to_tensor`` compute, with OpenCV:
-    the same output->source matrix, bilinear, border = fill colour, then the brightness
-    table. (No box pre-shrink: sources packed at 320 px never shrink 2x to 256 px.)"""
-    matrix, size = output_to_source(params, resize, crop)
-    # PIL samples output pixel (x, y) at its centre (x + .5, y + .5) and puts source pixel
-    # centres at (i + .5, j + .5); OpenCV uses the integer grid for both.
-    matrix = _HALF_BACK @ matrix @ _HALF_FORWARD
-    out = cv2.warpPerspective(array, matrix, size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=params.fill)
-    if params.brightness != 1.0:
-        out = cv2.LUT(out, np.asarray(brightness_lut(params.brightness)[:256], np.uint8))
-    return torch.from_numpy(out).permute(2, 0, 1)
-
-
-class Cv2TrainTransform:
-    """Prototype of the proposed fix: :class:`TrainTransform` with the warp and the
-    brightness done by OpenCV (decode and parameter draws unchanged)."""
-
-    def __init__(self, spec: InputSpec, augment: AugmentConfig):
-        if cv2 is None:
-            raise ImportError("Cv2TrainTransform needs OpenCV (opencv-python-headless)")
-        self.spec = spec
-        self.augment = augment
-
-    def __call__(self, jpeg: bytes, rng: np.random.Generator) -> torch.Tensor:
-        image = decode(jpeg)
-        params = sample_params(rng, image.width, image.height, self.augment)
-        return cv2_warp_to_tensor(np.asarray(image), params, self.spec.resize_size, self.spec.crop_size)

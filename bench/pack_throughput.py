@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import multiprocessing as mp
 import os
 import shutil
 import statistics
@@ -37,7 +36,9 @@ from _common import (
     cpu_seconds, interleaved, machine_info, paired_ratio, print_machine, print_table, save_json,
     synthetic_tree, workdir,
 )
+from rp2k_dist.data import workers as workers_module
 from rp2k_dist.data.pack import PackConfig, encode_sample, pack_dataset
+from rp2k_dist.data.workers import worker_context
 from rp2k_dist.data.rp2k import SPLITS, RP2KIndex, scan_rp2k
 
 
@@ -100,7 +101,7 @@ class PackBench:
         """Seconds to start ``pack_dataset``'s kind of pool (forkserver) and get a trivial
         task back from every worker: the fixed cost inside ``pack workers=2``."""
         start = time.perf_counter()
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=worker_context()) as pool:
             list(pool.map(_touch, range(workers)))
         return time.perf_counter() - start
 
@@ -119,16 +120,16 @@ def main() -> None:
     parser.add_argument("--shorter-side", type=int, default=320, help="PackConfig.shorter_side")
     parser.add_argument("--samples-per-shard", type=int, default=64, help="small shards: enough of them for 2 workers")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--forkserver-preload", action="store_true",
-                        help="preload rp2k_dist.data.pack in the forkserver (the proposed fix, applied from outside)")
+    parser.add_argument("--no-preload", action="store_true",
+                        help="start workers from a bare forkserver (no preloaded modules), as the packer did before")
     parser.add_argument("--workdir", help="keep the synthetic tree here and reuse it (default: temp dir, removed)")
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args()
 
     info = machine_info()
     print_machine(info)
-    if args.forkserver_preload:  # must happen before the first pool starts the forkserver
-        mp.get_context("forkserver").set_forkserver_preload(["rp2k_dist.data.pack"])
+    if args.no_preload:  # must happen before the first pool starts the forkserver
+        workers_module.PRELOAD = ()
     with workdir(args.workdir, "bench-pack-") as work:
         tree = synthetic_tree(work / f"synth-{args.classes}x{args.images_per_class}-{args.image_size}",
                               args.classes, args.images_per_class, args.image_size)

@@ -1,4 +1,5 @@
-"""Where TrainTransform's time goes: decode vs warp vs brightness vs to_tensor, per image.
+"""Where TrainTransform's time goes, per image: decode, pixel hand-over, parameters,
+warp, brightness, batching.
 
 Single process, one thread, on JPEGs read straight from packed shards (``--shards DIR``
 with a manifest, or a small synthetic RP2K packed at ``PackConfig(shorter_side=320)`` in
@@ -6,14 +7,9 @@ a temp dir). Every stage runs over the same images, stages interleaved per repea
 printed: median CPU ms per image (process CPU time: robust on a shared machine) and the
 share of the full transform.
 
-Also timed, as candidate replacements for the warp (same matrix, same output size):
-
-* ``PIL resize(box) + paste``: the images without perspective (half of them at p=0.5)
-  are an axis-aligned scale + shift, which ``Image.resize`` with a ``box`` does with a
-  separable filter; the border is the fill colour of a canvas;
-* ``cv2.warpPerspective + cv2.LUT``: only if OpenCV is importable (not a dependency of
-  the project; e.g. ``pip install --target /tmp/cvpkg opencv-python-headless`` and
-  ``PYTHONPATH=/tmp/cvpkg``).
+Two rows are the alternatives the pipeline replaced, kept for the record: the Pillow
+perspective warp (``Image.transform``) it used first, and ``np.asarray`` on the decoded
+image (a full repacking copy) instead of :func:`~rp2k_dist.data.transforms.pixels`.
 
     .venv/bin/python bench/transform_profile.py [--images 200] [--repeats 5] [--json OUT]
 """
@@ -27,18 +23,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
 
-from _common import (
-    DecodeOnly, cv2, cv2_warp_to_tensor, machine_info, print_machine, print_table, save_json, synthetic_tree, workdir,
-)
-from rp2k_dist.data.augment import AugmentConfig, AugmentParams, apply, brightness_lut, output_to_source, sample_params
+from _common import DecodeOnly, machine_info, print_machine, print_table, save_json, synthetic_tree, workdir
+from rp2k_dist.data.augment import AugmentConfig, AugmentParams, apply_array, output_to_source, sample_params
 from rp2k_dist.data.manifest import Manifest
 from rp2k_dist.data.pack import PackConfig, pack_dataset
 from rp2k_dist.data.rp2k import scan_rp2k
-from rp2k_dist.data.transforms import InputSpec, TrainTransform, decode, to_tensor
+from rp2k_dist.data.transforms import InputSpec, TrainTransform, decode, pixels, stack_images, to_tensor
+
+_CENTRES = np.array([[1, 0, -0.5], [0, 1, -0.5], [0, 0, 1]]), np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
 
 
 def read_jpegs(manifest: Manifest, count: int) -> list[bytes]:
@@ -55,26 +52,18 @@ def read_jpegs(manifest: Manifest, count: int) -> list[bytes]:
 
 
 def pil_warp(image: Image.Image, params: AugmentParams, resize: int, crop: int) -> Image.Image:
-    """The warp exactly as :func:`apply` does it (without the brightness step)."""
+    """The warp as the first version did it: Pillow's generic perspective resampler."""
     matrix, size = output_to_source(params, resize, crop)
     return image.transform(size, Image.Transform.PERSPECTIVE, tuple(matrix.flatten()[:8]),
                            Image.Resampling.BILINEAR, fillcolor=params.fill)
 
 
-def resize_box_warp(image: Image.Image, params: AugmentParams, resize: int, crop: int) -> Image.Image:
-    """Border + crop + resize + centre crop without perspective, as one ``resize(box=...)``
-    of the covered source region pasted on a canvas of the fill colour."""
+def cv2_warp(array: np.ndarray, params: AugmentParams, resize: int, crop: int) -> np.ndarray:
+    """The warp step of :func:`apply_array` alone (no padding-byte drop, no brightness)."""
     matrix, size = output_to_source(params, resize, crop)
-    scale, x0, y0 = matrix[0, 0], matrix[0, 2], matrix[1, 2]
-    box = (x0, y0, x0 + size[0] * scale, y0 + size[1] * scale)
-    inner = (max(0.0, box[0]), max(0.0, box[1]), min(image.width, box[2]), min(image.height, box[3]))
-    out_w, out_h = round((inner[2] - inner[0]) / scale), round((inner[3] - inner[1]) / scale)
-    part = image.resize((out_w, out_h), Image.Resampling.BILINEAR, box=inner)
-    if part.size == size:
-        return part
-    canvas = Image.new("RGB", size, params.fill)
-    canvas.paste(part, (round((inner[0] - box[0]) / scale), round((inner[1] - box[1]) / scale)))
-    return canvas
+    return cv2.warpPerspective(array, _CENTRES[0] @ matrix @ _CENTRES[1], size,
+                               flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=params.fill)
 
 
 def per_image_ms(fn: Callable[[Any], Any], items: Sequence[Any]) -> float:
@@ -118,49 +107,48 @@ def main() -> None:
     spec, augment = InputSpec(args.crop, args.resize), AugmentConfig()
     full, bound = TrainTransform(spec, augment), DecodeOnly(args.crop)
     images = [decode(j) for j in jpegs]
+    arrays = [pixels(im) for im in images]
     params = [sample_params(rng, im.width, im.height, augment) for im in images]
-    pairs = list(zip(images, params))
-    warped = [pil_warp(im, p, args.resize, args.crop) for im, p in pairs]
-    flat = [(im, p) for im, p in pairs if p.perspective is None]  # the no-perspective half
+    warped = [cv2_warp(a, p, args.resize, args.crop) for a, p in zip(arrays, params)]
+    rgb = [cv2.cvtColor(w, cv2.COLOR_RGBA2RGB) if w.shape[2] == 4 else w for w in warped]
+    tensors = [to_tensor(x) for x in rgb]
     sizes = np.array([im.size for im in images])
     print(f"{len(jpegs)} JPEGs, mean {np.mean([len(j) for j in jpegs]) / 1e3:.1f} kB, "
           f"mean size {sizes[:, 0].mean():.0f}x{sizes[:, 1].mean():.0f} px; "
-          f"{len(flat)} without perspective; cv2: {cv2.__version__ if cv2 else 'not installed (skipped)'}", flush=True)
+          f"pixels() hands over {arrays[0].shape[2]} channels; OpenCV {cv2.__version__}", flush=True)
+
+    def batched(items: Sequence[torch.Tensor]) -> None:
+        for start in range(0, len(items), 64):
+            stack_images(list(items[start:start + 64]))
 
     stages: dict[str, tuple[Callable[[Any], Any], Sequence[Any]]] = {
         "TrainTransform (b), full": (lambda j: full(j, rng), jpegs),
         "decode-only (c)": (lambda j: bound(j, rng), jpegs),
         "  decode (PIL, to RGB)": (decode, jpegs),
+        "  pixels(): zero-copy view": (pixels, images),
         "  sample_params + matrix": (lambda im: output_to_source(
             sample_params(rng, im.width, im.height, augment), args.resize, args.crop), images),
-        "  warp: PIL transform PERSPECTIVE": (lambda ip: pil_warp(*ip, args.resize, args.crop), pairs),
-        "  brightness: Image.point LUT": (lambda im: im.point(brightness_lut(1.1).tolist() * 3), warped),
-        "  to_tensor": (to_tensor, warped),
-        "  apply() (warp+brightness)": (lambda ip: apply(*ip, args.resize, args.crop), pairs),
-        "no-persp.: PIL transform": (lambda ip: pil_warp(*ip, args.resize, args.crop), flat),
-        "no-persp.: PIL resize(box)+paste": (lambda ip: resize_box_warp(*ip, args.resize, args.crop), flat),
+        "  warp: cv2.warpPerspective": (lambda ap: cv2_warp(*ap, args.resize, args.crop), list(zip(arrays, params))),
+        "  drop padding byte (cvtColor)": (lambda w: cv2.cvtColor(w, cv2.COLOR_RGBA2RGB) if w.shape[2] == 4 else w, warped),
+        "  brightness (convertScaleAbs)": (lambda x: cv2.convertScaleAbs(x, alpha=1.1), rgb),
+        "  to_tensor (a view)": (to_tensor, rgb),
+        "  apply_array (the last four)": (lambda ap: apply_array(*ap, args.resize, args.crop), list(zip(arrays, params))),
+        "batching: stack_images, per image": (None, tensors),
+        "was: np.asarray(image) (a copy)": (np.asarray, images),
+        "was: PIL perspective warp": (lambda ip: pil_warp(*ip, args.resize, args.crop), list(zip(images, params))),
     }
-    if cv2 is not None:
-        arrays = [(np.asarray(im), p) for im, p in pairs]
-        stages["alt: cv2 warp+LUT+tensor"] = (lambda ap: cv2_warp_to_tensor(*ap, args.resize, args.crop), arrays)
-        stages["  (PIL apply+to_tensor, same)"] = (lambda ip: to_tensor(apply(*ip, args.resize, args.crop)), pairs)
-
-    fidelity = None
-    if cv2 is not None:  # the candidate must compute the same image
-        diffs = [(cv2_warp_to_tensor(a, p, args.resize, args.crop).int()
-                  - to_tensor(apply(im, p, args.resize, args.crop)).int()).abs() for (a, p), im in zip(arrays, images)]
-        fidelity = {"mean_abs_diff": float(np.mean([d.float().mean() for d in diffs])),
-                    "p99_abs_diff": float(np.percentile(torch.cat([d.flatten() for d in diffs]).numpy(), 99)),
-                    "max_abs_diff": int(max(d.max() for d in diffs))}
-        print("cv2 vs PIL output, uint8 levels: mean |diff| {mean_abs_diff:.2f}, 99th pct {p99_abs_diff:.0f}, "
-              "max {max_abs_diff}".format(**fidelity))
 
     times: dict[str, list[float]] = {name: [] for name in stages}
     names = list(stages)
     for r in range(args.repeats):
         for name in names if r % 2 == 0 else names[::-1]:
             fn, items = stages[name]
-            times[name].append(per_image_ms(fn, items))
+            if fn is None:  # whole batches of 64
+                start = time.process_time()
+                batched(items)
+                times[name].append((time.process_time() - start) / len(items) * 1e3)
+            else:
+                times[name].append(per_image_ms(fn, items))
     med = {name: statistics.median(v) for name, v in times.items()}
     whole = med["TrainTransform (b), full"]
     print()
@@ -169,8 +157,7 @@ def main() -> None:
     print(f"\ntransform-level bound on (b)/(c): {med['decode-only (c)'] / whole:.3f} "
           f"(loader overheads come on top of both)")
     save_json(args.json, {"benchmark": "transform_profile", "args": vars(args), "machine": info,
-                          "images": len(jpegs), "ms_per_image": times, "median_ms": med,
-                          "cv2_fidelity": fidelity})
+                          "images": len(jpegs), "ms_per_image": times, "median_ms": med})
 
 
 if __name__ == "__main__":
