@@ -105,7 +105,7 @@ def run_demo(out: Path, size: str = "default", address: str | None = None) -> in
               f"{ensemble.markdown}\n")
     t = _step("6/6 UMAP of the features (paper Fig. 3) and the report")
     frame = embed_and_project(run_dir, shards)
-    plot_umap(frame, run_dir / "umap.png", f"UMAP of the demo ResNet-34's features ({len(frame)} test images)")
+    plot_umap(frame, run_dir / "umap.png", "UMAP of the demo ResNet-34's test-set features")
     markdown, html = write_report(run_dir)
     print(f"({time.perf_counter() - t:.0f} s)")
     print(f"\nreport: {html}\n        {markdown}")
