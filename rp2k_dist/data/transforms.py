@@ -67,7 +67,7 @@ def pixels(image: Image.Image) -> np.ndarray:
     Pillow keeps RGB in 4 bytes per pixel; where it can export that buffer without a copy
     the array is a read-only view of it with the 4th (padding) byte left in place: every
     consumer here ignores channels past the third. ``np.asarray`` would instead repack
-    the whole image, about a sixth of the decode time (bench/RESULTS.md).
+    the whole image, about a fifth of the decode time (bench/RESULTS.md).
     """
     if _ARROW_EXPORT and image.mode == "RGB":
         try:
