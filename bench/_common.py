@@ -241,8 +241,7 @@ class DecodeOnly:
         array = decode_array(jpeg)
         top, left = (array.shape[0] - self.size) // 2, (array.shape[1] - self.size) // 2
         crop = array[top:top + self.size, left:left + self.size]
-        rgb = cv2.cvtColor(crop, cv2.COLOR_RGBA2RGB) if crop.shape[2] == 4 else np.array(crop)
-        return to_tensor(rgb)
+        return to_tensor(cv2.cvtColor(crop, cv2.COLOR_RGBA2RGB) if crop.shape[2] == 4 else crop)
 
 
 class RandomBorder(torch.nn.Module):

@@ -36,9 +36,8 @@ from _common import (
     cpu_seconds, interleaved, machine_info, paired_ratio, print_machine, print_table, save_json,
     synthetic_tree, workdir,
 )
-from rp2k_dist.data import workers as workers_module
+from rp2k_dist.data import workers as worker_processes
 from rp2k_dist.data.pack import PackConfig, encode_sample, pack_dataset
-from rp2k_dist.data.workers import worker_context
 from rp2k_dist.data.rp2k import SPLITS, RP2KIndex, scan_rp2k
 
 
@@ -101,7 +100,7 @@ class PackBench:
         """Seconds to start ``pack_dataset``'s kind of pool (forkserver) and get a trivial
         task back from every worker: the fixed cost inside ``pack workers=2``."""
         start = time.perf_counter()
-        with ProcessPoolExecutor(workers, mp_context=worker_context()) as pool:
+        with ProcessPoolExecutor(workers, mp_context=worker_processes.worker_context()) as pool:
             list(pool.map(_touch, range(workers)))
         return time.perf_counter() - start
 
@@ -129,7 +128,7 @@ def main() -> None:
     info = machine_info()
     print_machine(info)
     if args.no_preload:  # must happen before the first pool starts the forkserver
-        workers_module.PRELOAD = ()
+        worker_processes.PRELOAD = ()
     with workdir(args.workdir, "bench-pack-") as work:
         tree = synthetic_tree(work / f"synth-{args.classes}x{args.images_per_class}-{args.image_size}",
                               args.classes, args.images_per_class, args.image_size)

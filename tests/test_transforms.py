@@ -72,11 +72,12 @@ def test_stack_images_is_an_nchw_batch_stored_channels_last():
 
 
 def test_to_tensor_never_shares_a_read_only_buffer():
-    array = pixels(_photo())
-    tensor = to_tensor(array)
-    assert tensor.shape == (3, 70, 90)
-    tensor[0, 0, 0] = 7  # would write into Pillow's image if it were a view of it
-    assert torch.equal(tensor[1:], torch.tensor(np.asarray(_photo())).permute(2, 0, 1)[1:])
+    image = _photo()
+    before = np.asarray(image).copy()
+    tensor = to_tensor(pixels(image))
+    assert torch.equal(tensor, torch.from_numpy(before).permute(2, 0, 1))
+    tensor[0] = 255 - tensor[0]  # would write into Pillow's image if the tensor were a view of it
+    assert np.array_equal(np.asarray(image), before)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
