@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .data.metadata import MetadataColumns
+from .storage import StorageError, display
 
 
 def _metadata_columns(pairs: list[str] | None) -> MetadataColumns:
@@ -63,7 +64,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         print(f"{split}: {manifest.num_samples(split)} samples in {len(shards)} shards ({size:.1f} MB)")
     for skip in manifest.data["skipped"]:
         print(f"  skipped {skip['source']}: {skip['reason']}")
-    print(f"manifest: {manifest.root / 'dataset.json'} and index.parquet")
+    print(f"manifest: {display(manifest.location('dataset.json'))} and index.parquet")
     return 0
 
 
@@ -74,9 +75,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"BAD {problem}")
     if problems:
-        print(f"{len(problems)} problem(s) in {args.shards}; repack with `rp2k pack` (finished shards are kept)")
+        print(f"{len(problems)} problem(s) in {display(args.shards)}; repack with `rp2k pack` (finished shards are kept)")
         return 1
-    print(f"{args.shards}: every shard matches its manifest")
+    print(f"{display(args.shards)}: every shard matches its manifest")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .data.tar_index import index_ranges
+
+    samples = index_ranges(args.shards, progress=True)
+    print(f"{display(args.shards)}: byte ranges of {samples} samples written to index.parquet")
     return 0
 
 
@@ -221,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pack", help="repack an RP2K tree into WebDataset shards + manifest")
     p.add_argument("source", help="RP2K root (holding all/train, all/test) or a plain train/test tree")
-    p.add_argument("out", help="output folder for the shards")
+    p.add_argument("out", help="output folder or URI for the shards (s3://bucket/prefix, gs://...)")
     p.add_argument("--metadata", help="CSV/Parquet class -> sku/name/brand/type/shape table "
                    "(default: SOURCE/metadata.{parquet,csv} when present)")
     p.add_argument("--metadata-column", action="append", metavar="FACT=COLUMN",
@@ -236,8 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("verify", help="re-check every shard against its manifest")
-    p.add_argument("shards", help="folder with dataset.json")
+    p.add_argument("shards", help="folder or URI with dataset.json")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("index", help="add each sample's byte range to index.parquet of shards packed without it")
+    p.add_argument("shards", help="folder or URI with dataset.json")
+    p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("train", help="DDP training on Ray Train (local Ray unless --address)")
     add_run_options(p)
@@ -330,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError, StorageError) as err:
         # Errors of ours carry a message meant for the user: no traceback unless asked.
         if args.traceback:
             raise

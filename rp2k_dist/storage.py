@@ -1,81 +1,234 @@
-"""Run storage on a local folder or object storage (s3://, gs://) through pyarrow.fs.
+"""Files on local disk or in object storage (s3://, gs://, any pyarrow.fs URI).
 
-On a multi-node cluster every worker must see the same run folder (checkpoints,
-metrics, predictions): use object storage or a shared mount as ``run.storage_path``.
+A location is a local path or a URI. URIs may carry pyarrow's filesystem parameters as a
+query (``s3://rp2k/shards?endpoint_override=127.0.0.1:8333&scheme=http``); :func:`join`
+appends path parts before the query, never into it. Endpoint and credentials otherwise
+come from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``), as pyarrow reads them.
+
+Every write closes its stream explicitly: pyarrow reports a failed upload of a stream
+that is garbage-collected only as a logged "Error ignored", so a write that is not closed
+by hand can fail silently. Writes are whole-object: local files go through a temp file
+and a rename, objects appear only when their upload completes. Failures raise
+:class:`StorageError` naming the location (and, for object stores, the bucket and the
+credential variables).
+
+Bytes read through :func:`read_range` are counted per process (:func:`bytes_read`), so a
+loader can report how much of its shards it actually read.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import threading
+import uuid
+from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
+CREDENTIALS = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (endpoint: AWS_ENDPOINT_URL or ?endpoint_override=)"
+
+_read_lock = threading.Lock()
+_bytes_read = 0
+
+
+class StorageError(OSError):
+    """A read or write of a local file or object failed; the message says where and why."""
+
 
 def is_uri(path: str | Path) -> bool:
-    """``s3://…``, ``gs://…``, ``hdfs://…``: anything pyarrow.fs resolves; not a local path."""
+    """``s3://…``, ``gs://…``, ``file://…``: anything pyarrow.fs resolves; not a local path."""
     return "://" in str(path)
 
 
-def open_input(path: str | Path):
-    """A readable binary stream for a local path or an object-store URI (pyarrow.fs)."""
-    if is_uri(path):
-        fs, inner = pafs.FileSystem.from_uri(str(path))
-        return fs.open_input_stream(inner)
-    return open(path, "rb")
+def join(base: str | Path, *parts: str) -> str:
+    """``base/part/...``; a URI's query stays at the end (``s3://b/p?x=1`` + ``f`` -> ``s3://b/p/f?x=1``)."""
+    parts = tuple(p.strip("/") for p in parts if p)
+    if not is_uri(base):
+        return str(Path(base).joinpath(*parts))
+    s = urlsplit(str(base))
+    path = "/".join([s.path.rstrip("/"), *parts])
+    return urlunsplit((s.scheme, s.netloc, path, s.query, ""))
 
 
-def read_bytes(path: str | Path) -> bytes:
-    with open_input(path) as stream:
+def display(location: str | Path) -> str:
+    """A location without its query (parameters may hold credentials)."""
+    if not is_uri(location):
+        return str(location)
+    s = urlsplit(str(location))
+    return urlunsplit((s.scheme, s.netloc, s.path, "", ""))
+
+
+def bucket(location: str | Path) -> str | None:
+    return (urlsplit(str(location)).netloc or None) if is_uri(location) else None
+
+
+@lru_cache(maxsize=32)
+def _filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
+    # One filesystem per endpoint and parameters, per process (S3 clients are costly to build).
+    return pafs.FileSystem.from_uri(urlunsplit((scheme, netloc, "/", query, "")))[0]
+
+
+def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of a location and the path inside it."""
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), str(Path(location).resolve())
+    s = urlsplit(str(location))
+    fs = _filesystem(s.scheme, s.netloc, s.query)
+    if s.scheme == "file":
+        return fs, s.path
+    return fs, f"{s.netloc}{s.path}".rstrip("/")
+
+
+def _error(action: str, location: str | Path, err: Exception) -> StorageError:
+    hint = ""
+    if is_uri(location) and not str(location).startswith("file://"):
+        hint = f"; check that bucket {bucket(location)!r} exists and that {CREDENTIALS} are right"
+    return StorageError(f"cannot {action} {display(location)}: {err}{hint}")
+
+
+def open_input(location: str | Path):
+    """A readable binary stream."""
+    fs, path = resolve(location)
+    try:
+        return fs.open_input_stream(path)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise _error("read", location, err) from err
+
+
+def read_bytes(location: str | Path) -> bytes:
+    with open_input(location) as stream:
         return stream.read()
+
+
+def read_range(location: str | Path, offset: int, length: int) -> bytes:
+    """``length`` bytes from ``offset`` (fewer at the end of a short file), one ranged read."""
+    fs, path = resolve(location)
+    try:
+        with fs.open_input_file(path) as handle:
+            data = handle.read_at(length, offset)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise _error("read", location, err) from err
+    global _bytes_read
+    with _read_lock:
+        _bytes_read += len(data)
+    return data
+
+
+def bytes_read() -> int:
+    """Bytes this process has read through :func:`read_range`."""
+    return _bytes_read
+
+
+def write_bytes(location: str | Path, data: bytes) -> None:
+    """Write a whole file or object; readers never see a partial one."""
+    fs, path = resolve(location)
+    try:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        local = isinstance(fs, pafs.LocalFileSystem)
+        target = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}" if local else path
+        stream = fs.open_output_stream(target)
+        try:
+            stream.write(data)
+        finally:
+            stream.close()  # raises here if the upload failed
+        if local:
+            os.replace(target, path)
+    except OSError as err:
+        raise _error("write", location, err) from err
+
+
+def put_file(local: str | Path, location: str | Path) -> None:
+    """Move the local file ``local`` to ``location`` (a rename on disk, an upload to object storage)."""
+    fs, path = resolve(location)
+    if isinstance(fs, pafs.LocalFileSystem):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(local, path)
+        return
+    try:
+        stream = fs.open_output_stream(path)
+        try:
+            with open(local, "rb") as source:
+                shutil.copyfileobj(source, stream, 8 << 20)
+        finally:
+            stream.close()
+    except OSError as err:
+        raise _error("write", location, err) from err
+    os.unlink(local)
+
+
+def file_info(location: str | Path) -> pafs.FileInfo:
+    fs, path = resolve(location)
+    try:
+        return fs.get_file_info(path)
+    except OSError as err:
+        raise _error("look up", location, err) from err
+
+
+def exists(location: str | Path) -> bool:
+    return file_info(location).type != pafs.FileType.NotFound
+
+
+def size(location: str | Path) -> int | None:
+    """Bytes of a file, None when it does not exist."""
+    info = file_info(location)
+    return None if info.type == pafs.FileType.NotFound else info.size
+
+
+def listdir(location: str | Path) -> list[str]:
+    """Names directly under ``location`` (empty when it does not exist)."""
+    fs, path = resolve(location)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as err:
+        raise _error("list", location, err) from err
+    return sorted(info.base_name for info in infos)
+
+
+def delete_dir(location: str | Path) -> None:
+    if exists(location):
+        fs, path = resolve(location)
+        try:
+            fs.delete_dir(path)
+        except OSError as err:
+            raise _error("delete", location, err) from err
 
 
 class RunStorage:
     """The folder ``<storage_path>/<name>`` of one run."""
 
     def __init__(self, storage_path: str, name: str):
-        if "://" in storage_path:
-            self.fs, base = pafs.FileSystem.from_uri(storage_path)
-            self.uri = storage_path.rstrip("/") + "/" + name
-        else:
-            self.fs, base = pafs.LocalFileSystem(), str(Path(storage_path).resolve())
-            self.uri = str(Path(base) / name)
-        self.path = base.rstrip("/") + "/" + name
+        self.uri = join(storage_path if is_uri(storage_path) else str(Path(storage_path).resolve()), name)
+        self.fs, self.path = resolve(self.uri)
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 
-    def _full(self, relative: str) -> str:
-        return f"{self.path}/{relative}" if relative else self.path
+    def location(self, relative: str = "") -> str:
+        return join(self.uri, relative)
 
     def write_bytes(self, relative: str, data: bytes) -> None:
-        """Write a file atomically on local disk (object stores are atomic per object)."""
-        full = self._full(relative)
-        self.fs.create_dir(full.rsplit("/", 1)[0], recursive=True)
-        target = full + (f".tmp-{os.getpid()}" if self.is_local else "")
-        with self.fs.open_output_stream(target) as stream:
-            stream.write(data)
-        if self.is_local:
-            self.fs.move(target, full)
+        write_bytes(self.location(relative), data)
 
     def write_text(self, relative: str, text: str) -> None:
         self.write_bytes(relative, text.encode("utf-8"))
 
     def read_bytes(self, relative: str) -> bytes:
-        with self.fs.open_input_stream(self._full(relative)) as stream:
-            return stream.read()
+        return read_bytes(self.location(relative))
 
     def exists(self, relative: str = "") -> bool:
-        return self.fs.get_file_info(self._full(relative)).type != pafs.FileType.NotFound
+        return exists(self.location(relative))
 
     def listdir(self, relative: str = "") -> list[str]:
-        """Names directly under ``relative`` (empty when it does not exist)."""
-        if not self.exists(relative):
-            return []
-        infos = self.fs.get_file_info(pafs.FileSelector(self._full(relative)))
-        return sorted(info.base_name for info in infos)
+        return listdir(self.location(relative))
 
     def delete_dir(self, relative: str) -> None:
-        if self.exists(relative):
-            self.fs.delete_dir(self._full(relative))
+        delete_dir(self.location(relative))
 
     def local_path(self, relative: str = "") -> Path | None:
-        return Path(self._full(relative)) if self.is_local else None
+        return Path(self.location(relative)) if self.is_local else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,29 @@ def tiny_run_overrides(shards, storage, name: str, epochs: int = 2) -> list[str]
         "augment.border_max=4", "augment.crop_max=3",  # the paper's 30/10 px are for ~300 px images
         f"run.storage_path={storage}", f"run.name={name}", "run.workers=1",
     ]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server on a free loopback port, for the whole session.
+
+    Its credentials are exported as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (pyarrow,
+    Ray workers and `rp2k` subprocesses read them); URIs carry the endpoint
+    (:meth:`S3Server.uri`)."""
+    from tests import s3server
+
+    try:
+        process, server = s3server.start(tmp_path_factory.mktemp("seaweedfs"))
+    except RuntimeError as err:
+        pytest.skip(f"S3 server could not start: {err}")
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        s3server.stop(process)

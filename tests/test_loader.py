@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import webdataset as wds
 
 from rp2k_dist.data.augment import AugmentConfig
-from rp2k_dist.data.loader import CorruptDataError, LoaderConfig, ShardLoader, plan_readers, plan_training_epoch
+from rp2k_dist.data.chunks import SampleTable, plan_epoch, plan_training_epoch
+from rp2k_dist.data.loader import CorruptDataError, LoaderConfig, ShardLoader
 from rp2k_dist.data.manifest import Manifest
+from rp2k_dist.data.tar_index import index_ranges
 from rp2k_dist.data.transforms import EvalTransform, InputSpec, TrainTransform
 
 SPEC = InputSpec(32, 36)
@@ -67,12 +70,12 @@ def test_labels_match_the_manifest(many_shards):
         assert batch["label"].tolist() == [labels[k] for k in batch["key"]]
 
 
-def test_shard_order_is_epoch_seeded(many_shards):
-    shards = [(s.name, s.samples) for s in many_shards.shards("train")]
-    a0 = plan_readers(shards, 0, 1, 1, epoch=0, seed=0)[0].shards
-    a1 = plan_readers(shards, 0, 1, 1, epoch=1, seed=0)[0].shards
-    assert a0 == plan_readers(shards, 0, 1, 1, epoch=0, seed=0)[0].shards
-    assert a0 != a1 and sorted(a0) == sorted(a1)
+def test_chunk_order_is_epoch_seeded(many_shards):
+    table = SampleTable.from_manifest(many_shards, "train")
+    a0 = plan_epoch(table, 1, 1, epoch=0, seed=0)[0].pieces
+    a1 = plan_epoch(table, 1, 1, epoch=1, seed=0)[0].pieces
+    assert a0 == plan_epoch(table, 1, 1, epoch=0, seed=0)[0].pieces
+    assert a0 != a1 and sorted(a0, key=lambda p: p.first) == sorted(a1, key=lambda p: p.first)
     _, keys0 = _train_epoch(many_shards, 1, 0, epoch=0)
     _, keys0b = _train_epoch(many_shards, 1, 0, epoch=0)
     _, keys1 = _train_epoch(many_shards, 1, 0, epoch=1)
@@ -80,12 +83,12 @@ def test_shard_order_is_epoch_seeded(many_shards):
 
 
 def test_plan_quotas_add_up_for_uneven_shards():
-    shards = [(f"s{i}", n) for i, n in enumerate([50, 3, 17, 9, 40, 1, 22])]
+    table = _table([50, 3, 17, 9, 40, 1, 22], sample_bytes=1000, chunk_bytes=8000)
     for world in (1, 2, 3):
         for workers in (0, 1, 2, 4):
             per_rank = []
             for rank in range(world):
-                steps, readers = plan_training_epoch(shards, rank, world, workers, batch_size=4, epoch=3)
+                steps, readers = plan_training_epoch(table, rank, world, workers, batch_size=4, epoch=3)
                 assert sum(r.quota for r in readers) == steps
                 assert all(r.quota <= r.samples // 4 for r in readers)
                 per_rank.append(steps)
@@ -107,6 +110,7 @@ def _corrupt_copy(manifest, tmp_path, bad_keys):
                 if s["__key__"] in bad_keys:
                     record["jpg"] = b"\xff\xd8not a jpeg"
                 sink.write(record)
+    index_ranges(str(out))  # the rewritten shards have other byte ranges
     return Manifest.load(out)
 
 
@@ -195,15 +199,6 @@ def test_class_balanced_batches_hold_p_classes_of_k_images(many_shards, workers)
     assert steps[0] == steps[1] > 0
 
 
-def test_uneven_shards_fall_back_to_balanced_sample_splitting():
-    shards = [("big", 60), ("small", 2)]
-    for rank in range(2):
-        (plan,) = plan_readers(shards, rank, 2, workers=0, shuffle=False)
-        assert plan.modulo == (2, rank) and plan.samples == 31
-    steps, _ = plan_training_epoch(shards, 0, 2, workers=0, batch_size=16)
-    assert steps == 1
-
-
 def test_shards_behind_a_uri_stream_through_pyarrow_fs(many_shards):
     """Object-store shards (s3://, gs://) go through pyarrow.fs; file:// takes the same path."""
     remote = Manifest.load(f"file://{many_shards.root}")
@@ -212,3 +207,85 @@ def test_shards_behind_a_uri_stream_through_pyarrow_fs(many_shards):
     keys = lambda m: [k for b in ShardLoader(m, "test", EvalTransform(SPEC), LoaderConfig(batch_size=4, workers=0), train=False)
                       for k in b["key"]]
     assert keys(remote) == keys(many_shards)
+
+
+def _table(samples_per_shard, sample_bytes=None, chunk_bytes=4_000_000, seed=0) -> SampleTable:
+    """A split of ``len(samples_per_shard)`` shards with tar-like byte ranges (no files)."""
+    rng = np.random.default_rng(seed)
+    shard, offset, length = [], [], []
+    for s, n in enumerate(samples_per_shard):
+        sizes = np.full(n, sample_bytes) if sample_bytes else rng.integers(20_000, 60_000, n) // 512 * 512
+        shard.append(np.full(n, s))
+        offset.append(np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+        length.append(sizes)
+    return SampleTable([f"s3://b/train-{s:06d}.tar" for s in range(len(samples_per_shard))],
+                       np.concatenate(shard), np.concatenate(offset), np.concatenate(length), chunk_bytes)
+
+
+def _rows(plan) -> np.ndarray:
+    return np.concatenate([np.arange(p.first, p.first + p.samples) for p in plan.pieces] or [np.zeros(0, int)])
+
+
+@pytest.mark.parametrize("shards", [1, 2, 7, 60, 256, 1000])
+def test_plan_reads_each_byte_once_at_any_world_size(shards):
+    """Planned bytes <= 1.05 x the split + one chunk per reader, equal steps, no sample twice,
+    evaluation exactly once: world sizes 1-64 x loader workers 0-8 (pure planning)."""
+    rng = np.random.default_rng(shards)
+    table = _table(rng.integers(30, 60, shards) if shards > 60 else rng.integers(200, 400, shards), seed=shards)
+    chunk = table.chunk_bytes
+    for world in (1, 2, 3, 4, 7, 8, 16, 32, 64):
+        for workers in (0, 1, 2, 3, 8):
+            readers = world * max(1, workers)
+            batch = max(1, min(16, len(table) // (2 * readers)))
+            train = [plan_training_epoch(table, r, world, workers, batch, epoch=5) for r in range(world)]
+            steps = {s for s, _ in train}
+            assert len(steps) == 1
+            plans = [p for _, rank in train for p in rank]
+            assert all(sum(p.quota for p in rank) == s for s, rank in train)
+            assert all(p.quota <= p.samples // batch for p in plans)
+            rows = np.concatenate([_rows(p) for p in plans])
+            assert len(rows) == len(np.unique(rows)) == len(table)
+            planned = sum(p.bytes for p in plans)
+            assert planned <= 1.05 * table.bytes + readers * chunk
+            assert planned == table.bytes  # exact: no reader walks bytes it does not keep
+            # ranges are the rows' own: every piece spans exactly its samples' tar members
+            for p in plans[:: max(1, len(plans) // 8)]:
+                for piece in p.pieces:
+                    last = piece.first + piece.samples - 1
+                    assert piece.offset == table.offset[piece.first]
+                    assert piece.offset + piece.length == table.offset[last] + table.length[last]
+                    assert piece.length <= chunk + 60_000
+            evaluation = [p for r in range(world) for p in plan_epoch(table, world, workers, shuffle=False, rank=r)]
+            seen = np.concatenate([_rows(p) for p in evaluation])
+            assert np.array_equal(np.sort(seen), np.arange(len(table)))
+
+
+def test_loader_reads_each_shard_byte_once_at_world_3_with_2_workers(few_shards):
+    """Bytes actually read (counted in the storage layer, in the loader workers) <= 1.05 x."""
+    split_bytes = sum(s.bytes for s in few_shards.shards("train"))
+    assert len(few_shards.shards("train")) == 2
+    read, keys = 0, []
+    for rank in range(3):
+        loader = ShardLoader(few_shards, "train", TrainTransform(SPEC, AugmentConfig()),
+                             LoaderConfig(batch_size=4, workers=2, shuffle_buffer=16, chunk_mb=0.05), rank, 3)
+        keys += [k for b in loader for k in b["key"]]
+        read += loader.stats.bytes_read
+    assert len(keys) == len(set(keys)) > 0
+    assert 0.9 * split_bytes <= read <= 1.05 * split_bytes
+
+
+def test_old_pack_without_byte_ranges_is_indexed_by_rp2k_index(many_shards, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "old"
+    shutil.copytree(many_shards.root, out)
+    table = pq.read_table(out / "index.parquet")
+    pq.write_table(table.drop_columns(["offset", "length"]), out / "index.parquet")
+    with pytest.raises(ValueError, match="rp2k index"):
+        ShardLoader(Manifest.load(out), "test", EvalTransform(SPEC), LoaderConfig(workers=0), train=False)
+    from rp2k_dist.cli import main
+
+    assert main(["index", str(out)]) == 0
+    assert pq.read_table(out / "index.parquet").equals(table)  # the header scan finds the packer's ranges

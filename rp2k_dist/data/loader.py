@@ -1,28 +1,29 @@
 """Stream shards to DDP ranks: equal steps for training, exactly-once for evaluation.
 
-The work of one epoch is planned from the manifest alone, so every rank computes the
-same plan without talking to the others:
+The work of one epoch is planned from the manifest alone (:mod:`.chunks`), so every rank
+computes the same plan without talking to the others: the split's samples are cut into
+chunks of a few MB (contiguous byte ranges of a shard, from ``index.parquet``), shuffled
+with a seed derived from ``(seed, epoch)`` for training, and dealt to the readers
+(rank x loader worker) as contiguous runs of equal sample counts. Each reader reads only
+its own byte ranges (ranged reads, local or object storage), so every byte of the split
+is read once per epoch at any world size. A training epoch has ``min`` over ranks of the
+rank's full batches, and each worker gets a quota that adds up to exactly that.
+Evaluation keeps partial batches and no quota, so every test sample is seen exactly once
+whatever the world size.
 
-1. the split's shards are shuffled with a seed derived from ``(seed, epoch)``;
-2. they are dealt to ranks (``shards[rank::world]``) and then to the rank's loader
-   workers; when there are too few shards to deal evenly, readers share shards and keep
-   every m-th sample instead (``i % m == k``), so splitting stays exact and balanced;
-3. each reader (rank x worker) knows its sample count, hence its number of full batches;
-   a training epoch has ``min`` over ranks of the rank's full batches, and each worker
-   gets a quota that adds up to exactly that. Evaluation keeps partial batches and no
-   quota, so every test sample is seen exactly once whatever the world size.
-
-Inside a reader: WebDataset tar reading -> shuffle buffer -> decode + transform ->
-``partial=False`` batching. Samples that fail to decode are counted and skipped (no
-sleeping warn-and-continue); if skips leave a rank short of its planned steps, a second,
-differently shuffled pass tops it up, so DDP never sees unequal step counts. Too many
-corrupt samples abort the run with :class:`CorruptDataError`.
+Inside a reader: ranged reads -> tar members -> shuffle buffer -> decode + transform ->
+``partial=False`` batching. Samples that fail to decode, or that a damaged shard no longer
+holds, are counted and skipped (no sleeping warn-and-continue); if skips leave a rank
+short of its planned steps, a second, differently shuffled pass tops it up, so DDP never
+sees unequal step counts. Too many corrupt samples abort the run with
+:class:`CorruptDataError`.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import random
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +33,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .. import storage
+from .chunks import DEFAULT_CHUNK_MB, Piece, ReaderPlan, SampleTable, epoch_seed, plan_epoch, plan_training_epoch, training_steps
 from .images import DECODE_ERRORS
-from ..storage import open_input
+from .tar_index import samples_of
 from .manifest import Manifest
 from .transforms import stack_images
 from .workers import worker_context
@@ -57,6 +60,7 @@ class LoaderConfig:
     prefetch_factor: int = 4  # batches in flight per worker
     start_method: str = "forkserver"  # fork is unsafe inside Ray actors (threads)
     pin_memory: bool = False  # set when batches go to a CUDA device
+    chunk_mb: float = DEFAULT_CHUNK_MB  # bytes per ranged read of a shard (one chunk of the plan)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -67,101 +71,10 @@ class LoaderConfig:
             raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         if not 0.0 <= self.max_corrupt_fraction <= 1.0:
             raise ValueError(f"max_corrupt_fraction must be in [0, 1], got {self.max_corrupt_fraction}")
+        if self.chunk_mb <= 0:
+            raise ValueError(f"chunk_mb must be > 0, got {self.chunk_mb}")
         if self.start_method not in mp.get_all_start_methods():
             raise ValueError(f"start_method {self.start_method!r} not in {mp.get_all_start_methods()}")
-
-
-@dataclass(frozen=True)
-class ReaderPlan:
-    """What one reader (rank x loader worker) reads in one epoch."""
-
-    shards: tuple[str, ...]
-    modulo: tuple[int, int] | None  # (m, k): keep the i-th sample of the stream iff i % m == k
-    samples: int  # samples it will see (from the manifest)
-    quota: int | None = None  # batches it may emit (training), None = all (evaluation)
-
-
-def _count_mod(n: int, m: int, k: int) -> int:
-    return max(0, (n - k + m - 1) // m)
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
-#: Shard-level splitting is used while the smallest share holds at least this fraction of
-#: the mean share; otherwise readers split at sample level (exact, but each reads all shards).
-BALANCE = 0.75
-
-
-def _deal(shards: list[tuple[str, int]], parts: int, part: int) -> list[tuple[str, int]] | None:
-    """``shards[part::parts]`` if dealing whole shards keeps the parts balanced, else None."""
-    if len(shards) < parts:
-        return None
-    sizes = [sum(n for _, n in shards[p::parts]) for p in range(parts)]
-    if min(sizes) < BALANCE * (sum(sizes) / parts):
-        return None
-    return shards[part::parts]
-
-
-def plan_readers(
-    shards: Sequence[tuple[str, int]],
-    rank: int,
-    world_size: int,
-    workers: int,
-    epoch: int = 0,
-    seed: int = 0,
-    shuffle: bool = True,
-) -> list[ReaderPlan]:
-    """The readers of ``rank``: one per loader worker (one if ``workers`` is 0)."""
-    order = list(shards)
-    if shuffle:
-        random.Random(_seed(seed, epoch)).shuffle(order)
-    readers = max(1, workers)
-    mine = _deal(order, world_size, rank)
-    if mine is not None:
-        plans = []
-        for w in range(readers):
-            theirs = _deal(mine, readers, w)
-            if theirs is None:  # too few shards for this rank's workers: split its samples
-                total = sum(n for _, n in mine)
-                return [ReaderPlan(tuple(u for u, _ in mine), (readers, k), _count_mod(total, readers, k))
-                        for k in range(readers)]
-            plans.append(ReaderPlan(tuple(u for u, _ in theirs), None, sum(n for _, n in theirs)))
-        return plans
-    # Too few (or too uneven) shards for the ranks: every reader walks all shards in the
-    # same order and keeps its residue class of the sample index.
-    total = sum(n for _, n in order)
-    urls = tuple(u for u, _ in order)
-    m = world_size * readers
-    return [
-        ReaderPlan(urls, (m, rank + world_size * w), _count_mod(total, m, rank + world_size * w))
-        for w in range(readers)
-    ]
-
-
-def plan_training_epoch(
-    shards: Sequence[tuple[str, int]],
-    rank: int,
-    world_size: int,
-    workers: int,
-    batch_size: int,
-    epoch: int = 0,
-    seed: int = 0,
-) -> tuple[int, list[ReaderPlan]]:
-    """Steps of the epoch (the same on every rank) and this rank's readers with quotas."""
-    full = [
-        [p.samples // batch_size for p in plan_readers(shards, r, world_size, workers, epoch, seed)]
-        for r in range(world_size)
-    ]
-    steps = min(sum(f) for f in full)
-    quotas = list(full[rank])
-    excess = sum(quotas) - steps
-    while excess > 0:  # trim the largest quotas first: readers finish close together
-        quotas[int(np.argmax(quotas))] -= 1
-        excess -= 1
-    readers = plan_readers(shards, rank, world_size, workers, epoch, seed)
-    return steps, [ReaderPlan(p.shards, p.modulo, p.samples, q) for p, q in zip(readers, quotas)]
 
 
 @dataclass
@@ -171,6 +84,7 @@ class LoaderStats:
     samples: int = 0
     skipped: int = 0
     refill_batches: int = 0
+    bytes_read: int = 0  # shard bytes read by this rank's readers (ranged reads)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -182,8 +96,8 @@ class LoaderStats:
 class _ShardStream(IterableDataset):
     """Yields this rank's batches; runs inside each loader worker."""
 
-    def __init__(self, shards, rank, world_size, transform, config, train, context, classes=None, pk=None):
-        self.shards = shards
+    def __init__(self, table: SampleTable, rank, world_size, transform, config, train, context, classes=None, pk=None):
+        self.table = table
         self.remap = {label: i for i, label in enumerate(classes)} if classes is not None else None
         self.pk = pk
         self.batch_size = pk[0] * pk[1] if pk else config.batch_size
@@ -199,32 +113,22 @@ class _ShardStream(IterableDataset):
         epoch = int(self.state[0])
         c = self.config
         if self.train:
-            return plan_training_epoch(self.shards, self.rank, self.world_size, c.workers, self.batch_size, epoch, c.seed)[1]
-        return plan_readers(self.shards, self.rank, self.world_size, c.workers, shuffle=False)
+            return plan_training_epoch(self.table, self.rank, self.world_size, c.workers, self.batch_size, epoch, c.seed)[1]
+        return plan_epoch(self.table, self.world_size, c.workers, shuffle=False, rank=self.rank)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         epoch, refill = int(self.state[0]), int(self.state[1])
         plan = self.readers()[worker]
-        seed = _seed(self.config.seed, epoch, refill, self.rank, worker)
+        seed = epoch_seed(self.config.seed, epoch, refill, self.rank, worker)
         errors: list[str] = []
-
-        def on_error(exn: Exception) -> bool:
-            errors.append(f"{type(exn).__name__}: {exn}"[:300])
-            return True  # keep reading; counted instead of slept on
-
-        samples = _tar_samples(plan.shards, on_error)
-        if self.remap is not None:
-            samples = self._keep_classes(samples, errors)
-        if plan.modulo is not None:
-            m, k = plan.modulo
-            samples = (s for i, s in enumerate(samples) if i % m == k)
+        counter = {"skipped": 0, "bytes": storage.bytes_read()}
+        samples = (s for piece in plan.pieces for s in self._read_piece(piece, counter, errors))
         if self.train:
             buffer = self.config.shuffle_buffer
             samples = wds.shuffle(buffer, min(buffer, 100), rng=random.Random(seed))(samples)
         rng = np.random.default_rng(seed)
-        counter = {"skipped": 0}
         decoded = self._decode(samples, rng, counter, errors)
         if self.pk and self.train:
             batches = _class_balanced_batches(decoded, *self.pk, rng)
@@ -234,21 +138,41 @@ class _ShardStream(IterableDataset):
         for emitted, (images, labels, keys) in enumerate(batches):
             if quota is not None and emitted >= quota:
                 break
-            yield self._batch(images, labels, keys, counter["skipped"], errors)
+            batch = self._batch(images, labels, keys, counter["skipped"], errors)
+            yield {**batch, "bytes_read": self._bytes_since(counter)}
             counter["skipped"], errors[:] = 0, []
-        if counter["skipped"] or errors:
-            yield {"skipped": counter["skipped"], "errors": list(errors)}
+        yield {"skipped": counter["skipped"], "errors": list(errors), "bytes_read": self._bytes_since(counter)}
 
-    def _keep_classes(self, samples, errors):
-        for sample in samples:
-            try:
-                label = int(sample["cls"])
-            except (KeyError, ValueError) as err:
-                errors.append(f"{sample.get('__key__')}: bad class field ({err})")
-                continue
-            if label in self.remap:
-                sample["cls"] = self.remap[label]
+    @staticmethod
+    def _bytes_since(counter: dict[str, int]) -> int:
+        now = storage.bytes_read()
+        delta, counter["bytes"] = now - counter["bytes"], now
+        return delta
+
+    def _read_piece(self, piece: Piece, counter: dict[str, int], errors: list[str]) -> Iterator[dict[str, Any]]:
+        """The planned samples of one ranged read; those a damaged shard no longer holds are
+        counted as skipped."""
+        where = f"{storage.display(piece.shard)} bytes {piece.offset}+{piece.length}"
+        got = 0
+        try:
+            data = storage.read_range(piece.shard, piece.offset, piece.length)
+            for sample in samples_of(data):
+                if self.remap is not None:
+                    try:
+                        label = int(sample["cls"])
+                    except (KeyError, ValueError) as err:
+                        errors.append(f"{sample['__key__']}: bad class field ({err})")
+                        continue
+                    if label not in self.remap:
+                        continue
+                    sample["cls"] = self.remap[label]
+                got += 1
                 yield sample
+        except (OSError, EOFError, tarfile.TarError) as err:  # a missing, truncated or garbled shard
+            errors.append(f"{where}: {type(err).__name__}: {err}"[:300])
+        if got < piece.samples:
+            counter["skipped"] += piece.samples - got
+            errors.append(f"{where}: {piece.samples - got} of {piece.samples} planned samples unreadable"[:300])
 
     def _decode(self, samples, rng, counter, errors):
         for sample in samples:
@@ -273,22 +197,6 @@ class _ShardStream(IterableDataset):
             "skipped": skipped,
             "errors": list(errors),
         }
-
-
-def _open_shards(urls, handler):
-    """WebDataset's url_opener, for local paths and any pyarrow.fs URI (s3://, gs://, ...)."""
-    for url in urls:
-        try:
-            yield {"url": url, "stream": open_input(url)}
-        except Exception as exn:  # noqa: BLE001 - reported through the handler, like WebDataset
-            if not handler(exn):
-                return
-
-
-def _tar_samples(urls, handler):
-    """Samples of the shards at ``urls``, in order (tar members grouped by key)."""
-    files = wds.tariterators.tar_file_expander(_open_shards(urls, handler), handler=handler)
-    return wds.tariterators.group_by_keys(files, handler=handler)
 
 
 def _plain_batches(decoded, batch_size: int, partial: bool):
@@ -366,9 +274,8 @@ class ShardLoader:
         (a meta-category specialist). ``class_balanced``: (P, K) batches for training."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        counts = manifest.shard_counts(split, classes)
-        shards = [(path, counts[info.name]) for path, info in zip(manifest.shard_paths(split), manifest.shards(split))]
-        if not shards or sum(n for _, n in shards) == 0:
+        table = SampleTable.from_manifest(manifest, split, classes, int(config.chunk_mb * 1e6))
+        if len(table) == 0:
             raise ValueError(f"split {split!r} of {manifest.root} has no samples")
         self.split = split
         self.root = manifest.root
@@ -379,7 +286,7 @@ class ShardLoader:
         self.epoch = 0
         self.stats = LoaderStats()
         context = worker_context(config.start_method)
-        self.dataset = _ShardStream(shards, rank, world_size, transform, config, train, context, classes, class_balanced)
+        self.dataset = _ShardStream(table, rank, world_size, transform, config, train, context, classes, class_balanced)
         self.loader = DataLoader(
             self.dataset,
             batch_size=None,
@@ -391,7 +298,7 @@ class ShardLoader:
         )
         if train and len(self) == 0:
             raise ValueError(
-                f"split {split!r} has {sum(n for _, n in shards)} samples: not one full batch of "
+                f"split {split!r} has {len(table)} samples: not one full batch of "
                 f"{self.dataset.batch_size} per rank for world size {world_size}; lower batch_size"
             )
 
@@ -404,7 +311,7 @@ class ShardLoader:
         """Batches this rank yields in the current epoch."""
         c = self.config
         if self.train:
-            return plan_training_epoch(self.dataset.shards, self.rank, self.world_size, c.workers, self.dataset.batch_size, self.epoch, c.seed)[0]
+            return training_steps(len(self.dataset.table), self.world_size, c.workers, self.dataset.batch_size)[0]
         return sum(-(-p.samples // c.batch_size) for p in self.dataset.readers())
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -439,6 +346,7 @@ class ShardLoader:
 
     def _count(self, item: dict[str, Any]) -> None:
         self.stats.skipped += item["skipped"]
+        self.stats.bytes_read += item["bytes_read"]
         self.stats.errors.extend(item["errors"][: max(0, 20 - len(self.stats.errors))])
         if "key" in item:
             self.stats.samples += len(item["key"])

@@ -17,7 +17,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..storage import is_uri, open_input, read_bytes
+from .. import storage
+from ..storage import is_uri, join, read_bytes
 
 FORMAT_VERSION = 1
 DATASET_JSON = "dataset.json"
@@ -36,8 +37,13 @@ INDEX_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("bytes", pa.int64()),
         ("sha256", pa.string()),
+        # The sample's tar members (headers, data, padding) in its shard: a ranged read of
+        # [offset, offset + length) is the sample, so loaders read sub-shard chunks.
+        ("offset", pa.int64()),
+        ("length", pa.int64()),
     ]
 )
+RANGE_COLUMNS = ("offset", "length")
 
 
 class ManifestError(FileNotFoundError):
@@ -60,22 +66,28 @@ class Manifest:
     ``dataset.json``. Shards in object storage are streamed through pyarrow.fs."""
 
     def __init__(self, root: str | Path, data: dict[str, Any]):
-        self.uri = str(root).rstrip("/") if is_uri(root) else None
-        self.root = Path(root) if self.uri is None else Path(self.uri.split("://", 1)[1])
+        self.uri = str(root) if is_uri(root) else None
+        # For display: the local folder, or the URI without its query (it may hold secrets).
+        self.root = Path(root) if self.uri is None else Path(storage.display(self.uri).split("://", 1)[1])
         self.data = data
+
+    @property
+    def location_root(self) -> str:
+        """The dataset folder as a local path or a URI (query kept)."""
+        return self.uri or str(self.root)
 
     def location(self, name: str) -> str:
         """Where a file of the dataset lives: a local path or a URI."""
-        return f"{self.uri}/{name}" if self.uri else str(self.root / name)
+        return join(self.location_root, name)
 
     @classmethod
     def load(cls, root: str | Path) -> "Manifest":
-        path = f"{str(root).rstrip('/')}/{DATASET_JSON}" if is_uri(root) else Path(root) / DATASET_JSON
+        path = join(root, DATASET_JSON)
         try:
             raw = read_bytes(path)
         except (FileNotFoundError, OSError) as err:
             raise ManifestError(
-                f"{path} not found: {root} is not a packed dataset. Pack one with "
+                f"{storage.display(path)} not readable ({err}): {storage.display(root)} is not a packed dataset. Pack one with "
                 f"`rp2k pack <RP2K root> {root}` (or `rp2k synth` first for the synthetic set)"
             ) from err
         try:
@@ -146,8 +158,12 @@ class Manifest:
 
     def index(self) -> pa.Table:
         """The per-sample index (``index.parquet``)."""
-        with open_input(self.location(INDEX_PARQUET)) as stream:
-            return pq.read_table(pa.BufferReader(stream.read()))
+        return pq.read_table(pa.BufferReader(read_bytes(self.location(INDEX_PARQUET))))
+
+    def has_ranges(self) -> bool:
+        """Whether ``index.parquet`` records each sample's byte range (``rp2k index`` adds it)."""
+        names = pq.read_schema(pa.BufferReader(read_bytes(self.location(INDEX_PARQUET)))).names
+        return all(c in names for c in RANGE_COLUMNS)
 
 
 def write_atomic(path: Path, payload: bytes) -> None:
@@ -165,12 +181,16 @@ def dump_json(data: Any) -> bytes:
     return (json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True) + "\n").encode("utf-8")
 
 
-def write_manifest(root: Path, data: dict[str, Any], rows: list[dict[str, Any]]) -> Manifest:
-    """Write index.parquet then dataset.json (the latter marks the pack as complete)."""
-    table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
-    tmp = root / f".{INDEX_PARQUET}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, root / INDEX_PARQUET)
+def table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def write_manifest(root: str | Path, data: dict[str, Any], rows: list[dict[str, Any]]) -> Manifest:
+    """Write index.parquet then dataset.json (the latter marks the pack as complete);
+    ``root`` is a local folder or a URI."""
+    storage.write_bytes(join(root, INDEX_PARQUET), table_bytes(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)))
     data = {"format_version": FORMAT_VERSION, **data}
-    write_atomic(root / DATASET_JSON, dump_json(data))
+    storage.write_bytes(join(root, DATASET_JSON), dump_json(data))
     return Manifest(root, data)

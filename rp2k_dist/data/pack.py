@@ -12,6 +12,8 @@ The shard plan (which source goes to which shard under which key) is a pure func
 the scanned tree, the metadata and :class:`PackConfig`, so packing is deterministic.
 Shards are encoded in parallel processes, each written to a temp file and renamed, with a
 small record under ``OUT/.pack/``: a rerun after a crash skips the finished shards.
+``OUT`` may be a URI (``s3://bucket/rp2k/shards``): each shard is encoded to a local temp
+file and uploaded whole, so an object appears only when it is complete.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
+import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +33,9 @@ import webdataset as wds
 from tqdm.auto import tqdm
 
 from .images import CorruptImageError, encode_jpeg, load_rgb, resize_shorter_side
-from .manifest import DATASET_JSON, Manifest, dump_json, write_atomic, write_manifest
+from .. import storage
+from ..storage import join
+from .manifest import DATASET_JSON, Manifest, dump_json, write_manifest
 from .rp2k import SPLITS, RP2KIndex
 from .workers import worker_context
 
@@ -142,9 +146,13 @@ def _fingerprint(index: RP2KIndex, config: PackConfig, plans: list[ShardPlan]) -
 def _write_shard(
     root: str, out: str, plan: ShardPlan, classes: list[dict[str, str]], config: PackConfig
 ) -> dict[str, Any]:
-    """Encode one shard into ``out`` (temp file + rename); returns its record."""
-    final = Path(out) / plan.name
-    tmp = Path(out) / f".{plan.name}.partial"
+    """Encode one shard into ``out`` (a local temp file, then a rename or an upload); returns its record."""
+    if storage.is_uri(out):
+        handle, name = tempfile.mkstemp(prefix=f".{plan.name}.", suffix=".partial")
+        os.close(handle)
+        tmp = Path(name)
+    else:
+        tmp = Path(out) / f".{plan.name}.partial"
     rows, skipped = [], []
     with open(tmp, "wb") as stream:
         # A fixed integer mtime: identical input gives byte-identical tars, and no PAX
@@ -157,6 +165,7 @@ def _write_shard(
                     skipped.append({"split": plan.split, "source": sample.source, "reason": str(err.__cause__ or err)})
                     continue
                 info = classes[sample.label]
+                offset = sink.tarstream.offset
                 meta = {
                     "class_name": info["name"], "sku": info["sku"], "type": info["type"],
                     "shape": info["shape"], "source": sample.source, "split": plan.split,
@@ -172,16 +181,17 @@ def _write_shard(
                     "label": sample.label, "class_name": info["name"], "type": info["type"],
                     "shape": info["shape"], "source": sample.source, "bytes": len(jpeg),
                     "sha256": hashlib.sha256(jpeg).hexdigest(),
+                    "offset": offset, "length": sink.tarstream.offset - offset,
                 })
         stream.flush()
         os.fsync(stream.fileno())
-    os.replace(tmp, final)
     record = {
         "name": plan.name, "split": plan.split, "samples": len(rows),
-        "bytes": final.stat().st_size, "sha256": file_sha256(final),
+        "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp),
         "rows": rows, "skipped": skipped,
     }
-    write_atomic(Path(out) / STATE_DIR / f"{plan.name}.json", dump_json(record))
+    storage.put_file(tmp, join(out, plan.name))
+    storage.write_bytes(join(out, STATE_DIR, f"{plan.name}.json"), dump_json(record))
     return record
 
 
@@ -193,33 +203,30 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _finished(out: Path, plan: ShardPlan) -> dict[str, Any] | None:
+def _finished(out: str, plan: ShardPlan) -> dict[str, Any] | None:
     """The record of a shard a previous run finished, or None."""
-    record_path = out / STATE_DIR / f"{plan.name}.json"
-    shard = out / plan.name
-    if not (record_path.exists() and shard.exists()):
+    record_path = join(out, STATE_DIR, f"{plan.name}.json")
+    if not storage.exists(record_path):
         return None
     try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
+        record = json.loads(storage.read_bytes(record_path).decode("utf-8"))
     except json.JSONDecodeError:
         return None
-    return record if record.get("bytes") == shard.stat().st_size else None
+    return record if record.get("bytes") == storage.size(join(out, plan.name)) else None
 
 
-def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> None:
-    state = out / STATE_DIR
-    marker = state / "plan.json"
-    if out.exists() and any(out.iterdir()):
-        previous = json.loads(marker.read_text()).get("fingerprint") if marker.exists() else None
+def _prepare_output(out: str, fingerprint: str, overwrite: bool) -> None:
+    marker = join(out, STATE_DIR, "plan.json")
+    if storage.listdir(out):
+        previous = json.loads(storage.read_bytes(marker)).get("fingerprint") if storage.exists(marker) else None
         if previous != fingerprint:
             if not overwrite:
                 what = "a different pack" if previous else "files that are not a pack in progress"
                 raise PackError(
-                    f"{out} holds {what}; choose an empty folder or pass --overwrite to replace it"
+                    f"{storage.display(out)} holds {what}; choose an empty folder or pass --overwrite to replace it"
                 )
-            shutil.rmtree(out)
-    state.mkdir(parents=True, exist_ok=True)
-    write_atomic(marker, dump_json({"fingerprint": fingerprint}))
+            storage.delete_dir(out)
+    storage.write_bytes(marker, dump_json({"fingerprint": fingerprint}))
 
 
 def pack_dataset(
@@ -234,10 +241,10 @@ def pack_dataset(
     Resumes an interrupted pack of the same plan; a finished pack of the same plan is
     returned as is.
     """
-    out = Path(out)
+    out = str(out)
     plans = plan_shards(index, config)
     fingerprint = _fingerprint(index, config, plans)
-    if (out / DATASET_JSON).exists() and not overwrite:
+    if storage.exists(join(out, DATASET_JSON)) and not overwrite:
         existing = Manifest.load(out)
         if existing.data.get("fingerprint") == fingerprint:
             return existing
@@ -262,12 +269,12 @@ def pack_dataset(
               desc="pack", disable=not progress or None) as bar:
         if workers == 1 or len(todo) <= 1:
             for plan in todo:
-                records[plan.name] = _write_shard(str(index.root), str(out), plan, classes, config)
+                records[plan.name] = _write_shard(str(index.root), out, plan, classes, config)
                 bar.update(len(plan.samples))
         else:
             with ProcessPoolExecutor(min(workers, len(todo)), mp_context=worker_context()) as pool:
                 futures = {
-                    pool.submit(_write_shard, str(index.root), str(out), plan, classes, config): plan
+                    pool.submit(_write_shard, str(index.root), out, plan, classes, config): plan
                     for plan in todo
                 }
                 for future in as_completed(futures):
@@ -279,7 +286,7 @@ def pack_dataset(
 
 
 def _write_manifest(
-    out: Path,
+    out: str,
     index: RP2KIndex,
     config: PackConfig,
     plans: list[ShardPlan],

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .. import storage
 from .manifest import Manifest, ShardInfo
-from .pack import file_sha256
 
 
 @dataclass(frozen=True)
@@ -24,12 +24,20 @@ class Problem:
         return f"{self.shard}: {self.what}"
 
 
-def _diagnose(path: Path, shard: ShardInfo, expected: dict[str, str]) -> list[str]:
+def _sha256(location: str) -> str:
+    digest = hashlib.sha256()
+    with storage.open_input(location) as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _diagnose(location: str, shard: ShardInfo, expected: dict[str, str]) -> list[str]:
     """Say which samples of a shard whose checksum failed are damaged."""
     found: dict[str, str] = {}
     problems = []
     try:
-        with tarfile.open(path, "r:") as tar:
+        with storage.open_input(location) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 if not member.name.endswith(".jpg"):
                     continue
@@ -51,7 +59,8 @@ def _diagnose(path: Path, shard: ShardInfo, expected: dict[str, str]) -> list[st
 
 def verify_shards(root: str | Path, progress: bool = False) -> list[Problem]:
     """Check each listed shard exists with the recorded size and sha256; on a mismatch,
-    name the damaged samples. Returns the problems (empty list = all good)."""
+    name the damaged samples. ``root`` is a local folder or a URI (s3://...). Returns the
+    problems (empty list = all good)."""
     manifest = Manifest.load(root)
     index = manifest.index().select(["key", "shard", "sha256"]).to_pylist()
     by_shard: dict[str, dict[str, str]] = {}
@@ -60,18 +69,18 @@ def verify_shards(root: str | Path, progress: bool = False) -> list[Problem]:
     problems: list[Problem] = []
     shards = [s for split in manifest.data["splits"] for s in manifest.shards(split)]
     for shard in tqdm(shards, desc="verify", unit="shard", disable=not progress or None):
-        path = manifest.root / shard.name
-        if not path.exists():
-            problems.append(Problem(shard.name, "missing (listed in dataset.json, not on disk)"))
+        location = manifest.location(shard.name)
+        size = storage.size(location)
+        if size is None:
+            problems.append(Problem(shard.name, "missing (listed in dataset.json, not in the dataset folder)"))
             continue
-        size = path.stat().st_size
-        if size == shard.bytes and file_sha256(path) == shard.sha256:
+        if size == shard.bytes and _sha256(location) == shard.sha256:
             continue
         if size != shard.bytes:
             problems.append(Problem(shard.name, f"size {size} bytes, manifest says {shard.bytes}"))
-        problems.extend(Problem(shard.name, what) for what in _diagnose(path, shard, by_shard.get(shard.name, {})))
+        problems.extend(Problem(shard.name, what) for what in _diagnose(location, shard, by_shard.get(shard.name, {})))
     listed = {s.name for s in shards}
-    for extra in sorted(manifest.root.glob("*.tar")):
-        if extra.name not in listed:
-            problems.append(Problem(extra.name, "tar file not listed in dataset.json (ignored by loaders)"))
+    for extra in storage.listdir(manifest.location_root):
+        if extra.endswith(".tar") and extra not in listed:
+            problems.append(Problem(extra, "tar file not listed in dataset.json (ignored by loaders)"))
     return problems
