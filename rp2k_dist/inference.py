@@ -13,7 +13,8 @@ from torch import nn
 from .data.loader import LoaderConfig, ShardLoader
 from .data.manifest import Manifest
 from .data.transforms import EvalTransform, InputSpec, normalize
-from .engine.checkpoint import load_checkpoint
+from . import storage
+from .engine.checkpoint import FILENAME, load_checkpoint
 from .evaluation.predictions import Predictions
 from .models import create_model
 
@@ -34,23 +35,27 @@ class TrainedModel:
         return self.checkpoint["model_name"]
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, a checkpoint folder, or a run folder (its latest ``epoch_*``)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if (path / "checkpoint.pt").exists():
-        return path / "checkpoint.pt"
-    for folder in (path, path / "checkpoints"):
-        epochs = sorted(folder.glob("epoch_*/checkpoint.pt")) if folder.is_dir() else []
-        if epochs:
-            return epochs[-1]
-    raise FileNotFoundError(f"no checkpoint at {path}: give a checkpoint.pt, its folder, or a run folder with epoch_*/")
+def find_checkpoint(path: str | Path) -> str:
+    """A checkpoint file, a checkpoint folder, or a run folder (its latest ``epoch_*``);
+    local or a URI (``s3://bucket/runs/NAME``). Returns the checkpoint file's location."""
+    info = storage.file_info(path)
+    if info.type == storage.pafs.FileType.File:
+        return str(path)
+    if storage.exists(storage.join(path, FILENAME)):
+        return storage.join(path, FILENAME)
+    for folder in (str(path), storage.join(path, "checkpoints")):
+        epochs = [n for n in storage.listdir(folder) if n.startswith("epoch_")]
+        for name in reversed(epochs):
+            if storage.exists(storage.join(folder, name, FILENAME)):
+                return storage.join(folder, name, FILENAME)
+    raise FileNotFoundError(f"no checkpoint at {storage.display(path)}: give a checkpoint.pt, its folder, "
+                            "or a run folder with epoch_*/")
 
 
 def load_trained(path: str | Path, device: str | torch.device | None = None) -> TrainedModel:
-    """Rebuild the model of a checkpoint in eval mode on ``device`` (default: cuda if present)."""
-    checkpoint = load_checkpoint(find_checkpoint(path))
+    """Rebuild the model of a checkpoint (local or a URI) in eval mode on ``device``
+    (default: cuda if present)."""
+    checkpoint = load_checkpoint(storage.read_bytes(find_checkpoint(path)))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = create_model(checkpoint["model_name"], **checkpoint["model_args"])
     model.load_state_dict(checkpoint["model"])

@@ -25,6 +25,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ..config import ExperimentConfig, config_from_dict
 from ..engine.checkpoint import FILENAME, load_checkpoint, to_bytes
 from ..engine.train import train_worker
+from .. import storage
 from ..storage import RunStorage
 
 
@@ -84,6 +85,16 @@ def storage_uri(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+def ray_storage(path: str) -> dict[str, Any]:
+    """``RunConfig`` storage arguments: a URI with filesystem parameters
+    (``?endpoint_override=...``) becomes its pyarrow filesystem and the path inside it, so
+    Ray joins run folders onto the path rather than onto the query."""
+    if "?" not in path or not storage.is_uri(path):
+        return {"storage_path": storage_uri(path)}
+    fs, inner = storage.resolve(path)
+    return {"storage_path": inner, "storage_filesystem": fs}
+
+
 def build_trainer(config: ExperimentConfig, run_callbacks: list | None = None) -> TorchTrainer:
     r = config.run
     resources = {"CPU": r.cpus_per_worker}
@@ -98,7 +109,7 @@ def build_trainer(config: ExperimentConfig, run_callbacks: list | None = None) -
                                      placement_strategy=r.placement_strategy),
         run_config=RunConfig(
             name=r.name,
-            storage_path=storage_uri(r.storage_path),
+            **ray_storage(r.storage_path),
             failure_config=FailureConfig(max_failures=r.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints),
             callbacks=run_callbacks,
