@@ -33,6 +33,7 @@ class DataConfig:
     eval_batch_size: int = 0  # 0 = 2 x batch_size
     loader_workers: int = 2  # decoding processes per training worker
     shuffle_buffer: int = 2000
+    chunk_mb: float = 4.0  # bytes per ranged shard read: the unit the epoch plan deals to readers
     max_corrupt_fraction: float = 0.01
     decode: str = "auto"  # where JPEGs are decoded and augmented: cpu | device | auto (device on CUDA)
     meta_category: str = ""  # "type=liquor": train/evaluate only this meta-category's classes
@@ -43,6 +44,7 @@ class DataConfig:
         _check(self.batch_size >= 1, "data.batch_size must be >= 1")
         _check(self.eval_batch_size >= 0, "data.eval_batch_size must be >= 0")
         _check(self.loader_workers >= 0, "data.loader_workers must be >= 0")
+        _check(self.chunk_mb > 0, "data.chunk_mb must be > 0")
         _check(0 <= self.max_corrupt_fraction <= 1, "data.max_corrupt_fraction must be in [0, 1]")
         _check(self.decode in ("auto", "cpu", "device"), "data.decode must be auto, cpu or device")
         if self.meta_category:

@@ -80,7 +80,7 @@ def build_loaders(config: ExperimentConfig, data: RunData, spec: InputSpec, rank
     c = config.data
     cuda = device.type == "cuda"
     raw = uses_device_decode(config, device)
-    common = dict(workers=c.loader_workers, shuffle_buffer=c.shuffle_buffer, seed=config.run.seed,
+    common = dict(workers=c.loader_workers, shuffle_buffer=c.shuffle_buffer, seed=config.run.seed, chunk_mb=c.chunk_mb,
                   max_corrupt_fraction=c.max_corrupt_fraction, pin_memory=cuda)
     balanced = (c.classes_per_batch, c.images_per_class) if c.classes_per_batch else None
     train = ShardLoader(data.manifest, "train", RawJpeg() if raw else TrainTransform(spec, config.augment),

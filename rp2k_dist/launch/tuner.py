@@ -84,7 +84,7 @@ from ray.tune.search.sample import Categorical, Float, Integer
 
 from ..config import ConfigError, ExperimentConfig, config_from_dict, load_config, merge, read_yaml
 from ..storage import RunStorage
-from .trainer import build_trainer, ray_address, read_metrics, storage_uri
+from .trainer import build_trainer, ray_address, ray_storage, read_metrics, storage_uri
 
 #: What a trial's driver function reserves (see "Driver resources" above).
 DRIVER_RESOURCES: dict[str, float] = {"node:__internal_head__": 0.01}
@@ -583,7 +583,7 @@ def run_sweep(
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=samples, search_alg=searcher,
                                         scheduler=asha if scheduler == "asha" else None),
             run_config=tune.RunConfig(
-                name=config.run.name, storage_path=config.run.storage_path,
+                name=config.run.name, **ray_storage(config.run.storage_path),
                 failure_config=tune.FailureConfig(max_failures=0),
                 callbacks=[SweepBookkeeping(trials_uri), *callbacks],
             ),
