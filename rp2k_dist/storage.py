@@ -29,6 +29,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
+#: Environment variables that configure pyarrow's filesystems (endpoints, credentials).
+ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "HADOOP_", "ARROW_")
 CREDENTIALS = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (endpoint: AWS_ENDPOINT_URL or ?endpoint_override=)"
 
 _read_lock = threading.Lock()
@@ -70,6 +72,24 @@ def bucket(location: str | Path) -> str | None:
 def _filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
     # One filesystem per endpoint and parameters, per process (S3 clients are costly to build).
     return pafs.FileSystem.from_uri(urlunsplit((scheme, netloc, "/", query, "")))[0]
+
+
+def environment() -> dict[str, str]:
+    """This process's filesystem settings (``AWS_*``, ``GOOGLE_*``, ...).
+
+    Worker processes from a forkserver inherit the forkserver's environment, not their
+    parent's current one: a loader hands these to its workers (:func:`use_environment`)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+
+
+def use_environment(env: dict[str, str]) -> None:
+    """Make ``env`` this process's filesystem settings (variables not in it are removed)."""
+    if env == environment():
+        return
+    for key in environment():
+        os.environ.pop(key)
+    os.environ.update(env)
+    _filesystem.cache_clear()  # filesystems keep the credentials they were built with
 
 
 def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:

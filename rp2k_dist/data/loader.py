@@ -108,6 +108,7 @@ class _ShardStream(IterableDataset):
         self.train = train
         # (epoch, pass) shared with the persistent workers, read at each new iteration.
         self.state = context.RawArray("q", 2)
+        self.storage_env = storage.environment()
 
     def readers(self) -> list[ReaderPlan]:
         epoch = int(self.state[0])
@@ -120,6 +121,7 @@ class _ShardStream(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         epoch, refill = int(self.state[0]), int(self.state[1])
+        storage.use_environment(self.storage_env)
         plan = self.readers()[worker]
         seed = epoch_seed(self.config.seed, epoch, refill, self.rank, worker)
         errors: list[str] = []
@@ -168,6 +170,8 @@ class _ShardStream(IterableDataset):
                     sample["cls"] = self.remap[label]
                 got += 1
                 yield sample
+        except storage.StorageError:
+            raise  # storage that cannot be read (credentials, endpoint) is not bad data
         except (OSError, EOFError, tarfile.TarError) as err:  # a missing, truncated or garbled shard
             errors.append(f"{where}: {type(err).__name__}: {err}"[:300])
         if got < piece.samples:
