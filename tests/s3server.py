@@ -86,6 +86,17 @@ def _bucket_ready(server: S3Server) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the server when the test process dies, even by SIGKILL (no orphans)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def start(folder: Path) -> tuple[subprocess.Popen, S3Server]:
     """Start ``weed mini`` in ``folder``; raises RuntimeError with its log if it does not come up."""
     binary = weed_binary()
@@ -100,7 +111,7 @@ def start(folder: Path) -> tuple[subprocess.Popen, S3Server]:
                *(f"-{flag}={port}" for flag, port in ports.items())]
     env = {**os.environ, **server.env}
     process = subprocess.Popen(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=_die_with_parent)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
