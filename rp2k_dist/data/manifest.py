@@ -160,11 +160,6 @@ class Manifest:
         """The per-sample index (``index.parquet``)."""
         return pq.read_table(pa.BufferReader(read_bytes(self.location(INDEX_PARQUET))))
 
-    def has_ranges(self) -> bool:
-        """Whether ``index.parquet`` records each sample's byte range (``rp2k index`` adds it)."""
-        names = pq.read_schema(pa.BufferReader(read_bytes(self.location(INDEX_PARQUET)))).names
-        return all(c in names for c in RANGE_COLUMNS)
-
 
 def write_atomic(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` through a temp file + rename (readers never see half)."""
