@@ -81,6 +81,19 @@ def test_verify_on_s3_passes_then_catches_a_flipped_byte(s3_server, s3_pack, cap
     assert verify_shards(uri) == []
 
 
+def test_endpoint_from_the_environment_works_like_the_uri_parameters(s3_server, s3_pack, monkeypatch):
+    uri, manifest = s3_pack
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{s3_server.endpoint}")
+    storage._filesystem.cache_clear()
+    try:
+        plain = storage.display(uri)  # s3://rp2k/packs/small, no query
+        assert Manifest.load(plain).data == manifest.data
+        assert verify_shards(plain) == []
+    finally:
+        monkeypatch.undo()
+        storage._filesystem.cache_clear()
+
+
 def test_loader_streams_s3_shards_by_byte_range(s3_server, s3_pack):
     uri, manifest = s3_pack
     local_keys = None
