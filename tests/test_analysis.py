@@ -212,7 +212,8 @@ def test_predict_routes_to_a_specialist(trained, synth_shards, image_folder, tmp
     types = synth_shards.meta_categories("type")
     top1_types = [types[result["top5"][0]["class"]] for result in alone]
     chosen = max(set(top1_types), key=top1_types.count)  # so that some images are routed
-    run = _train(synth_shards, tmp_path, "specialist", (f"data.meta_category=type={chosen}",))
+    # batch 8: whichever category is chosen, its train share holds a full batch
+    run = _train(synth_shards, tmp_path, "specialist", (f"data.meta_category=type={chosen}", "data.batch_size=8"))
     specialist = load_trained(run, device="cpu")
     own, _ = predict_images(specialist, files)  # the specialist alone, classes as global indices
     ensemble, _ = predict_images(trained, files, specialists=[specialist])
