@@ -9,7 +9,14 @@ import pytest
 import webdataset as wds
 
 from rp2k_dist.data.augment import AugmentConfig
-from rp2k_dist.data.loader import _class_balanced_batches, CorruptDataError, LoaderConfig, ShardLoader, plan_readers, plan_training_epoch
+from rp2k_dist.data.loader import (
+    CorruptDataError,
+    LoaderConfig,
+    ShardLoader,
+    _class_balanced_batches,
+    plan_readers,
+    plan_training_epoch,
+)
 from rp2k_dist.data.manifest import Manifest
 from rp2k_dist.data.transforms import EvalTransform, InputSpec, TrainTransform
 
