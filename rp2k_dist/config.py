@@ -62,6 +62,7 @@ class ModelConfig:
     name: str = "resnet34"  # resnet34 | inception_v3 | apinet
     pretrained: str = ""  # "imagenet": torchvision weights from the local torch hub cache
     weights: str = ""  # a local weights file or a checkpoint of this project
+    partial_weights: bool = False  # leave tensors the weights file cannot fill new instead of failing
     crop_size: int = 0  # 0 = the model's own input size (224 / 299)
     channels_last: bool = True
     compile: bool = False
@@ -77,12 +78,16 @@ class ModelConfig:
 class LossConfig:
     """Class-Balanced Loss (Cui et al. 2019); beta = 0 is plain cross-entropy."""
 
+    # auto: CBL (cbl_beta) for ResNet-34 / InceptionV3 as in the paper, plain cross-entropy
+    # for API-Net as in its official code; cbl | ce: that loss for every model
+    criterion: str = "auto"
     cbl_beta: float = 0.99  # the paper's value
     variant: str = "softmax"  # softmax | sigmoid | focal
     focal_gamma: float = 1.0
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
+        _check(self.criterion in ("auto", "cbl", "ce"), f"loss.criterion must be auto, cbl or ce, got {self.criterion!r}")
         _check(0.0 <= self.cbl_beta < 1.0, f"loss.cbl_beta must be in [0, 1), got {self.cbl_beta}")
         _check(self.variant in ("softmax", "sigmoid", "focal"), "loss.variant must be softmax, sigmoid or focal")
         _check(self.focal_gamma >= 0, "loss.focal_gamma must be >= 0")

@@ -2,19 +2,19 @@
 
 A general model's run plus one API-Net specialist run per meta-category (trained with
 ``data.meta_category: type=liquor`` etc.) -> routed ensemble predictions on the test split,
-Table 3 (within-category accuracy before/after) and the ensemble's Table 2.
+Table 3 (within-category accuracy: general, general among the category's classes,
+specialist alone, routed ensemble; routing recall) and the ensemble's Table 2.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .data.manifest import Manifest
-from .evaluation.ensemble import Specialist, combine, route, table3, table3_markdown
+from .evaluation.ensemble import Specialist, combine, in_global_classes, route, table3, table3_markdown, within_category
 from .evaluation.metrics import accuracy_table
 from .evaluation.predictions import Predictions
 from .inference import load_trained, predict_shards
@@ -43,8 +43,11 @@ def evaluate_ensemble(
 ) -> EnsembleResult:
     """Route every test image (general model's top-1 meta-category) and score the ensemble.
 
-    Writes ``ensemble.json``, ``table3.md``, ``ensemble_table2.md`` and
-    ``ensemble_predictions.parquet`` into ``out`` (default: the general run's folder).
+    Writes ``ensemble.json``, ``table3.md``, ``ensemble_table2.md`` and the predictions
+    behind every Table 3 column into ``out`` (default: the general run's folder):
+    ``ensemble_predictions.parquet`` (d), ``ensemble_general_predictions.parquet`` (a, and
+    the routing), and per category ``ensemble_<category>_restricted.parquet`` (b) and
+    ``ensemble_<category>_specialist.parquet`` (c), all in global class ids.
     """
     general_model = load_trained(general_run)
     if general_model.class_subset is not None:
@@ -52,15 +55,18 @@ def evaluate_ensemble(
     shards = Path(shards or general_model.checkpoint["config"]["data"]["shards"])
     classes = Manifest.load(shards).classes
     general = predict_shards(general_model, shards, workers=workers)
-    specialists, predictions = [], {}
+    specialists, predictions, restricted = [], {}, {}
     for index, run in enumerate(specialist_runs):
         trained = load_trained(run)
-        specialists.append(specialist_of(trained))
+        specialist = specialist_of(trained)
+        specialists.append(specialist)
         # every test image: the ones routed here are then picked by key
         predictions[index] = predict_shards(trained, shards, workers=workers, restrict_to_subset=False)
+        # Table 3 (b): the general model's answer among the category's classes only
+        restricted[index] = predict_shards(general_model, shards, workers=workers, classes=specialist.classes)
     routes = route(general.topk, classes, specialists, rule)
     ensemble = combine(general, predictions, routes, specialists)
-    rows = table3(general, ensemble, classes, specialists)
+    rows = table3(general, ensemble, classes, specialists, routes, restricted, predictions)
     table2 = accuracy_table(ensemble, classes)
     markdown = table3_markdown(rows)
 
@@ -72,9 +78,14 @@ def evaluate_ensemble(
          "table3": rows, "table2": table2.to_dict()}, indent=1, ensure_ascii=False, default=float), encoding="utf-8")
     (out / "table3.md").write_text(markdown + "\n", encoding="utf-8")
     (out / "ensemble_table2.md").write_text(table2.to_markdown() + "\n", encoding="utf-8")
-    with tempfile.TemporaryDirectory() as tmp:
-        ensemble.to_parquet(Path(tmp) / "p.parquet", classes)
-        (out / "ensemble_predictions.parquet").write_bytes((Path(tmp) / "p.parquet").read_bytes())
+    # every column of Table 3 can be recomputed from these files (global class ids)
+    files = {"ensemble_predictions.parquet": ensemble, "ensemble_general_predictions.parquet": general}
+    for index, specialist in enumerate(specialists):
+        inside = within_category(general, classes, specialist)
+        for part, preds in (("specialist", predictions[index]), ("restricted", restricted[index])):
+            files[f"ensemble_{specialist.meta_category}_{part}.parquet"] = in_global_classes(preds, specialist.classes, inside)
+    for name, preds in files.items():
+        preds.to_parquet(out / name, classes)
     return EnsembleResult(rows, general, ensemble, markdown)
 
 

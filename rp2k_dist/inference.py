@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,16 +82,30 @@ def features_of(trained: TrainedModel, images: torch.Tensor) -> torch.Tensor:
 
 def predict_shards(
     trained: TrainedModel, shards: str | Path, split: str = "test", batch_size: int = 64, workers: int = 2,
-    restrict_to_subset: bool = True,
+    restrict_to_subset: bool = True, classes: Sequence[int] | None = None,
 ) -> Predictions:
     """Top-5 predictions for every sample of ``split`` (labels in the model's label space).
 
     A specialist (a checkpoint with a class subset) sees only its classes' samples unless
-    ``restrict_to_subset`` is False (then samples of other classes get label -1).
+    ``restrict_to_subset`` is False (then it sees every sample, labelled with its global
+    class, which is not the specialist's label space: only its top-k are meaningful).
+    ``classes`` (global indices, all known to the model): only the samples of these
+    classes, scored among these classes only (the model's logits of them); labels and
+    top-k are then positions in ``classes``.
     """
     manifest = Manifest.load(shards)
     subset = trained.class_subset if restrict_to_subset else None
+    columns = None
+    if classes is not None:
+        position = {int(c["global_index"]): c["index"] for c in trained.classes}
+        unknown = [int(g) for g in classes if int(g) not in position]
+        if unknown:
+            raise ValueError(f"{trained.name} does not predict global classes {unknown[:10]}")
+        subset, columns = list(classes), [position[int(g)] for g in classes]
     loader = ShardLoader(manifest, split, EvalTransform(trained.spec), LoaderConfig(batch_size=batch_size, workers=workers),
                          train=False, classes=subset)
-    parts = [Predictions.from_logits(b["key"], b["label"].numpy(), logits_of(trained, b["image"])) for b in loader]
+    parts = []
+    for b in loader:
+        logits = logits_of(trained, b["image"])
+        parts.append(Predictions.from_logits(b["key"], b["label"].numpy(), logits if columns is None else logits[:, columns]))
     return Predictions.concat(parts)

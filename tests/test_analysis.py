@@ -105,7 +105,9 @@ def test_report_table2_matches_predictions_and_html_is_self_contained(run_dir, t
     (run / "ensemble.json").write_text(json.dumps({
         "rule": "top1", "table2": evaluation["table2"],
         "table3": [{"meta_category": "liquor", "samples": 7, "general_top1": 42.857, "general_top5": 71.4286,
-                    "ensemble_top1": 85.7143, "ensemble_top5": 100.0}],
+                    "restricted_top1": 57.1429, "restricted_top5": 85.7143, "specialist_top1": 100.0,
+                    "specialist_top5": 100.0, "ensemble_top1": 85.7143, "ensemble_top5": 100.0,
+                    "routing_recall": 85.7143, "routed_in": 2}],
     }), encoding="utf-8")
 
     md_path, html_path = write_report(run, tmp_path / "report")
@@ -118,7 +120,8 @@ def test_report_table2_matches_predictions_and_html_is_self_contained(run_dir, t
     overall = f"| average (micro) | {len(predictions)} | {100 * predictions['correct_top1'].mean():.2f} |"
     assert overall in md
     assert "not RP2K's 2,388" in md and "paper top-1" not in md.split("## Table 3")[0]
-    assert "| liquor | 7 | 42.86 | 71.43 | 85.71 | 100.00 |" in md  # Table 3, no paper columns
+    # Table 3: (a)-(d) as top-1 / top-5, routing recall, images routed in; no paper columns
+    assert "| liquor | 7 | 42.86 / 71.43 | 57.14 / 85.71 | 100.00 / 100.00 | 85.71 / 100.00 | 85.71 | 2 |" in md
     for heading in ("## Training curves", "## Most confused pairs", "## UMAP", "## Configuration"):
         assert heading in md
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):

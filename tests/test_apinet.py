@@ -161,3 +161,41 @@ def test_a_few_steps_on_a_separable_problem_reduce_the_loss():
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def _official_loss(out: ApiNetOutput) -> torch.Tensor:
+    """PeiqinZhuang/API-Net train.py: nn.CrossEntropyLoss over [self; other] logits with
+    targets [labels1, labels2, labels1, labels2] + nn.MarginRankingLoss(margin=0.05)
+    between the softmax scores of the true class, self-gated vs other-gated."""
+    self_logits = torch.cat([out.logits_self1, out.logits_self2])
+    other_logits = torch.cat([out.logits_other1, out.logits_other2])
+    targets = torch.cat([out.labels1, out.labels2])
+    softmax_loss = nn.CrossEntropyLoss()(torch.cat([self_logits, other_logits]), torch.cat([targets, targets]))
+    rows = torch.arange(len(targets))
+    self_scores = self_logits.softmax(dim=1)[rows, targets]
+    other_scores = other_logits.softmax(dim=1)[rows, targets]
+    rank = nn.MarginRankingLoss(margin=0.05)(self_scores, other_scores, torch.ones(len(targets)))
+    return softmax_loss + rank
+
+
+def test_default_api_net_loss_is_the_official_one_and_cbl_only_when_asked_for():
+    from rp2k_dist.config import load_config
+    from rp2k_dist.engine.train import RunData, build_criterion
+    from rp2k_dist.losses import class_balanced_weights
+
+    torch.manual_seed(0)
+    model = ApiNet(num_classes=3, backbone=Flat(), feature_dim=4, mutual_hidden=6, dropout=0.0).train()
+    features, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    out = model(features, labels)
+    data = RunData(manifest=None, class_subset=None, classes=[], train_counts=[50, 3, 7])  # imbalanced
+
+    default = build_criterion(load_config(None, ["model.name=apinet", "loss.cbl_beta=0.99"]), data)
+    assert torch.equal(default.weights, torch.ones(3))
+    assert torch.allclose(model.loss(out, labels, default), _official_loss(out), rtol=1e-6, atol=1e-7)
+
+    cbl = build_criterion(load_config(None, ["model.name=apinet", "loss.criterion=cbl", "loss.cbl_beta=0.99"]), data)
+    assert torch.allclose(cbl.weights, class_balanced_weights([50, 3, 7], 0.99))
+    assert not torch.allclose(model.loss(out, labels, cbl), _official_loss(out), rtol=1e-3)
+    # the paper's classifiers keep their Class-Balanced Loss by default; ce turns it off for any model
+    assert torch.allclose(build_criterion(load_config(None, ["loss.cbl_beta=0.99"]), data).weights, cbl.weights)
+    assert torch.equal(build_criterion(load_config(None, ["loss.criterion=ce"]), data).weights, torch.ones(3))

@@ -30,6 +30,12 @@ def test_paper_presets_encode_the_paper():
     liquor = load_config(JOBS / "table3_apinet_liquor.yaml")
     assert (liquor.model.name, liquor.data.meta_category) == ("apinet", "type=liquor")
     assert liquor.data.classes_per_batch * liquor.data.images_per_class == 120
+    for category in ("liquor", "cosmetics"):  # the official API-Net recipe
+        preset = load_config(JOBS / f"table3_apinet_{category}.yaml")
+        o = preset.optim
+        assert (o.optimizer, o.lr, o.lr_reference_batch, o.momentum, o.weight_decay, o.warmup_epochs, o.epochs) == (
+            "sgd", 0.01, 120, 0.9, 0.0005, 0.0, 100)
+        assert preset.model.freeze_backbone_epochs == 8 and preset.loss.criterion == "auto"
     t4 = {name: load_config(JOBS / f"table4_{name}.yaml") for name in ("scratch", "transfer", "scratch_aug", "transfer_aug")}
     assert [t4[n].model.pretrained for n in t4] == ["", "imagenet", "", "imagenet"]
     assert [t4[n].augment.any for n in t4] == [False, False, True, True]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -100,6 +101,17 @@ def test_warmup_then_cosine_schedule():
     assert factor(100) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_frozen_backbone_steps_run_at_the_full_rate_and_the_warmup_follows_them():
+    official = warmup_cosine(total_steps=100, warmup_steps=0, warmup_start=8)  # API-Net: no warm-up
+    assert official(0) == 1.0 and official(50) == pytest.approx(0.5)
+    factor = warmup_cosine(total_steps=100, warmup_steps=10, warmup_start=20)
+    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * step / 90))  # over the 90 steps outside the warm-up
+    assert factor(0) == 1.0 and factor(19) == pytest.approx(cosine(19))  # frozen: the head at the full rate
+    assert factor(20) == pytest.approx(0.01 * cosine(20))  # the backbone unfreezes at 1 % of the rate
+    assert factor(25) == pytest.approx((0.01 + 0.99 * 0.5) * cosine(20))
+    assert factor(30) == pytest.approx(cosine(20)) and factor(100) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_specialist_run_sees_only_its_meta_category(synth_shards, tmp_path):
     types = synth_shards.meta_categories("type")
     chosen = max(set(types), key=types.count)
@@ -133,6 +145,43 @@ def test_apinet_specialist_and_routed_ensemble(synth_shards, tmp_path):
     saved = json.loads((general.local_path() / "ensemble.json").read_text())
     assert saved["table3"][0]["ensemble_top1"] == pytest.approx(row["ensemble_top1"])
     assert (general.local_path() / "table3.md").read_text().count(category) == 1
+    # the specialist starts from the general model's fc rows of its classes, and says so
+    load = json.loads((special.local_path() / "weights_load.json").read_text())
+    assert load["sliced"] == ["fc.weight", "fc.bias"] and sorted(load["new"]) == ["map1.bias", "map1.weight", "map2.bias", "map2.weight"]
+    assert row == pytest.approx(_table3_from_parquet(general.local_path(), category, synth_shards.classes), nan_ok=True)
+
+
+def _table3_from_parquet(run_dir, category, classes) -> dict:
+    """Table 3's row for ``category``, recomputed from Parquet files alone: (a) and the
+    top-1 routing from the general run's own predictions.parquet (written by training),
+    (b), (c), (d) from the ensemble's files."""
+    import pyarrow.parquet as pq
+
+    def rows(name):
+        return {r["key"]: r for r in pq.read_table(run_dir / name).to_pylist()}
+
+    def accuracy(table, k):
+        return 100 * sum(r["true_class"] in r["top5_classes"][:k] for r in table.values()) / len(table)
+
+    kind = {c["index"]: c["type"] for c in classes}
+    general = rows("predictions.parquet")
+    mine = {key: r for key, r in general.items() if r["type"] == category}
+    sent = {key for key, r in general.items() if kind[r["top5_classes"][0]] == category}
+    row = {"meta_category": category, "samples": len(mine), "routing_recall": 100 * len(sent & set(mine)) / len(mine),
+           "routed_in": len(sent - set(mine))}
+    ensemble = rows("ensemble_predictions.parquet")
+    parts = {"general": mine, "ensemble": {key: ensemble[key] for key in mine},
+             "restricted": rows(f"ensemble_{category}_restricted.parquet"),
+             "specialist": rows(f"ensemble_{category}_specialist.parquet")}
+    for name, table in parts.items():
+        assert set(table) == set(mine), name
+        for k in (1, 5):
+            row[f"{name}_top{k}"] = accuracy(table, k)
+    # (b) is the general model's argmax over the category's classes, wherever its top-5 shows it
+    for key, r in parts["restricted"].items():
+        first_inside = next((c for c in general[key]["top5_classes"] if kind[c] == category), None)
+        assert first_inside in (None, r["top5_classes"][0])
+    return row
 
 
 def test_device_decode_path_trains_and_evaluates_everything(synth_shards, tmp_path):

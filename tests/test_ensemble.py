@@ -123,22 +123,51 @@ def test_within_category_selects_by_true_class(general):
     assert within_category(general, CLASSES, COSMETICS).keys == ["s2", "s3"]
 
 
+def _restricted() -> dict[int, Predictions]:
+    # the general model among each category's classes, in the specialist's label space
+    liquor = Predictions.from_logits(["s0", "s1"], [0, 1], np.array([[0.0, 1.0], [0.0, 1.0]]))  # class 1 twice
+    cosmetics = Predictions.from_logits(["s2", "s3"], [1, 0], np.array([[1.0, 0.0], [1.0, 0.0]]))  # class 3 twice
+    return {0: liquor, 1: cosmetics}
+
+
+def _specialists_alone(specialist_preds) -> dict[int, Predictions]:
+    # every image of the category given to its specialist (s1 too, which routing keeps away)
+    liquor = Predictions.from_logits(["s0", "s1", "s4"], [0, 1, -1], np.array([[2.0, 0.0], [1.0, 0.0], [1.0, 0.0]]))
+    return {0: liquor, 1: specialist_preds[1]}
+
+
 def test_table3_by_hand(general, specialist_preds):
-    ensemble = combine(general, specialist_preds, route(general.topk, CLASSES, SPECIALISTS), SPECIALISTS)
-    rows = table3(general, ensemble, CLASSES, SPECIALISTS)
+    routes = route(general.topk, CLASSES, SPECIALISTS)
+    ensemble = combine(general, specialist_preds, routes, SPECIALISTS)
+    rows = table3(general, ensemble, CLASSES, SPECIALISTS, routes, _restricted(), _specialists_alone(specialist_preds))
     assert rows == [
-        # s0 fixed by the specialist; s1 misrouted: a top-1 error of both, found in both top-5s
+        # (a) s0, s1 wrong; (b) among {0, 1} the general model says 1 twice: s1 right; (c) the
+        # specialist fixes s0, breaks s1; (d) s0 routed and fixed, s1 kept by the general model
+        # (its top-1 is dairy): recall 50 %; s4 (dairy) is routed in
         {"meta_category": "liquor", "samples": 2, "general_top1": 0.0, "general_top5": 100.0,
-         "ensemble_top1": 50.0, "ensemble_top5": 100.0},
-        # s2 fixed by the specialist (label 1 = class 2), s3 right in both
+         "restricted_top1": 50.0, "restricted_top5": 100.0, "specialist_top1": 50.0, "specialist_top5": 100.0,
+         "ensemble_top1": 50.0, "ensemble_top5": 100.0, "routing_recall": 50.0, "routed_in": 1},
+        # s2 fixed by the specialist (label 1 = class 2), s3 right in all
         {"meta_category": "cosmetics", "samples": 2, "general_top1": 50.0, "general_top5": 100.0,
-         "ensemble_top1": 100.0, "ensemble_top5": 100.0},
+         "restricted_top1": 50.0, "restricted_top5": 100.0, "specialist_top1": 100.0, "specialist_top5": 100.0,
+         "ensemble_top1": 100.0, "ensemble_top5": 100.0, "routing_recall": 100.0, "routed_in": 0},
     ]
     text = table3_markdown(rows)
-    assert "| liquor | 2 | 0.00 | 100.00 | 50.00 | 100.00 | 76.99 | 96.44 | 96.47 | 99.33 |" in text
-    assert "| cosmetics | 2 | 50.00 | 100.00 | 100.00 | 100.00 | 87.87 | 93.71 | 93.88 | 99.03 |" in text
+    assert ("| liquor | 2 | 0.00 / 100.00 | 50.00 / 100.00 | 50.00 / 100.00 | 50.00 / 100.00 | 50.00 | 1 "
+            "| 76.99 / 96.44 | 96.47 / 99.33 |") in text
+    assert ("| cosmetics | 2 | 50.00 / 100.00 | 50.00 / 100.00 | 100.00 / 100.00 | 100.00 / 100.00 | 100.00 | 0 "
+            "| 87.87 / 93.71 | 93.88 / 99.03 |") in text
     assert "paper" not in table3_markdown(rows, paper=None)
     assert PAPER_TABLE3["resnet34+apinet"]["liquor"] == (96.47, 99.33)
+
+
+def test_table3_without_the_parts_leaves_their_columns_empty(general, specialist_preds):
+    ensemble = combine(general, specialist_preds, route(general.topk, CLASSES, SPECIALISTS), SPECIALISTS)
+    (row, _) = table3(general, ensemble, CLASSES, SPECIALISTS)
+    assert row["restricted_top1"] is None and row["routing_recall"] is None and row["ensemble_top1"] == 50.0
+    assert "| liquor | 2 | 0.00 / 100.00 | – | – | 50.00 / 100.00 | – | – |" in table3_markdown([row], paper=None)
+    with pytest.raises(ValueError, match="restricted \\(liquor\\) has no predictions for 1"):
+        table3(general, ensemble, CLASSES, SPECIALISTS, restricted={0: _restricted()[0].subset([0])})
 
 
 def test_oracle_routing_by_true_labels(general, specialist_preds):

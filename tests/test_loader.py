@@ -10,7 +10,7 @@ import webdataset as wds
 
 from rp2k_dist.data.augment import AugmentConfig
 from rp2k_dist.data.chunks import SampleTable, plan_epoch, plan_training_epoch
-from rp2k_dist.data.loader import CorruptDataError, LoaderConfig, ShardLoader
+from rp2k_dist.data.loader import CorruptDataError, LoaderConfig, ShardLoader, _class_balanced_batches
 from rp2k_dist.data.manifest import Manifest
 from rp2k_dist.data.tar_index import index_ranges
 from rp2k_dist.data.transforms import EvalTransform, InputSpec, TrainTransform
@@ -184,19 +184,35 @@ def test_class_subset_is_relabelled_and_counted_exactly(many_shards):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_class_balanced_batches_hold_p_classes_of_k_images(many_shards, workers):
+def test_a_full_epoch_of_pk_batches_has_distinct_images_and_pairs_in_every_class(many_shards, workers):
     steps = []
     for rank in range(2):
         loader = ShardLoader(many_shards, "train", TrainTransform(SPEC, AugmentConfig()),
                              LoaderConfig(batch_size=99, workers=workers, shuffle_buffer=8), rank, 2,
                              class_balanced=(3, 4))
+        loader.set_epoch(1)
         batches = list(loader)
         steps.append(len(batches))
         for batch in batches:
+            assert len(set(batch["key"])) == len(batch["key"]) == batch["image"].shape[0]
             counts = Counter(batch["label"].tolist())
-            assert len(counts) == 3 and set(counts.values()) == {4}
-            assert batch["image"].shape[0] == 12
+            assert len(counts) == 3 and all(2 <= n <= 4 for n in counts.values())
     assert steps[0] == steps[1] > 0
+
+
+def test_pk_rule_classes_short_of_k_give_what_they_hold_and_single_images_wait():
+    # class 0: 8 images, 1: 3, 2: 5, 3: 1 (never pairable), in a stream order that makes 1 and 2 ready early
+    stream = [(f"img{c}-{i}", c, f"{c}-{i}") for c, n in ((1, 3), (2, 5), (0, 8), (3, 1)) for i in range(n)]
+    batches = list(_class_balanced_batches(iter(stream), 2, 4, np.random.default_rng(0)))
+    used = [key for _, _, keys in batches for key in keys]
+    assert len(used) == len(set(used))  # every image at most once per pass
+    for images, labels, keys in batches:
+        counts = Counter(labels)
+        assert len(counts) == 2 and all(2 <= n <= 4 for n in counts.values())
+        assert [f"img{k}" for k in keys] == images
+    assert 3 not in {label for _, labels, _ in batches for label in labels}
+    # class 1 has 3 images: it joins a batch with all 3 (never copies, never 4)
+    assert {n for _, labels, _ in batches for c, n in Counter(labels).items() if c == 1} <= {2, 3}
 
 
 def test_shards_behind_a_uri_stream_through_pyarrow_fs(many_shards):

@@ -190,8 +190,9 @@ def test_project_checkpoint_loads_and_a_head_of_another_size_is_reported(tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), source.state_dict().values()))
 
     other = create_model("resnet34", num_classes=7)
-    left = load_weights_file(other, path)
-    assert left == ["net.fc.weight", "net.fc.bias"]
+    report = load_weights_file(other, path)  # no class table to map rows by: the head stays new
+    assert report.new == ["net.fc.weight", "net.fc.bias"] and report.sliced == []
+    assert "2 left new (net.fc.weight, net.fc.bias)" in report.summary()
     assert torch.equal(other.state_dict()["net.layer1.0.conv1.weight"], source.state_dict()["net.layer1.0.conv1.weight"])
 
 
@@ -199,20 +200,20 @@ def test_plain_torchvision_and_compiled_state_dicts_load(tmp_path):
     net = torchvision.models.resnet34(num_classes=3)
     torch.save(net.state_dict(), tmp_path / "plain.pth")
     model = create_model("resnet34", num_classes=3)
-    assert load_weights_file(model, tmp_path / "plain.pth") == []
+    assert load_weights_file(model, tmp_path / "plain.pth").new == []
     assert torch.equal(model.net.conv1.weight, net.conv1.weight)
 
     compiled_keys = {f"_orig_mod.{key}": value for key, value in model.state_dict().items()}
     torch.save({"model": compiled_keys}, tmp_path / "compiled.pt")
-    assert load_weights_file(create_model("resnet34", num_classes=3), tmp_path / "compiled.pt") == []
+    assert load_weights_file(create_model("resnet34", num_classes=3), tmp_path / "compiled.pt").new == []
 
 
 def test_apinet_backbone_and_fc_load_from_a_resnet34_checkpoint(tmp_path):
     resnet = create_model("resnet34", num_classes=4)
     torch.save({"model": resnet.state_dict(), "epoch": 10}, tmp_path / "r34.pt")
     apinet = create_model("apinet", num_classes=4)
-    left = load_weights_file(apinet, tmp_path / "r34.pt")
-    assert sorted(left) == ["map1.bias", "map1.weight", "map2.bias", "map2.weight"]
+    report = load_weights_file(apinet, tmp_path / "r34.pt")
+    assert sorted(report.new) == ["map1.bias", "map1.weight", "map2.bias", "map2.weight"]
     assert isinstance(apinet, ApiNet)
     for key, tensor in resnet.state_dict().items():
         assert torch.equal(apinet.state_dict()[key.replace("net.", "backbone.", 1).replace("backbone.fc.", "fc.")], tensor)
@@ -229,7 +230,64 @@ def test_weights_file_errors(tmp_path):
 
     partial = {k: v for k, v in model.state_dict().items() if not k.startswith("net.layer4.")}
     torch.save(partial, tmp_path / "partial.pt")
-    with pytest.raises(ValueError, match="backbone"):
+    with pytest.raises(ValueError, match=r"net\.layer4\.0\.conv1\.weight \(missing\).*partial"):
         load_weights_file(model, tmp_path / "partial.pt")
-    left = load_weights_file(model, tmp_path / "partial.pt", strict_backbone=False)
-    assert left and all(key.startswith("net.layer4.") for key in left)
+    report = load_weights_file(model, tmp_path / "partial.pt", partial=True)
+    assert report.new and all(key.startswith("net.layer4.") for key in report.new)
+
+    reshaped = dict(model.state_dict(), **{"net.conv1.weight": torch.zeros(64, 3, 3, 3)})
+    torch.save(reshaped, tmp_path / "reshaped.pt")
+    with pytest.raises(ValueError, match=r"net\.conv1\.weight \(file \(64, 3, 3, 3\), model \(64, 3, 7, 7\)\)"):
+        load_weights_file(model, tmp_path / "reshaped.pt")
+
+
+def _general_checkpoint(path: Path, num_classes: int = 9) -> nn.Module:
+    """A general ResNet-34 of this project (BatchNorm statistics moved off their defaults)
+    saved as a checkpoint with its class table, as the engine writes it."""
+    torch.manual_seed(0)
+    general = create_model("resnet34", num_classes=num_classes)
+    with torch.no_grad():
+        general.train()(torch.randn(8, 3, 64, 64))
+    general.eval()
+    classes = [{"index": i, "global_index": i, "name": f"c{i}"} for i in range(num_classes)]
+    torch.save({"model": general.state_dict(), "classes": classes, "class_subset": None}, path)
+    return general
+
+
+@pytest.mark.parametrize("name", ["resnet34", "apinet"])
+def test_a_specialist_from_a_general_checkpoint_starts_as_the_general_model_on_its_classes(tmp_path, name):
+    general = _general_checkpoint(tmp_path / "general.pt")
+    subset = [7, 2, 5]  # not in global order
+    specialist = create_model(name, num_classes=len(subset))
+    report = load_weights_file(specialist, tmp_path / "general.pt", classes=subset)
+    fc = "net.fc." if name == "resnet34" else "fc."
+    assert report.sliced == [f"{fc}weight", f"{fc}bias"]
+    assert f"2 sliced by class ({fc}weight, {fc}bias)" in report.summary()
+    assert report.new == ([] if name == "resnet34" else ["map1.weight", "map1.bias", "map2.weight", "map2.bias"])
+    images = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(specialist.eval()(images), general(images)[:, subset])
+
+
+def test_inception_specialist_slices_both_classifiers(tmp_path):
+    general = create_model("inception_v3", num_classes=6)
+    classes = [{"index": i, "global_index": i} for i in range(6)]
+    torch.save({"model": general.state_dict(), "classes": classes}, tmp_path / "general.pt")
+    specialist = create_model("inception_v3", num_classes=2)
+    report = load_weights_file(specialist, tmp_path / "general.pt", classes=[4, 1])
+    assert sorted(report.sliced) == ["net.AuxLogits.fc.bias", "net.AuxLogits.fc.weight", "net.fc.bias", "net.fc.weight"]
+    assert torch.equal(specialist.net.AuxLogits.fc.weight, general.net.AuxLogits.fc.weight[[4, 1]])
+
+
+def test_classes_the_checkpoint_does_not_know_are_an_error_unless_partial(tmp_path):
+    _general_checkpoint(tmp_path / "general.pt", num_classes=4)
+    same_count = create_model("resnet34", num_classes=4)
+    # the same class count but other classes: the rows are still taken by class
+    assert load_weights_file(same_count, tmp_path / "general.pt", classes=[3, 2, 1, 0]).sliced == ["net.fc.weight", "net.fc.bias"]
+    identity = load_weights_file(same_count, tmp_path / "general.pt", classes=[0, 1, 2, 3])
+    assert identity.sliced == [] and identity.new == []
+    model = create_model("resnet34", num_classes=2)
+    with pytest.raises(ValueError, match=r"net\.fc\.weight \(general\.pt has no row for global classes \[9\]\)"):
+        load_weights_file(model, tmp_path / "general.pt", classes=[1, 9])
+    report = load_weights_file(model, tmp_path / "general.pt", classes=[1, 9], partial=True)
+    assert report.new == ["net.fc.weight", "net.fc.bias"] and report.sliced == []

@@ -327,6 +327,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tupl
 
     if run.ensemble or (run.path / "table3.md").exists():
         doc.heading("Table 3: general model vs ensemble, within the meta-category")
+        doc.para("On each category's test images, top-1 / top-5 in %: (a) the general model among all classes, "
+                 "(b) the general model among the category's classes only (perfect routing, no specialist), "
+                 "(c) the specialist alone, (d) the routed ensemble; routing recall: the share of the category's "
+                 "images sent to its specialist; others routed in: other categories' images sent to it.")
         if run.ensemble:
             real = run.is_real_rp2k(manifest)
             routed = ", ".join(f"{n} to {category}" for category, n in run.ensemble.get("routed", {}).items())

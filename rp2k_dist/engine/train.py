@@ -29,7 +29,7 @@ from .batches import CpuBatches, DeviceBatches
 from ..evaluation.metrics import accuracy_table, confused_pairs
 from ..evaluation.predictions import Predictions
 from ..losses import ClassBalancedLoss
-from ..models import create_model, input_spec
+from ..models import create_model, input_spec, load_weights_file
 from . import distributed as dist_utils
 from .checkpoint import FORMAT, VERSION, rng_state, set_rng_state
 from .context import WorkerContext, write_metrics
@@ -110,16 +110,36 @@ def build_optimizer(model: nn.Module, config: ExperimentConfig, global_batch: in
     return optimizer, lr
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int):
-    """LR multiplier per step: linear warmup from 1 %, then cosine to 0."""
+def warmup_cosine(total_steps: int, warmup_steps: int, warmup_start: int = 0):
+    """LR multiplier per step: cosine from 1 to 0 over the steps outside the warm-up, with
+    a linear warm-up (from 1 % of the rate the cosine has there) of ``warmup_steps`` steps
+    starting at step ``warmup_start``. API-Net's frozen-backbone epochs come before the
+    warm-up (``warmup_start`` = their steps): the head trains at the full rate while the
+    backbone is frozen, and the warm-up, if any, eases the backbone in after unfreezing."""
+    cosine_steps = max(1, total_steps - warmup_steps)
+
+    def cosine(step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / cosine_steps)))
 
     def factor(step: int) -> float:
-        if step < warmup_steps:
-            return 0.01 + 0.99 * step / max(1, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if step < warmup_start:
+            return cosine(step)
+        if step < warmup_start + warmup_steps:
+            return cosine(warmup_start) * (0.01 + 0.99 * (step - warmup_start) / max(1, warmup_steps))
+        return cosine(step - warmup_steps)
 
     return factor
+
+
+def build_criterion(config: ExperimentConfig, data: RunData) -> nn.Module:
+    """The classification loss: Class-Balanced Loss with ``loss.cbl_beta``, or without
+    class weights (beta 0: plain cross-entropy for the softmax variant). ``loss.criterion``
+    auto: API-Net trains without class weights as its official code does (its P x K
+    sampler already draws classes uniformly), the other models with the paper's CBL."""
+    c = config.loss
+    use_cbl = c.criterion == "cbl" or (c.criterion == "auto" and config.model.name != "apinet")
+    return ClassBalancedLoss(data.train_counts, c.cbl_beta if use_cbl else 0.0, c.variant,
+                             c.focal_gamma, c.label_smoothing)
 
 
 def set_backbone_frozen(optimizer: torch.optim.Optimizer, frozen: bool) -> None:
@@ -255,8 +275,14 @@ def train_worker(
     train_loader, eval_loader = build_loaders(config, data, spec, context.rank, context.world_size, device)
     prepare_train, prepare_eval = build_batches(config, spec, device, context.rank)
 
-    core = create_model(config.model.name, len(data.classes), pretrained=config.model.pretrained or None,
-                        weights=config.model.weights or None)
+    core = create_model(config.model.name, len(data.classes), pretrained=config.model.pretrained or None)
+    if config.model.weights:
+        # a specialist takes the general classifier's rows of its classes, by global index
+        report = load_weights_file(core, config.model.weights, classes=[c["global_index"] for c in data.classes],
+                                   partial=config.model.partial_weights)
+        if context.rank == 0:
+            print(report.summary(), flush=True)
+            context.storage.write_text("weights_load.json", json.dumps(report.to_dict(), indent=1))
     core.to(device)
     if config.model.channels_last:
         core.to(memory_format=torch.channels_last)
@@ -266,15 +292,14 @@ def train_worker(
                                         gradient_as_bucket_view=True)
     if config.model.compile:
         model = torch.compile(model)
-    criterion = ClassBalancedLoss(data.train_counts, config.loss.cbl_beta, config.loss.variant,
-                                  config.loss.focal_gamma, config.loss.label_smoothing).to(device)
+    criterion = build_criterion(config, data).to(device)
 
     global_batch = train_loader.dataset.batch_size * context.world_size
     optimizer, base_lr = build_optimizer(core, config, global_batch, cuda)
     steps_per_epoch = len(train_loader)
     total = steps_per_epoch * config.optim.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total, round(config.optim.warmup_epochs * steps_per_epoch)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+        total, round(config.optim.warmup_epochs * steps_per_epoch), config.model.freeze_backbone_epochs * steps_per_epoch))
 
     history: list[dict[str, Any]] = []
     start_epoch = 0

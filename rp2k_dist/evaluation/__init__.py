@@ -1,7 +1,7 @@
 """Evaluation: per-sample predictions, the paper's accuracy tables (Table 2 per
 meta-category, Table 3 general model vs routed ensemble) and confusions."""
 
-from .ensemble import Specialist, combine, route, table3, table3_markdown, within_category
+from .ensemble import Specialist, combine, in_global_classes, route, table3, table3_markdown, within_category
 from .metrics import (
     PAPER_TABLE2,
     PAPER_TABLE3,
@@ -26,6 +26,7 @@ __all__ = [
     "accuracy_table",
     "combine",
     "confused_pairs",
+    "in_global_classes",
     "per_class_accuracy",
     "route",
     "table3",

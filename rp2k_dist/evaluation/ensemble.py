@@ -18,9 +18,13 @@ Combining (:func:`combine`)
 
 Table 3 (:func:`table3`)
     For a meta-category C, the test set is every test image whose TRUE class is in C.
-    "General" is the general model's top-1/top-5 among all classes on those images (so
-    it equals C's Table 2 row, as it does in the paper). "Ensemble" is the routed
+    "General" (a) is the general model's top-1/top-5 among all classes on those images (so
+    it equals C's Table 2 row, as it does in the paper). "Ensemble" (d) is the routed
     ensemble's top-1/top-5 on the same images: misrouting is charged to the ensemble.
+    Between them, so that a gain or a loss can be traced: (b) the general model among C's
+    classes only (what perfect routing without a specialist gives), (c) the specialist
+    alone on all of C's images (perfect routing with it), and the routing recall (share
+    of C's images sent to C's specialist) with the count of other images sent to it.
     Consequences, stated so the numbers can be read correctly:
 
     - Rule ``"top1"``: an image of C whose general top-1 lies outside C is not sent to
@@ -36,12 +40,12 @@ Table 3 (:func:`table3`)
       they count in their own category's row and in the overall accuracy.
 
     The other possible reading, each specialist classifying its category's images among
-    its category's classes only (perfect routing), is obtained with the same functions by
-    routing on the true labels: ``route(general.labels[:, None], classes, specialists)``.
+    its category's classes only (perfect routing), is column (c).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -181,54 +185,111 @@ def within_category(predictions: Predictions, classes: list[dict[str, Any]], spe
     return predictions.subset(category == specialist.meta_category)
 
 
+def in_global_classes(
+    predictions: Predictions, classes: Sequence[int], general: Predictions, what: str = "predictions"
+) -> Predictions:
+    """``predictions`` made in the label space of ``classes`` (label j = global class
+    ``classes[j]``: a specialist, or the general model restricted to a category), for the
+    samples of ``general`` (matched by key, in its order), with top-k mapped to global
+    class ids and the true labels of ``general``. Raises ValueError when a sample of
+    ``general`` has no prediction (``what`` names the source in the message)."""
+    position = {key: i for i, key in enumerate(predictions.keys)}
+    missing = [key for key in general.keys if key not in position]
+    if missing:
+        raise ValueError(f"{what} has no predictions for {len(missing)} of the category's images, e.g. {missing[:3]}")
+    rows = np.array([position[key] for key in general.keys], dtype=np.int64)
+    table = np.asarray(classes, dtype=np.int64)
+    return Predictions(list(general.keys), general.labels.copy(), table[predictions.topk[rows]], predictions.scores[rows])
+
+
 def table3(
     general: Predictions,
     ensemble: Predictions,
     classes: list[dict[str, Any]],
     specialists: Sequence[Specialist],
+    routes: np.ndarray | None = None,
+    restricted: dict[int, Predictions] | None = None,
+    specialist_preds: dict[int, Predictions] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per specialist: ``{"meta_category", "samples", "general_top1",
-    "general_top5", "ensemble_top1", "ensemble_top5"}``, accuracies in percent on the
-    category's test images (see the module docstring for what exactly is counted)."""
+    """One row per specialist, accuracies in percent on the category's test images (every
+    test image whose TRUE class is in the category):
+
+    * ``general_top1/5`` (a): the general model among all classes (its Table 2 row);
+    * ``restricted_top1/5`` (b): the general model among the category's classes only
+      (argmax over them: perfect routing, no specialist), from ``restricted[s]``, the
+      general model's predictions in specialist s's label space;
+    * ``specialist_top1/5`` (c): specialist s alone (``specialist_preds[s]``, its own
+      label space), every category image given to it;
+    * ``ensemble_top1/5`` (d): the routed ensemble;
+    * ``routing_recall``: the share (%) of the category's images routed to its specialist;
+      ``routed_in``: the other categories' images routed to it (``routes`` from :func:`route`).
+
+    (b) - (a) is what knowing the category is worth, (c) - (b) what the specialist adds
+    over the general model on its classes, (d) - (c) what routing costs. Columns whose
+    input is not given are None. ``restricted`` and ``specialist_preds`` are matched by key
+    and must cover the category's images."""
     if general.keys != ensemble.keys or not np.array_equal(general.labels, ensemble.labels):
         raise ValueError("general and ensemble predictions must cover the same samples in the same order")
+    if routes is not None and np.shape(routes) != (len(general),):
+        raise ValueError(f"routes has shape {np.shape(routes)}, expected ({len(general)},)")
     rows = []
-    for specialist in specialists:
-        plain = within_category(general, classes, specialist)
-        routed = within_category(ensemble, classes, specialist)
-        rows.append(
-            {
-                "meta_category": specialist.meta_category,
-                "samples": len(plain),
-                "general_top1": 100 * top_k_accuracy(plain.labels, plain.topk, 1),
-                "general_top5": 100 * top_k_accuracy(plain.labels, plain.topk, 5),
-                "ensemble_top1": 100 * top_k_accuracy(routed.labels, routed.topk, 1),
-                "ensemble_top5": 100 * top_k_accuracy(routed.labels, routed.topk, 5),
-            }
-        )
+    for index, specialist in enumerate(specialists):
+        inside = class_column(classes, specialist.system)[general.labels] == specialist.meta_category
+        plain, routed = general.subset(inside), ensemble.subset(inside)
+        row: dict[str, Any] = {"meta_category": specialist.meta_category, "samples": len(plain)}
+        parts = {"general": plain, "restricted": None, "specialist": None, "ensemble": routed}
+        for name, given in (("restricted", restricted), ("specialist", specialist_preds)):
+            if given is not None and index in given:
+                parts[name] = in_global_classes(given[index], specialist.classes, plain,
+                                                f"{name} ({specialist.meta_category})")
+        for name, preds in parts.items():
+            for k in (1, 5):
+                row[f"{name}_top{k}"] = None if preds is None else 100 * top_k_accuracy(preds.labels, preds.topk, k)
+        if routes is not None:
+            sent = np.asarray(routes) == index
+            row["routing_recall"] = 100 * float(sent[inside].mean()) if inside.any() else math.nan
+            row["routed_in"] = int(sent[~inside].sum())
+        else:
+            row["routing_recall"] = row["routed_in"] = None
+        rows.append(row)
     return rows
+
+
+#: Table 3's columns: (key prefix, header). Each cell shows "top-1 / top-5".
+TABLE3_COLUMNS = (
+    ("general", "(a) general"),
+    ("restricted", "(b) general, category's classes"),
+    ("specialist", "(c) specialist alone"),
+    ("ensemble", "(d) routed ensemble"),
+)
 
 
 def table3_markdown(
     rows: list[dict[str, Any]], paper: dict[str, dict[str, tuple[float, float]]] | None = PAPER_TABLE3
 ) -> str:
-    """Markdown in Table 3's layout; with ``paper`` (keys "resnet34" and "resnet34+apinet",
-    like :data:`PAPER_TABLE3`) four paper columns are added, "–" where not reported."""
-    header = ["meta-category", "samples", "R34 top-1", "R34 top-5", "R34+API-Net top-1", "R34+API-Net top-5"]
-    models = ("resnet34", "resnet34+apinet")
+    """Markdown of :func:`table3` rows: columns (a)-(d) as "top-1 / top-5", routing recall
+    and the other categories' images routed in; with ``paper`` (keys "resnet34" and
+    "resnet34+apinet", like :data:`PAPER_TABLE3`) the paper's general model (its (a)) and
+    ensemble (its (d)) are added, "–" where not reported or not computed."""
+    header = ["meta-category", "images"] + [title for _, title in TABLE3_COLUMNS] + ["routing recall", "others routed in"]
     if paper is not None:
-        header += [f"paper {name} {metric}" for name in ("R34", "R34+API-Net") for metric in ("top-1", "top-5")]
+        header += ["paper R34", "paper R34+API-Net"]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for row in rows:
         cells = [row["meta_category"], str(row["samples"])]
-        cells += [
-            format_percent(row[f"{who}_{metric}"])
-            for who in ("general", "ensemble")
-            for metric in ("top1", "top5")
-        ]
+        cells += [_pair(row.get(f"{name}_top1"), row.get(f"{name}_top5")) for name, _ in TABLE3_COLUMNS]
+        recall = row.get("routing_recall")
+        cells += [format_percent(recall) if recall is not None else "–",
+                  str(row["routed_in"]) if row.get("routed_in") is not None else "–"]
         if paper is not None:
-            for model in models:
+            for model in ("resnet34", "resnet34+apinet"):
                 reported = paper.get(model, {}).get(row["meta_category"])
-                cells += [format_percent(reported[0]), format_percent(reported[1])] if reported else ["–", "–"]
+                cells.append(_pair(*reported) if reported else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _pair(top1: float | None, top5: float | None) -> str:
+    if top1 is None or top5 is None:
+        return "–"
+    return f"{format_percent(top1)} / {format_percent(top5)}"

@@ -12,13 +12,14 @@ from .registry import (
     model_names,
     register_model,
 )
-from .weights import WeightsNotFoundError, imagenet_file, imagenet_state_dict, load_weights_file
+from .weights import LoadReport, WeightsNotFoundError, imagenet_file, imagenet_state_dict, load_weights_file
 
 __all__ = [
     "MODELS",
     "ApiNet",
     "ApiNetOutput",
     "InceptionClassifier",
+    "LoadReport",
     "ModelEntry",
     "ResNetClassifier",
     "WeightsNotFoundError",

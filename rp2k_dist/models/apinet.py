@@ -102,6 +102,7 @@ class ApiNet(nn.Module):
     """
 
     head_prefixes = ("fc.", "map1.", "map2.")
+    classifier_prefixes = ("fc.",)  # one row per class: sliced by class for a specialist
 
     def __init__(
         self,

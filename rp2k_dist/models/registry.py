@@ -12,7 +12,9 @@ Every model :func:`create_model` returns follows one protocol:
 * ``logits(output)``: the main logits [N, C] of such an output (train accuracy).
 * ``forward_features(images)``: pooled penultimate features [N, D] (UMAP embeddings).
 * ``classifier``: the ``nn.Linear`` head; ``head_prefixes``: state-dict key prefixes of
-  the parts made fresh for a new class count (never required from a weights file).
+  the parts made fresh for a new class count (never required from a weights file);
+  ``classifier_prefixes``: those with one row per class (taken by class index from a
+  checkpoint of this project, see :func:`~.weights.load_weights_file`).
 """
 
 from __future__ import annotations
@@ -87,20 +89,24 @@ def create_model(
     num_classes: int,
     pretrained: str | None = None,
     weights: str | Path | None = None,
+    classes: list[int] | None = None,
+    partial_weights: bool = False,
     **kwargs,
 ) -> nn.Module:
     """Build model ``name`` with a ``num_classes`` head.
 
     pretrained: None (or "") for random init, "imagenet" for torchvision's ImageNet weights
     from the local torch.hub cache (heads replaced afterwards). weights: a local file loaded
-    last, over any ImageNet weights (:func:`load_weights_file`). kwargs go to the builder.
+    last, over any ImageNet weights (:func:`load_weights_file`, with ``classes``, the global
+    class index of each label, and ``partial_weights``); call :func:`load_weights_file`
+    directly to get its report. kwargs go to the builder.
     """
     entry = get_entry(name)
     if pretrained not in (None, "", "imagenet"):
         raise ValueError(f"pretrained must be None or 'imagenet', got {pretrained!r}")
     model = entry.build(num_classes, pretrained=pretrained == "imagenet", **kwargs)
     if weights:
-        load_weights_file(model, weights)
+        load_weights_file(model, weights, classes=classes, partial=partial_weights)
     return model
 
 
@@ -109,6 +115,7 @@ class ResNetClassifier(nn.Module):
     prefix ``net.`` (``net.conv1.weight``, ``net.fc.bias``)."""
 
     head_prefixes = ("net.fc.",)
+    classifier_prefixes = ("net.fc.",)
 
     def __init__(self, net: ResNet):
         super().__init__()
@@ -146,6 +153,7 @@ class InceptionClassifier(nn.Module):
     """
 
     head_prefixes = ("net.fc.", "net.AuxLogits.fc.")
+    classifier_prefixes = ("net.fc.", "net.AuxLogits.fc.")
     _trunk = (
         "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
         "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",

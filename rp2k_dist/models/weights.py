@@ -10,13 +10,17 @@ Two sources:
   Keys are matched by their *canonical* name, the key without the wrapper prefixes
   ``module.`` (DDP), ``_orig_mod.`` (torch.compile), ``net.`` (:class:`ResNetClassifier`,
   :class:`InceptionClassifier`) and ``backbone.`` (:class:`ApiNet`); so a ResNet-34
-  checkpoint loads into API-Net's backbone and fc, and vice versa.
+  checkpoint loads into API-Net's backbone and fc, and vice versa. A specialist built
+  from a general checkpoint of this project gets the general classifier's rows of its
+  own classes (matched by global class index), so before any training it predicts its
+  classes exactly as the general model restricted to them does.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -61,52 +65,131 @@ def imagenet_state_dict(name: str) -> dict[str, Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_weights_file(model: nn.Module, path: str | Path, strict_backbone: bool = True) -> list[str]:
-    """Load the local file ``path`` into ``model`` in place.
+def load_weights_file(
+    model: nn.Module,
+    path: str | Path,
+    classes: Sequence[int] | None = None,
+    partial: bool = False,
+) -> LoadReport:
+    """Load the local file ``path`` into ``model`` in place; returns what happened.
 
     Accepted contents: a plain torchvision state dict, a state dict of any model of this
-    project, or a checkpoint dict with the state dict under ``"model"`` (other keys are
-    ignored). A tensor is loaded when its canonical key (see the module docstring) exists in
-    the model with the same shape; file tensors the model does not have are ignored.
+    project, or a checkpoint dict with the state dict under ``"model"`` (its ``"classes"``
+    table, each entry with a ``"global_index"``, says which dataset class each classifier
+    row predicts). Tensors are matched by canonical key (see the module docstring); file
+    tensors the model does not have are ignored (counted in the report).
 
-    Returns the model keys left at their initial values (a head for another class count,
-    API-Net's mutual-vector layers when loading a ResNet-34), ``num_batches_tracked``
-    counters excepted. With ``strict_backbone`` every key outside the model's
-    ``head_prefixes`` (an attribute of this project's models; everything counts as
-    backbone for other modules) must load, else :class:`ValueError`. A file from which no
-    tensor loads at all raises :class:`ValueError`; a missing file
-    :class:`WeightsNotFoundError`.
+    Classifier tensors (the model's ``classifier_prefixes``: a ResNet's and API-Net's
+    ``fc``, InceptionV3's ``fc`` and ``AuxLogits.fc``) are taken row by row by global
+    class index when ``classes`` (the global index of each of the model's labels) is given
+    and the file is a checkpoint with a class table: a specialist built from a general
+    model starts with the general model's rows of its classes ("sliced"). Without such a
+    mapping an equal-shape classifier loads as is and one of another shape is left new
+    (e.g. a torchvision file's 1000-class ImageNet head).
+
+    Errors (:class:`ValueError`, naming the tensors), unless ``partial``: a backbone tensor
+    (outside the model's ``head_prefixes``) that the file lacks or holds with another
+    shape, and a class of ``classes`` that the file's class table lacks. With ``partial``
+    these tensors are left new and listed in the report. A file from which no tensor loads
+    at all is always a :class:`ValueError`; a missing file :class:`WeightsNotFoundError`.
     """
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFoundError(f"weights file not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
+    source_classes = None
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        source_classes = _global_indices(state.get("classes"))
         state = state["model"]
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict or a checkpoint dict")
     source = {_canonical(key): value for key, value in state.items() if isinstance(value, Tensor)}
+    rows = _class_rows(source_classes, classes, path) if classes is not None and source_classes else None
+    head_prefixes = tuple(getattr(model, "head_prefixes", ()))
+    classifier_prefixes = tuple(getattr(model, "classifier_prefixes", ()))
 
+    report = LoadReport(str(path), file_tensors=len(source))
     loaded: dict[str, Tensor] = {}
-    left: list[str] = []
+    problems: list[str] = []
     for key, current in model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
         tensor = source.get(_canonical(key))
-        if tensor is not None and tensor.shape == current.shape:
+        if key.startswith(classifier_prefixes) and tensor is not None and rows is not None:
+            if isinstance(rows, str):  # classes missing from the file's class table
+                problems.append(f"{key} ({rows})")
+                report.new.append(key)
+                continue
+            picked = tensor[rows]
+            if picked.shape != current.shape:
+                problems.append(f"{key} (file {tuple(tensor.shape)} -> rows {tuple(picked.shape)}, model {tuple(current.shape)})")
+                report.new.append(key)
+            elif picked.shape == tensor.shape and torch.equal(rows, torch.arange(len(tensor))):
+                loaded[key] = tensor
+                report.loaded.append(key)
+            else:
+                loaded[key] = picked
+                report.sliced.append(key)
+        elif tensor is not None and tensor.shape == current.shape:
             loaded[key] = tensor
-        elif not key.endswith("num_batches_tracked"):
-            left.append(key)
+            report.loaded.append(key)
+        else:
+            report.new.append(key)
+            if not key.startswith(head_prefixes):
+                problems.append(f"{key} ({'missing' if tensor is None else f'file {tuple(tensor.shape)}, model {tuple(current.shape)}'})")
     if not loaded:
         raise ValueError(f"nothing matched: no tensor of {path} fits {type(model).__name__} (by name and shape)")
-    if strict_backbone:
-        head_prefixes = tuple(getattr(model, "head_prefixes", ()))
-        missing = [key for key in left if not key.startswith(head_prefixes)]
-        if missing:
-            raise ValueError(
-                f"{path} lacks {len(missing)} backbone tensors of {type(model).__name__} (or has them with "
-                f"other shapes), e.g. {missing[:5]}; pass strict_backbone=False to load it partially"
-            )
+    if problems and not partial:
+        raise ValueError(
+            f"{path} cannot fill {len(problems)} tensors of {type(model).__name__}: {'; '.join(problems[:5])}"
+            + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
+            + "; ask for partial loading (model.partial_weights=true) to leave them at their initial values"
+        )
     model.load_state_dict(loaded, strict=False)
-    return left
+    return report
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_weights_file` did with each tensor of the model (state-dict keys;
+    ``num_batches_tracked`` counters are not listed)."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)  # copied as they are
+    sliced: list[str] = field(default_factory=list)  # classifier rows picked by global class index
+    new: list[str] = field(default_factory=list)  # left at their initial values
+    file_tensors: int = 0  # tensors in the file, used or not
+
+    def summary(self) -> str:
+        """One log line: counts, then the sliced and the new tensors by name."""
+        parts = [f"weights {self.source}: {len(self.loaded)} tensors loaded, {len(self.sliced)} sliced by class"]
+        if self.sliced:
+            parts[-1] += f" ({', '.join(self.sliced)})"
+        parts.append(f"{len(self.new)} left new" + (f" ({', '.join(self.new)})" if self.new else ""))
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _global_indices(classes: object) -> list[int] | None:
+    """The global class index of each row of a checkpoint's classifier, from its class
+    table (``[{"global_index": g, ...}, ...]``); None when the table has none."""
+    if not isinstance(classes, Sequence) or not classes:
+        return None
+    if not all(isinstance(c, Mapping) and isinstance(c.get("global_index"), int) for c in classes):
+        return None
+    return [int(c["global_index"]) for c in classes]
+
+
+def _class_rows(source: list[int], target: Sequence[int], path: Path) -> Tensor | str:
+    """Row of the file's classifier for each of the model's classes (int64 [C]), or a
+    message naming the classes the file does not know."""
+    position = {g: i for i, g in enumerate(source)}
+    unknown = [int(g) for g in target if int(g) not in position]
+    if unknown:
+        return f"{path.name} has no row for global classes {unknown[:10]}" + (" ..." if len(unknown) > 10 else "")
+    return torch.tensor([position[int(g)] for g in target], dtype=torch.int64)
 
 
 def _imagenet_weights(name: str) -> WeightsEnum:
