@@ -158,9 +158,15 @@ def download(pins: dict[str, str], python: str, cache: Path) -> list[Path]:
 
 
 def project_wheel(folder: Path) -> Path:
-    """This project's wheel, built from the working tree (no build isolation: offline)."""
+    """This project's wheel, built from a copy of the working tree's sources (setuptools
+    writes build/ and egg-info next to them) without build isolation (offline)."""
+    source = folder / "source"
+    for name in ("pyproject.toml", "README.md"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
+    shutil.copytree(ROOT / "rp2k_dist", source / "rp2k_dist", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(folder), str(ROOT)], check=True, cwd=folder)
+                    "--wheel-dir", str(folder), str(source)], check=True, cwd=folder)
     return next(folder.glob("rp2k_dist-*.whl"))
 
 
