@@ -112,6 +112,8 @@ class TimmStep:
 
     def epoch(self, batches: Iterator, prepare, steps: int) -> float:
         self.model.train()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # the clock starts with nothing queued, as the engine's does
         start = time.perf_counter()
         seen = 0
         for images, labels, _ in itertools.islice(batches, steps):
@@ -151,7 +153,7 @@ def synthetic(batch_size: int, crop: int, classes: int, device: torch.device, ch
 
 
 def from_shards(manifest: Manifest, spec, batch_size: int, workers: int, device: torch.device, on_device: bool):
-    """(endless loader batches, the engine's prepare for them)."""
+    """The loader's batches, epoch after epoch, without end."""
     transform = RawJpeg() if on_device else TrainTransform(spec, AugmentConfig())
     loader = ShardLoader(manifest, "train", transform, LoaderConfig(batch_size=batch_size, workers=workers,
                                                                      pin_memory=device.type == "cuda"))
