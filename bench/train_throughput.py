@@ -132,10 +132,16 @@ class TimmStep:
         return seen / (time.perf_counter() - start)
 
 
-def timed(step, batches: Iterator, prepare, warmup: int, steps: int) -> float:
-    """img/s over ``steps`` steps after ``warmup`` steps."""
+def timed(step, batches: Iterator, prepare, warmup: int, steps: int) -> tuple[float, float]:
+    """(img/s, img per CPU second of this process) over ``steps`` steps after ``warmup``.
+
+    On a shared CPU the second barely moves with other jobs' load; it leaves out loader
+    processes, so it compares (a) with (t) only."""
     step.epoch(batches, prepare, warmup)
-    return step.epoch(batches, prepare, steps)
+    wall, cpu = time.perf_counter(), time.process_time()
+    rate = step.epoch(batches, prepare, steps)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return rate, rate * wall / max(cpu, 1e-9)
 
 
 def unchanged(batch):
@@ -210,6 +216,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the median is reported")
     parser.add_argument("--workers", type=int, default=2, help="loader processes")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="default: on for CUDA, off for CPU")
@@ -229,6 +236,8 @@ def main() -> None:
     if args.channels_last is None:
         args.channels_last = cuda
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if cuda:
         torch.backends.cudnn.benchmark = True
 
@@ -248,14 +257,21 @@ def main() -> None:
             modes["b_cpu_decode"] = lambda: timed(engine, from_shards(manifest, spec, args.batch_size, args.workers, device, False), prepare_for(spec, device, False, args.channels_last), args.warmup, args.steps)
             modes["c_device_decode"] = lambda: timed(engine, from_shards(manifest, spec, args.batch_size, args.workers, device, True), prepare_for(spec, device, True, args.channels_last), args.warmup, args.steps)
         results: dict[str, list[float]] = {name: [] for name in modes}
+        per_cpu: dict[str, list[float]] = {name: [] for name in modes}
         for repeat in range(0 if args.only_ray_overhead else args.repeats):  # interleaved, the order reversed every other repeat
             for name in (list(modes) if repeat % 2 == 0 else list(modes)[::-1]):
-                results[name].append(modes[name]())
-                print(f"  repeat {repeat + 1}/{args.repeats}  {name:16s} {results[name][-1]:9.1f} img/s", flush=True)
+                rate, rate_cpu = modes[name]()
+                results[name].append(rate)
+                per_cpu[name].append(rate_cpu)
+                print(f"  repeat {repeat + 1}/{args.repeats}  {name:16s} {rate:9.1f} img/s  {rate_cpu:7.1f} img/CPU-s",
+                      flush=True)
         summary: dict[str, float] = {k: statistics.median(v) for k, v in results.items() if v}
+        pairs = (("a_compute_bound", "t_timm_step"), ("b_cpu_decode", "a_compute_bound"), ("c_device_decode", "a_compute_bound"))
         ratios = {f"{num}/{den}": statistics.median(n / d for n, d in zip(results[num], results[den]))
-                  for num, den in (("a_compute_bound", "t_timm_step"), ("b_cpu_decode", "a_compute_bound"),
-                                   ("c_device_decode", "a_compute_bound")) if results.get(num) and results.get(den)}
+                  for num, den in pairs if results.get(num) and results.get(den)}
+        if results.get("t_timm_step"):
+            ratios["a_compute_bound/t_timm_step per CPU-s"] = statistics.median(
+                n / d for n, d in zip(per_cpu["a_compute_bound"], per_cpu["t_timm_step"]))
         if args.ray_overhead:
             summary.update(ray_overhead(Path(shards), args, Path(tmp) / "runs"))
         name = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} torch threads)"
@@ -266,7 +282,7 @@ def main() -> None:
             unit = "%" if key.endswith("_pct") else "img/s"
             print(f"  {key:18s} {value:9.1f} {unit}")
         for key, value in ratios.items():
-            print(f"  {key:34s} {value:6.3f}  (median of per-repeat ratios)")
+            print(f"  {key:42s} {value:6.3f}  (median of per-repeat ratios)")
         if args.json:
             args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "device": name,
                                              **summary, "ratios": ratios}, indent=1))
