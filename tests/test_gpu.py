@@ -61,3 +61,25 @@ def test_nccl_backend_with_one_ray_train_worker(tmp_path):
     finally:
         ray.shutdown()
     assert final["epoch"] == 1 and final["val_samples"] > 0
+
+
+def test_training_steps_do_not_synchronise():
+    """The engine's steps (bf16, channels_last, fused SGD) under CUDA's sync debug mode:
+    any host-device synchronisation inside a step raises."""
+    from contextlib import contextmanager
+
+    from tests.test_step_sync import BATCH, StepLoader, SyncCounter, make_batches, run_epoch
+
+    @contextmanager
+    def synchronisation_is_an_error():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    device = torch.device("cuda")
+    loader = StepLoader(make_batches(6, device, channels_last=True), SyncCounter(), on_steps=synchronisation_is_an_error)
+    metrics, losses = run_epoch(loader, device, channels_last=True)
+    assert len(loader.per_step) == 6 and metrics["train_images"] == 6 * BATCH
+    assert metrics["train_loss"] == pytest.approx(float(torch.stack(losses).float().mean()), rel=1e-3)

@@ -158,22 +158,62 @@ def _drop_frozen_grads(optimizer: torch.optim.Optimizer) -> None:
                 param.grad = None
 
 
+CHECK_EVERY_STEPS = 50
+"""Steps between reads of the on-device metrics (the non-finite check among them): the
+only host-device synchronisation of the training loop besides the end of the epoch."""
+
+
+class _StepMetrics:
+    """Loss sum, correct predictions and the first non-finite step, accumulated on the
+    device: a step never waits for the device, so the host can queue the next step's
+    work while the accelerator runs this one."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_bad = torch.full((), math.inf, device=device)  # step index, inf = none yet
+        self.bad_loss = torch.zeros((), device=device)
+        self.seen = 0
+        self.checked_to = 0  # steps [0, checked_to) are known to be finite
+
+    def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        loss = loss.detach()
+        bad = ~torch.isfinite(loss)
+        new_bad = bad & torch.isinf(self.first_bad)
+        self.first_bad = torch.where(new_bad, float(step), self.first_bad)
+        self.bad_loss = torch.where(new_bad, loss.float(), self.bad_loss)
+        self.loss_sum += loss.double() * labels.shape[0]
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.seen += labels.shape[0]
+
+    def check_finite(self, steps_done: int, epoch: int) -> None:
+        """Raise :class:`NonFiniteLossError` naming the first bad step of those since the
+        last check (one synchronisation)."""
+        first_bad = self.first_bad.item()
+        if math.isfinite(first_bad):
+            raise NonFiniteLossError(
+                f"loss is {self.bad_loss.item()} at epoch {epoch} step {int(first_bad)} (checked over steps "
+                f"{self.checked_to}-{steps_done - 1}): lower optim.lr, set optim.grad_clip, "
+                "or check the data; checkpoints up to the previous epoch are intact"
+            )
+        self.checked_to = steps_done
+
+
 def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, prepare, device, config, epoch) -> dict[str, float]:
-    """One pass over this rank's batches; returns metrics summed over all ranks."""
+    """One pass over this rank's batches; returns metrics summed over all ranks.
+
+    Nothing in a step reads a device tensor on the host; the metrics are read every
+    :data:`CHECK_EVERY_STEPS` steps and at the end of the epoch."""
     model.train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and config.optim.amp) else nullcontext()
-    loss_sum = correct = seen = 0.0
+    metrics = _StepMetrics(device)
+    steps = 0
     start = time.perf_counter()
     for step, batch in enumerate(loader):
         images, labels, _ = prepare(batch)
         with autocast:
             output = model(images, labels)  # API-Net pairs images by label; others ignore it
             loss = core.loss(output, labels, criterion)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at epoch {epoch} step {step}: lower optim.lr, set optim.grad_clip, "
-                "or check the data; checkpoints up to the previous epoch are intact"
-            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.optim.grad_clip:
@@ -182,13 +222,15 @@ def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, prepar
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
-            logits = core.logits(output)
-            correct += (logits.argmax(1) == labels).sum().item()
-        loss_sum += loss.item() * len(labels)
-        seen += len(labels)
+            metrics.add(step, loss, core.logits(output), labels)
+        steps = step + 1
+        if steps % CHECK_EVERY_STEPS == 0:
+            metrics.check_finite(steps, epoch)
+    metrics.check_finite(steps, epoch)
     elapsed = time.perf_counter() - start
     skipped = loader.stats.skipped + getattr(prepare, "skipped", 0)
-    loss_sum, correct, seen, skipped = dist_utils.all_reduce_sum([loss_sum, correct, seen, skipped], device)
+    loss_sum, correct, seen, skipped = dist_utils.all_reduce_sum(
+        [metrics.loss_sum.item(), metrics.correct.item(), metrics.seen, skipped], device)
     return {
         "train_loss": loss_sum / max(seen, 1),
         "train_top1": 100.0 * correct / max(seen, 1),
