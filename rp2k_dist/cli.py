@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError, ArithmeticError) as err:
         # Errors of ours carry a message meant for the user: no traceback unless asked.
         if args.traceback:
             raise

@@ -26,6 +26,7 @@ from ..config import ExperimentConfig, config_from_dict
 from ..engine.checkpoint import FILENAME, load_checkpoint, to_bytes
 from ..engine.train import train_worker
 from ..storage import RunStorage
+from .preflight import check_resources, fail_fast_trainer, first_not_retryable, local_resources, preflight
 
 
 class RayContext:
@@ -90,7 +91,7 @@ def build_trainer(config: ExperimentConfig, run_callbacks: list | None = None) -
     if r.use_gpu:
         resources["GPU"] = r.gpus_per_worker
     backend = r.backend or ("nccl" if r.use_gpu else "gloo")
-    return TorchTrainer(
+    return fail_fast_trainer(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict()},
         torch_config=TorchConfig(backend=backend),
@@ -113,9 +114,20 @@ def run_training(config: ExperimentConfig, address: str | None = None) -> dict[s
     config.data.shards = storage_uri(config.data.shards)
     if config.model.weights:
         config.model.weights = storage_uri(config.model.weights)
-    if not ray.is_initialized():
+    # Checked before Ray starts where the cluster's size is known (a bad config costs
+    # seconds); a cluster we join is measured once connected.
+    if ray.is_initialized():
+        preflight(config, ray.cluster_resources())
+    else:
+        local = ray_address(address) == "local"
+        preflight(config, local_resources() if local else None)
         ray.init(address=ray_address(address), log_to_driver=True)
-    result = build_trainer(config).fit()
+        if not local:
+            check_resources(config, ray.cluster_resources())
+    try:
+        result = build_trainer(config).fit()
+    except ray.train.WorkerGroupError as err:
+        raise first_not_retryable(err.worker_failures) or err
     if result.error is not None:
         raise result.error
     history = read_metrics(config)
