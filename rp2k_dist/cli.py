@@ -45,8 +45,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from .data.rp2k import scan_rp2k
 
     source = Path(args.source)
+    from .data.metadata import describe_mapping
+
     metadata = Path(args.metadata) if args.metadata else find_metadata(source)
-    index = scan_rp2k(source, metadata, _metadata_columns(args.metadata_column))
+    columns = _metadata_columns(args.metadata_column)
+    if metadata is not None:
+        print("\n".join(describe_mapping(metadata, columns).lines()))
+    index = scan_rp2k(source, metadata, columns)
     print(f"scanned {source} ({index.layout} layout): {index.num_classes} classes, "
           f"{len(index.records['train'])} train + {len(index.records['test'])} test files"
           + (f", metadata {metadata}" if metadata else ", no metadata table (meta-categories 'unknown')"))
