@@ -112,15 +112,19 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .launch.console import artefact_lines
     from .launch.trainer import run_training
+    from .storage import RunStorage
 
     config = load_experiment(args)
-    final = run_training(config, address=args.address)
-    print(f"run {config.run.name} in {config.run.storage_path}/{config.run.name}: epoch {final.get('epoch')}, "
+    final = run_training(config, address=args.address, verbose=args.verbose)
+    storage = RunStorage(config.run.storage_path, config.run.name)
+    print(f"run {config.run.name}: epoch {final.get('epoch')}, "
           f"val top-1 {final.get('val_top1', float('nan')):.2f} %, top-5 {final.get('val_top5', float('nan')):.2f} %")
-    table = Path(config.run.storage_path) / config.run.name / "table2.md"
-    if table.exists():
-        print(table.read_text(encoding="utf-8"))
+    if storage.exists("table2.md"):
+        print(storage.read_bytes("table2.md").decode("utf-8").rstrip())
+    print(f"run folder {storage.uri}:")
+    print("\n".join(artefact_lines(storage)))
     return 0
 
 
@@ -246,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="DDP training on Ray Train (local Ray unless --address)")
     add_run_options(p)
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's own console output too (worker lines, per-report INFO); it is always in RUN/logs")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="hyperparameter sweep: one Ray Train run per trial (Ray Tune, ASHA)")
