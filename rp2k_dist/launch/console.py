@@ -181,8 +181,8 @@ class _Tee(io.TextIOBase):
 
 @contextlib.contextmanager
 def worker_log(storage: RunStorage, rank: int) -> Iterator[None]:
-    """Copy this worker's stdout, stderr, log records (``ray.train`` included) and a
-    final traceback to ``<run>/logs/rank-<rank>.log``. Appended as it goes on a local
+    """Copy this worker's stdout and stderr (where Ray Train's own handlers print), the
+    records of Python's root logger and a final traceback to ``<run>/logs/rank-<rank>.log``. Appended as it goes on a local
     run folder (it survives a killed worker); uploaded at the end on object storage."""
     path = storage.local_path(f"{LOG_DIR}/rank-{rank}.log")
     if path is not None:
@@ -192,9 +192,7 @@ def worker_log(storage: RunStorage, rank: int) -> Iterator[None]:
         sink = io.StringIO()
     handler = logging.StreamHandler(sink)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger(), logging.getLogger("ray.train")]
-    for logger in loggers:
-        logger.addHandler(handler)
+    logging.getLogger().addHandler(handler)
     sink.write(f"--- rank {rank} started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     try:
         with contextlib.redirect_stdout(_Tee(sys.stdout, sink)), contextlib.redirect_stderr(_Tee(sys.stderr, sink)):
@@ -203,8 +201,7 @@ def worker_log(storage: RunStorage, rank: int) -> Iterator[None]:
         sink.write(traceback.format_exc())
         raise
     finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
+        logging.getLogger().removeHandler(handler)
         if path is None:
             previous = storage.read_bytes(f"{LOG_DIR}/rank-{rank}.log").decode() if storage.exists(
                 f"{LOG_DIR}/rank-{rank}.log") else ""
