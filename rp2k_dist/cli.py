@@ -117,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .storage import RunStorage
 
     config = load_experiment(args)
-    final = run_training(config, address=args.address, verbose=args.verbose)
+    final = run_training(config, address=args.address, verbose=args.verbose, mlflow_uri=args.mlflow_uri)
     storage = RunStorage(config.run.storage_path, config.run.name)
     print(f"run {config.run.name}: epoch {final.get('epoch')}, "
           f"val top-1 {final.get('val_top1', float('nan')):.2f} %, top-5 {final.get('val_top5', float('nan')):.2f} %")
@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(p)
     p.add_argument("--verbose", action="store_true",
                    help="Ray's own console output too (worker lines, per-report INFO); it is always in RUN/logs")
+    p.add_argument("--mlflow-uri", help="also log the run (config, every epoch's metrics) to this MLflow tracking URI")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="hyperparameter sweep: one Ray Train run per trial (Ray Tune, ASHA)")

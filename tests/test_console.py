@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from importlib.util import find_spec
 
 import pytest
 
@@ -48,10 +49,12 @@ def test_epoch_printer_prints_each_new_epoch_once_and_skips_a_resumed_history(tm
 
 
 @pytest.mark.slow
-def test_rp2k_train_prints_one_line_per_epoch_and_no_ray_report_lines(synth_shards, tmp_path):
+def test_rp2k_train_prints_one_line_per_epoch_and_no_ray_report_lines(synth_shards, tmp_path, monkeypatch):
     sets = [a for o in tiny_run_overrides(synth_shards.root, tmp_path, "console", epochs=2) for a in ("--set", o)]
-    done = subprocess.run([sys.executable, "-m", "rp2k_dist.cli", "train", "jobs/smoke.yaml", *sets],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=600)
+    mlflow = f"file://{tmp_path / 'mlruns'}" if find_spec("mlflow") else None
+    done = subprocess.run([sys.executable, "-m", "rp2k_dist.cli", "train", "jobs/smoke.yaml", *sets,
+                           *(["--mlflow-uri", mlflow] if mlflow else [])],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_ALLOW_FILE_STORE": "true"}, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     history = [json.loads(line) for line in (tmp_path / "console" / "metrics.jsonl").read_text().splitlines()]
@@ -70,3 +73,34 @@ def test_rp2k_train_prints_one_line_per_epoch_and_no_ray_report_lines(synth_shar
     assert "Reporting training result" in (tmp_path / "console" / "logs" / "rank-0.log").read_text()
     assert f"metrics:     {tmp_path / 'console' / 'metrics.jsonl'}" in done.stdout
     assert (tmp_path / "console" / "tensorboard").is_dir()
+    if mlflow:
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        assert _mlflow_history(mlflow, "console", "val_top1") == [(m["epoch"], m["val_top1"]) for m in history]
+
+
+def _mlflow_history(uri: str, experiment: str, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(runs[0].info.run_id, key), key=lambda m: m.step)]
+
+
+def test_mlflow_run_logs_each_epoch_and_a_resume_continues_it(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a folder as the tracking store
+    from rp2k_dist.config import load_config
+    from rp2k_dist.launch.tracking import MlflowRun
+
+    uri, config = f"file://{tmp_path / 'mlruns'}", load_config(None, ["run.name=tracked", "optim.lr=0.25"])
+    first = MlflowRun(uri, config, str(tmp_path / "tracked"))
+    first.log(_row(1, val_top1=5.0))
+    first.finish(failed=True)
+    again = MlflowRun(uri, config, str(tmp_path / "tracked"))  # the same run folder: the same MLflow run
+    again.log(_row(2, val_top1=7.5))
+    again.finish(failed=False)
+    assert again.run_id == first.run_id
+    assert _mlflow_history(uri, "tracked", "val_top1") == [(1, 5.0), (2, 7.5)]
+    run = again.client.get_run(again.run_id)
+    assert run.data.params["optim.lr"] == "0.25" and run.info.status == "FINISHED"

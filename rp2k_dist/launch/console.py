@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, TextIO
 
@@ -64,13 +64,15 @@ def _clock(seconds: float) -> str:
 
 class EpochPrinter:
     """Prints each new epoch of a run while it trains (a daemon thread polling the run
-    folder); a tqdm bar over the steps when ``bar`` (an interactive terminal)."""
+    folder); a tqdm bar over the steps when ``bar`` (an interactive terminal). Each new
+    row also goes to every ``on_epoch`` callable (MLflow); ``quiet`` prints nothing."""
 
     def __init__(self, storage: RunStorage, epochs: int, out: TextIO | None = None, bar: bool = False,
-                 interval: float = 0.5):
+                 interval: float = 0.5, quiet: bool = False, on_epoch: list[Callable[[dict], None]] | None = None):
         self.storage, self.epochs, self.interval = storage, epochs, interval
         self.out = out or sys.stdout
-        self.bar = bar
+        self.bar, self.quiet = bar and not quiet, quiet
+        self.on_epoch = on_epoch or []
         self.printed = len(self._history())  # a resumed run: its earlier epochs are not news
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -112,8 +114,11 @@ class EpochPrinter:
             now = time.monotonic()
             self._epoch_times.append(now)
             self._close_bar()
-            print(format_epoch(metrics, self.epochs, now - self._start, self._eta(metrics["epoch"], now)),
-                  file=self.out, flush=True)
+            if not self.quiet:
+                print(format_epoch(metrics, self.epochs, now - self._start, self._eta(metrics["epoch"], now)),
+                      file=self.out, flush=True)
+            for callback in self.on_epoch:
+                callback(metrics)
         self.printed = max(self.printed, len(history))
         if self.bar:
             self._update_bar()

@@ -28,7 +28,8 @@ from ..config import ExperimentConfig, config_from_dict
 from ..engine.checkpoint import FILENAME, load_checkpoint, to_bytes
 from ..engine.train import train_worker
 from ..storage import RunStorage
-from .console import EpochPrinter, StepProgress, artefact_lines, ray_init_options, worker_log
+from .console import EpochPrinter, StepProgress, ray_init_options, worker_log
+from .tracking import MlflowRun
 from .preflight import check_resources, fail_fast_trainer, first_not_retryable, local_resources, preflight
 
 
@@ -115,10 +116,11 @@ def build_trainer(config: ExperimentConfig, run_callbacks: list | None = None, p
 
 
 def run_training(config: ExperimentConfig, address: str | None = None, verbose: bool = False,
-                 console: bool = True) -> dict[str, Any]:
+                 console: bool = True, mlflow_uri: str | None = None) -> dict[str, Any]:
     """Fit (or resume) the run on a Ray cluster; returns the final metrics from the run folder.
     ``console``: one summary line per epoch on stdout (a progress bar too on a terminal);
-    ``verbose``: Ray's own console output as well."""
+    ``verbose``: Ray's own console output as well; ``mlflow_uri``: also log each epoch to
+    MLflow there."""
     # Workers may start in another folder than the driver: make local paths absolute.
     config.run.storage_path = storage_uri(config.run.storage_path)
     config.data.shards = storage_uri(config.data.shards)
@@ -135,10 +137,12 @@ def run_training(config: ExperimentConfig, address: str | None = None, verbose: 
         if not local:
             check_resources(config, ray.cluster_resources())
     storage = RunStorage(config.run.storage_path, config.run.name)
+    tracking = MlflowRun(mlflow_uri, config, storage.uri) if mlflow_uri else None
     bar = console and sys.stderr.isatty()
-    printer = EpochPrinter(storage, config.optim.epochs, bar=bar) if console else contextlib.nullcontext()
+    printer = EpochPrinter(storage, config.optim.epochs, bar=bar, quiet=not console,
+                           on_epoch=[tracking.log] if tracking else [])
     try:
-        with printer:
+        with printer, _finishing(tracking):
             result = build_trainer(config, progress=bar).fit()
     except ray.train.WorkerGroupError as err:
         raise first_not_retryable(err.worker_failures) or err
@@ -146,6 +150,19 @@ def run_training(config: ExperimentConfig, address: str | None = None, verbose: 
         raise result.error
     history = read_metrics(config)
     return history[-1] if history else dict(result.metrics or {})
+
+
+@contextlib.contextmanager
+def _finishing(tracking: MlflowRun | None):
+    """Mark the MLflow run finished, or failed when training raised."""
+    try:
+        yield
+    except BaseException:
+        if tracking:
+            tracking.finish(failed=True)
+        raise
+    if tracking:
+        tracking.finish(failed=False)
 
 
 def ray_address(address: str | None) -> str | None:
