@@ -61,3 +61,10 @@ class MlflowRun:
 
     def finish(self, failed: bool) -> None:
         self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+
+    def __enter__(self) -> "MlflowRun":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        """Marks the run FINISHED, or FAILED when training raised."""
+        self.finish(failed=exc_type is not None)

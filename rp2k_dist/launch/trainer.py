@@ -142,27 +142,17 @@ def run_training(config: ExperimentConfig, address: str | None = None, verbose: 
     printer = EpochPrinter(storage, config.optim.epochs, bar=bar, quiet=not console,
                            on_epoch=[tracking.log] if tracking else [])
     try:
-        with printer, _finishing(tracking):
+        with printer, tracking or contextlib.nullcontext():
             result = build_trainer(config, progress=bar).fit()
     except ray.train.WorkerGroupError as err:
-        raise first_not_retryable(err.worker_failures) or err
+        cause = first_not_retryable(err.worker_failures)
+        if cause is None:
+            raise
+        raise cause from err  # the config/data error itself: one line for the user
     if result.error is not None:
         raise result.error
     history = read_metrics(config)
     return history[-1] if history else dict(result.metrics or {})
-
-
-@contextlib.contextmanager
-def _finishing(tracking: MlflowRun | None):
-    """Mark the MLflow run finished, or failed when training raised."""
-    try:
-        yield
-    except BaseException:
-        if tracking:
-            tracking.finish(failed=True)
-        raise
-    if tracking:
-        tracking.finish(failed=False)
 
 
 def ray_address(address: str | None) -> str | None:
