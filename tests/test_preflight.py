@@ -100,3 +100,9 @@ def test_unwritable_storage_and_every_problem_at_once(capsys, tmp_path):
     assert code == 2
     assert len(lines) == 2 and "error: data.shards:" in lines[0] and lines[1].startswith("run.storage_path: cannot write")
     assert not ray.is_initialized()
+
+
+def test_a_batch_larger_than_a_workers_share_is_named(synth_shards, tmp_path):
+    config = load_config(None, tiny_run_overrides(synth_shards.root, tmp_path, "big") + ["data.batch_size=1000"])
+    with pytest.raises(PreflightError, match=r"data.batch_size: batches of 1000 images, but each of the 1 workers"):
+        preflight(config, local_resources())

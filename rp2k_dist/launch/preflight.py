@@ -48,8 +48,8 @@ def preflight(config: ExperimentConfig, resources: dict[str, float] | None) -> N
     manifest = _check_manifest(config, problems)
     classes = _check_meta_category(config, manifest, problems) if manifest is not None else None
     _check_weights(config, len(classes) if classes is not None else None, problems)
-    if manifest is not None and classes is not None:
-        _check_class_balanced(config, manifest, classes, problems)
+    if manifest is not None and classes is not None and "train" in manifest.data.get("splits", {}):
+        _check_batches(config, manifest, classes, problems)
     if resources is not None:
         problems += _resource_problems(config, resources)
     _check_storage(config, problems)
@@ -116,14 +116,18 @@ def _check_weights(config: ExperimentConfig, num_classes: int | None, problems: 
         problems.append(f"model.weights: {m.weights} does not fit {m.name}: {err}")
 
 
-def _check_class_balanced(config: ExperimentConfig, manifest: Manifest, classes: list[int], problems: list[str]) -> None:
-    """P x K batches need P classes with >= 2 train images (an intra-class pair)."""
-    p = config.data.classes_per_batch
-    if not p:
-        return
+def _check_batches(config: ExperimentConfig, manifest: Manifest, classes: list[int], problems: list[str]) -> None:
+    """Every rank needs one full batch; P x K batches need P classes with >= 2 train
+    images (an intra-class pair)."""
     counts = manifest.class_counts("train")
+    per_rank = sum(counts[c] for c in classes) // config.run.workers
+    p, k = config.data.classes_per_batch, config.data.images_per_class
+    batch, key = (p * k, "data.classes_per_batch x data.images_per_class") if p else (config.data.batch_size, "data.batch_size")
+    if per_rank < batch:
+        problems.append(f"{key}: batches of {batch} images, but each of the {config.run.workers} workers gets about "
+                        f"{per_rank} train images; lower it or run.workers")
     pairable = sum(counts[c] >= 2 for c in classes)
-    if pairable < p:
+    if p and pairable < p:
         problems.append(f"data.classes_per_batch: {p} classes per batch, but only {pairable} of the run's "
                         f"{len(classes)} classes have 2+ train images; set data.classes_per_batch <= {pairable}")
 
