@@ -12,10 +12,14 @@ users bring their own catalogues).
 
 from __future__ import annotations
 
+import functools
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 #: Distinct colours available (matplotlib's tab20, light shades after dark ones).
 MAX_COLOURS = 20
@@ -131,6 +135,33 @@ def bar_panel(axes, groups: list[str], samples: list[int], top1: list[float], to
 def bar_chart_height(n: int) -> float:
     """Inches a bar panel of ``n`` groups needs (about 0.2 in per horizontal bar)."""
     return 4.0 if n <= MAX_VERTICAL_BARS else 1.2 + 0.2 * min(n, MAX_BARS)
+
+
+#: Fonts with CJK glyphs, tried after DejaVu Sans (RP2K's class names are Chinese). None
+#: ships with matplotlib: install one (e.g. Debian's fonts-noto-cjk) for CJK text in figures.
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Micro Hei",
+             "WenQuanYi Zen Hei", "SimHei", "Microsoft YaHei", "PingFang SC")
+
+
+def font_family() -> list[str]:
+    """DejaVu Sans, then every installed CJK font (matplotlib falls back glyph by glyph)."""
+    from matplotlib import font_manager
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    return ["DejaVu Sans", *[name for name in CJK_FONTS if name in installed]]
+
+
+def readable_fonts(plot: Callable[P, R]) -> Callable[P, R]:
+    """Draw ``plot``'s text with :func:`font_family` (fonts are fixed when text is made)."""
+
+    @functools.wraps(plot)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        import matplotlib
+
+        with matplotlib.rc_context({"font.family": font_family()}):
+            return plot(*args, **kwargs)
+
+    return wrapper
 
 
 def class_label(name: str, product_name: str = "") -> str:

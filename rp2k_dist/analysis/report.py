@@ -29,7 +29,7 @@ from ..data.manifest import Manifest, ManifestError
 from ..evaluation.ensemble import table3_markdown
 from ..evaluation.metrics import PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE4, AccuracyRow, AccuracyTable, format_percent
 from . import iter_shard_images
-from .figures import MAX_VERTICAL_BARS, bar_chart_height, bar_panel, bars_shown, class_label, short
+from .figures import MAX_VERTICAL_BARS, bar_chart_height, bar_panel, bars_shown, class_label, readable_fonts, short
 
 #: A dataset with at least this many classes is taken to be the real RP2K (2,388 classes).
 REAL_RP2K_MIN_CLASSES = 2000
@@ -132,6 +132,7 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
+@readable_fonts
 def plot_curves(metrics: list[dict[str, Any]], path: Path) -> Path:
     """Training loss and top-1 (train, val; val top-5 dashed) per epoch."""
     from matplotlib.ticker import MaxNLocator
@@ -158,6 +159,7 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+@readable_fonts
 def plot_categories(table: AccuracyTable, path: Path, paper: dict[str, tuple[float, float]] | None = None) -> Path:
     """Top-1 and top-5 per meta-category (type | shape), paper top-1 as black ticks.
     Side by side for a few categories; for many, one horizontal sorted panel per system,
@@ -180,6 +182,7 @@ def plot_categories(table: AccuracyTable, path: Path, paper: dict[str, tuple[flo
     return path
 
 
+@readable_fonts
 def confusion_examples(run: Run, manifest: Manifest, pairs: list[dict[str, Any]], path: Path) -> Path | None:
     """Per confused pair a misclassified test image of the true class and a test image of
     the predicted class, captioned with the classes' names (product name, else class
@@ -192,9 +195,10 @@ def confusion_examples(run: Run, manifest: Manifest, pairs: list[dict[str, Any]]
         wrong = predictions[(predictions["true_class"] == pair["true"]) & (first == pair["predicted"])]
         other = predictions[predictions["true_class"] == pair["predicted"]].sort_values("correct_top1", ascending=False)
         cells.append([
-            (wrong["key"].iloc[0], f"true: {short(pair_label(pair, 'true'), 40)}\n"
-                                   f"predicted: {short(pair_label(pair, 'predicted'), 35)}"),
-            (other["key"].iloc[0], f"a test image of\n{short(pair_label(pair, 'predicted'), 40)}") if len(other) else None,
+            (wrong["key"].iloc[0], f"true #{pair['true']} {short(pair_label(pair, 'true'), 32)}\n"
+                                   f"predicted #{pair['predicted']} {short(pair_label(pair, 'predicted'), 27)}"),
+            (other["key"].iloc[0], f"a test image of\n#{pair['predicted']} {short(pair_label(pair, 'predicted'), 32)}")
+            if len(other) else None,
         ])
     keys = [cell[0] for row in cells for cell in row if cell]
     if not keys:

@@ -24,7 +24,7 @@ from ..data.metadata import SHAPES, TYPES
 from ..data.transforms import EvalTransform
 from ..inference import TrainedModel, features_of, load_trained
 from . import iter_shard_images
-from .figures import GREY, category_colours, legend_outside
+from .figures import GREY, category_colours, legend_outside, readable_fonts
 
 #: Figure size in inches and resolution: every UMAP PNG is 1800 x 750 pixels (two square
 #: panels, each with its legend to the right).
@@ -112,6 +112,7 @@ def embed_and_project(
     return samples
 
 
+@readable_fonts
 def plot_umap(df: pd.DataFrame, path: str | Path, title: str = "UMAP of penultimate features") -> Path:
     """Write the two-panel figure (coloured by type | by shape; :data:`FIGSIZE` at
     :data:`DPI`) to ``path`` (PNG) and ``df`` next to it as ``<stem>.parquet``.
