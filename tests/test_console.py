@@ -40,12 +40,15 @@ def test_epoch_printer_prints_each_new_epoch_once_and_skips_a_resumed_history(tm
     printer = EpochPrinter(storage, 4, out=out)
     printer.poll()
     assert out.getvalue() == ""
-    write([_row(e, val_top1=1.0, val_top5=2.0) for e in (1, 2, 3)])
+    write([_row(e, val_top1=1.0, val_top5=2.0, epoch_seconds=100.0) for e in (1, 2)])
+    printer.poll()
+    write([_row(e, val_top1=1.0, val_top5=2.0, epoch_seconds=100.0) for e in (1, 2, 3)])
     printer.poll()
     printer.poll()
     lines = out.getvalue().splitlines()
     assert [int(LINE.match(line).group(1)) for line in lines] == [2, 3]
-    assert LINE.match(lines[1]).group(9) == "0:00:00"  # ETA: 1 epoch left at the pace seen
+    assert LINE.match(lines[0]).group(9) == "0:03:20"  # first summary: 2 epochs left x epoch_seconds
+    assert LINE.match(lines[1]).group(9) == "0:00:00"  # then the pace between summaries (polls: ~0 s)
 
 
 @pytest.mark.slow

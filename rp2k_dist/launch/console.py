@@ -115,7 +115,7 @@ class EpochPrinter:
             self._epoch_times.append(now)
             self._close_bar()
             if not self.quiet:
-                print(format_epoch(metrics, self.epochs, now - self._start, self._eta(metrics["epoch"], now)),
+                print(format_epoch(metrics, self.epochs, now - self._start, self._eta(metrics, now)),
                       file=self.out, flush=True)
             for callback in self.on_epoch:
                 callback(metrics)
@@ -123,14 +123,14 @@ class EpochPrinter:
         if self.bar:
             self._update_bar()
 
-    def _eta(self, epoch: int, now: float) -> float | None:
-        """Remaining epochs times the mean epoch time seen in this session (from the first
-        summary on once two are in, so Ray's start-up does not count)."""
-        remaining = self.epochs - epoch
+    def _eta(self, metrics: dict[str, Any], now: float) -> float:
+        """Remaining epochs times the epoch time seen: between summaries once two are in,
+        before that the first epoch's own time (Ray's start-up does not count)."""
+        remaining = self.epochs - metrics["epoch"]
         if len(self._epoch_times) >= 2:
             per_epoch = (self._epoch_times[-1] - self._epoch_times[0]) / (len(self._epoch_times) - 1)
         else:
-            per_epoch = now - self._start
+            per_epoch = metrics.get("epoch_seconds", now - self._start)
         return remaining * per_epoch
 
     def _update_bar(self) -> None:
