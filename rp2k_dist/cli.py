@@ -46,8 +46,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from .data.rp2k import scan_rp2k
 
     source = Path(args.source)
+    from .data.metadata import describe_mapping
+
     metadata = Path(args.metadata) if args.metadata else find_metadata(source)
-    index = scan_rp2k(source, metadata, _metadata_columns(args.metadata_column))
+    columns = _metadata_columns(args.metadata_column)
+    if metadata is not None:
+        print("\n".join(describe_mapping(metadata, columns).lines()))
+    index = scan_rp2k(source, metadata, columns)
     print(f"scanned {source} ({index.layout} layout): {index.num_classes} classes, "
           f"{len(index.records['train'])} train + {len(index.records['test'])} test files"
           + (f", metadata {metadata}" if metadata else ", no metadata table (meta-categories 'unknown')"))
@@ -116,15 +121,19 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .launch.console import artefact_lines
     from .launch.trainer import run_training
+    from .storage import RunStorage
 
     config = load_experiment(args)
-    final = run_training(config, address=args.address)
-    print(f"run {config.run.name} in {config.run.storage_path}/{config.run.name}: epoch {final.get('epoch')}, "
+    final = run_training(config, address=args.address, verbose=args.verbose, mlflow_uri=args.mlflow_uri)
+    storage = RunStorage(config.run.storage_path, config.run.name)
+    print(f"run {config.run.name}: epoch {final.get('epoch')}, "
           f"val top-1 {final.get('val_top1', float('nan')):.2f} %, top-5 {final.get('val_top5', float('nan')):.2f} %")
-    table = Path(config.run.storage_path) / config.run.name / "table2.md"
-    if table.exists():
-        print(table.read_text(encoding="utf-8"))
+    if storage.exists("table2.md"):
+        print(storage.read_bytes("table2.md").decode("utf-8").rstrip())
+    print(f"run folder {storage.uri}:")
+    print("\n".join(artefact_lines(storage)))
     return 0
 
 
@@ -254,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="DDP training on Ray Train (local Ray unless --address)")
     add_run_options(p)
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's own console output too (worker lines, per-report INFO); it is always in RUN/logs")
+    p.add_argument("--mlflow-uri", help="also log the run (config, every epoch's metrics) to this MLflow tracking URI")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="hyperparameter sweep: one Ray Train run per trial (Ray Tune, ASHA)")
@@ -343,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError, StorageError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError, ArithmeticError, StorageError) as err:
         # Errors of ours carry a message meant for the user: no traceback unless asked.
         if args.traceback:
             raise

@@ -277,3 +277,23 @@ def test_safetensors_round_trip_equals_the_state_dict(trained, tmp_path):
     card = json.loads(result.card.read_text(encoding="utf-8"))
     assert card["model_name"] == "resnet34" and card["model_args"] == trained.checkpoint["model_args"]
     assert [c["sku"] for c in card["classes"]] == [c["sku"] for c in trained.classes]
+
+
+def test_confused_pairs_figure_names_the_classes(run_dir, synth_shards, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from rp2k_dist.analysis.report import Run, confusion_examples, pair_label
+
+    saved = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (saved.append(self), original(self, *a, **k))[1])
+    pairs = json.loads((run_dir / "evaluation.json").read_text(encoding="utf-8"))["confused_pairs"][:3]
+    assert pairs
+    confusion_examples(Run.read(run_dir), synth_shards, pairs, tmp_path / "confusions.png")
+    titles = [axes.get_title() for axes in saved[-1].axes if axes.get_title()]
+    classes = synth_shards.classes
+    for pair, title in zip(pairs, titles[::2]):
+        true = classes[pair["true"]]
+        assert pair_label(pair, "true") == (true["product_name"] or true["name"])
+        assert f"true #{pair['true']} {pair_label(pair, 'true')[:31]}" in title
+        assert f"predicted #{pair['predicted']}" in title

@@ -186,3 +186,11 @@ def test_specialist_for_meta_category_and_validation():
         Specialist("liquor")
     with pytest.raises(ValueError):
         Specialist("liquor", "flavour", (0,))
+
+
+def test_meta_categories_match_in_any_case(general):
+    shouting = [Specialist("LIQUOR", "type", (0, 1)), Specialist(" Cosmetics", classes=(3, 2))]
+    assert Specialist.for_meta_category(CLASSES, "Cosmetics") == Specialist("cosmetics", "type", (2, 3))
+    mixed = [{**c, "type": c["type"].upper()} for c in CLASSES]  # a class table in capitals
+    np.testing.assert_array_equal(route(GENERAL_TOPK, mixed, shouting), route(GENERAL_TOPK, CLASSES, SPECIALISTS))
+    assert within_category(general, mixed, shouting[0]).keys == within_category(general, CLASSES, LIQUOR).keys

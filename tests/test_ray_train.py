@@ -93,3 +93,29 @@ def test_failure_budget_zero_fails_with_the_worker_error(local_ray, synth_shards
     config = _config(synth_shards, tmp_path, "nan", epochs=1, extra=["optim.lr=1e30", "run.max_failures=0"])
     with pytest.raises(Exception, match="NonFiniteLossError|loss is"):
         run_training(config)
+
+
+class _CountFailures(ray.train.UserCallback):
+    """Counts worker-group failures in a file (the callback runs in Ray Train's controller)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def after_exception(self, run_context, worker_exceptions):
+        with open(self.path, "a") as handle:
+            handle.write(f"{sorted(type(e).__name__ for e in worker_exceptions.values())}\n")
+
+
+def test_config_error_in_a_worker_is_not_retried(local_ray, synth_shards, tmp_path):
+    from rp2k_dist.data.manifest import MetaCategoryError
+    from rp2k_dist.launch.preflight import first_not_retryable
+    from rp2k_dist.launch.trainer import build_trainer
+
+    # past the driver's pre-flight (built directly): the workers meet the bad value
+    config = _config(synth_shards, tmp_path, "bad", epochs=1, extra=["data.meta_category=type=nothing", "run.max_failures=3"])
+    config.run.storage_path = str(tmp_path)
+    failures = tmp_path / "failures.txt"
+    with pytest.raises(ray.train.WorkerGroupError) as raised:
+        build_trainer(config, run_callbacks=[_CountFailures(failures)]).fit()
+    assert isinstance(first_not_retryable(raised.value.worker_failures), MetaCategoryError)
+    assert failures.read_text().splitlines() == ["['MetaCategoryError', 'MetaCategoryError']"]  # one attempt

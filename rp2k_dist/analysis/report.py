@@ -29,6 +29,7 @@ from ..data.manifest import Manifest, ManifestError
 from ..evaluation.ensemble import table3_markdown
 from ..evaluation.metrics import PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE4, AccuracyRow, AccuracyTable, format_percent
 from . import iter_shard_images
+from .figures import MAX_VERTICAL_BARS, bar_chart_height, bar_panel, bars_shown, class_label, readable_fonts, short
 
 #: A dataset with at least this many classes is taken to be the real RP2K (2,388 classes).
 REAL_RP2K_MIN_CLASSES = 2000
@@ -131,6 +132,7 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
+@readable_fonts
 def plot_curves(metrics: list[dict[str, Any]], path: Path) -> Path:
     """Training loss and top-1 (train, val; val top-5 dashed) per epoch."""
     from matplotlib.ticker import MaxNLocator
@@ -157,28 +159,34 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+@readable_fonts
 def plot_categories(table: AccuracyTable, path: Path, paper: dict[str, tuple[float, float]] | None = None) -> Path:
-    """Top-1 and top-5 per meta-category (type | shape), paper top-1 as black ticks."""
-    figure = _figure(13, 4.5)
-    for axes, system, rows in zip(figure.subplots(1, 2), ("type", "shape"), (table.by_type, table.by_shape)):
-        x = np.arange(len(rows))
-        axes.bar(x - 0.2, [r.top1 for r in rows], 0.4, label="top-1")
-        axes.bar(x + 0.2, [r.top5 for r in rows], 0.4, label="top-5", alpha=0.6)
-        reported = [(i, paper[r.group][0]) for i, r in enumerate(rows) if paper and r.group in paper]
-        if reported:
-            axes.scatter(*zip(*[(i - 0.2, v) for i, v in reported]), marker="_", s=300, c="k", label="paper top-1")
-        axes.set_xticks(x, [f"{r.group}\n(n={r.samples})" for r in rows], fontsize=8)
-        axes.set(title=f"by {system}", ylabel="%", ylim=(0, 105))
-        axes.grid(axis="y", alpha=0.3)
-        axes.legend(fontsize=8, loc="lower right")
+    """Top-1 and top-5 per meta-category (type | shape), paper top-1 as black ticks.
+    Side by side for a few categories; for many, one horizontal sorted panel per system,
+    stacked (:func:`rp2k_dist.analysis.figures.bar_panel`)."""
+    systems = [("type", table.by_type), ("shape", table.by_shape)]
+    shown = [bars_shown(rows, key=lambda r: (r.top1, r.top5)) for _, rows in systems]
+    many = any(len(rows) > MAX_VERTICAL_BARS for rows, _ in shown)
+    if many:
+        heights = [bar_chart_height(len(rows)) for rows, _ in shown]
+        figure = _figure(11, sum(heights))
+        panels = figure.subplots(2, 1, gridspec_kw={"height_ratios": heights})
+    else:
+        figure = _figure(14, 4.5)
+        panels = figure.subplots(1, 2)
+    top1_paper = {k: v[0] for k, v in (paper or {}).items()}
+    for axes, (system, _), (rows, left_out) in zip(panels, systems, shown):
+        bar_panel(axes, [r.group for r in rows], [r.samples for r in rows], [r.top1 for r in rows],
+                  [r.top5 for r in rows], f"by {system}", paper=top1_paper, left_out=left_out)
     figure.savefig(path)
     return path
 
 
+@readable_fonts
 def confusion_examples(run: Run, manifest: Manifest, pairs: list[dict[str, Any]], path: Path) -> Path | None:
     """Per confused pair a misclassified test image of the true class and a test image of
-    the predicted class (labels by class index: names are in the report's table). None
-    when no image can be shown."""
+    the predicted class, captioned with the classes' names (product name, else class
+    folder name). None when no image can be shown."""
     predictions = pd.read_parquet(run.path / "predictions.parquet", columns=["key", "true_class", "top5_classes",
                                                                              "correct_top1"])
     first = predictions["top5_classes"].map(lambda top: int(top[0]))
@@ -187,8 +195,10 @@ def confusion_examples(run: Run, manifest: Manifest, pairs: list[dict[str, Any]]
         wrong = predictions[(predictions["true_class"] == pair["true"]) & (first == pair["predicted"])]
         other = predictions[predictions["true_class"] == pair["predicted"]].sort_values("correct_top1", ascending=False)
         cells.append([
-            (wrong["key"].iloc[0], f"true #{pair['true']}, predicted #{pair['predicted']}"),
-            (other["key"].iloc[0], f"a test image of #{pair['predicted']}") if len(other) else None,
+            (wrong["key"].iloc[0], f"true #{pair['true']} {short(pair_label(pair, 'true'), 32)}\n"
+                                   f"predicted #{pair['predicted']} {short(pair_label(pair, 'predicted'), 27)}"),
+            (other["key"].iloc[0], f"a test image of\n#{pair['predicted']} {short(pair_label(pair, 'predicted'), 32)}")
+            if len(other) else None,
         ])
     keys = [cell[0] for row in cells for cell in row if cell]
     if not keys:
@@ -206,9 +216,15 @@ def confusion_examples(run: Run, manifest: Manifest, pairs: list[dict[str, Any]]
                 continue
             key, caption = cell
             axes.imshow(Image.open(BytesIO(images[key])).convert("RGB"))
-            axes.set_title(f"{caption}\n{key}", fontsize=8)
+            axes.set_title(caption, fontsize=8)
     figure.savefig(path)
     return path
+
+
+def pair_label(pair: dict[str, Any], side: str) -> str:
+    """A confused pair's ``side`` ("true" / "predicted") class by name: the product name
+    when the metadata gave one, else the class folder name, else its index."""
+    return class_label(pair.get(f"{side}_name") or f"#{pair[side]}", pair.get(f"{side}_product_name", ""))
 
 
 # -- Markdown + HTML ------------------------------------------------------------------------
@@ -354,7 +370,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tupl
     else:
         doc.table(_markdown_rows(
             ["true class", "predicted as", "count", "share of the true class's test images"],
-            [[f"#{p['true']} {p['true_name']}", f"#{p['predicted']} {p['predicted_name']}", str(p["count"]),
+            [[f"#{p['true']} {pair_label(p, 'true')}", f"#{p['predicted']} {pair_label(p, 'predicted')}", str(p["count"]),
               f"{100 * p['share_of_true']:.1f} %"] for p in pairs],
             text_columns=2,
         ))

@@ -24,9 +24,11 @@ from ..data.metadata import SHAPES, TYPES
 from ..data.transforms import EvalTransform
 from ..inference import TrainedModel, features_of, load_trained
 from . import iter_shard_images
+from .figures import GREY, category_colours, legend_outside, readable_fonts
 
-#: Figure size in inches and resolution: every UMAP PNG is 1600 x 750 pixels.
-FIGSIZE = (16.0, 7.5)
+#: Figure size in inches and resolution: every UMAP PNG is 1800 x 750 pixels (two square
+#: panels, each with its legend to the right).
+FIGSIZE = (18.0, 7.5)
 DPI = 100
 #: UMAP needs at least this many points (2 neighbours each, a 2-D layout).
 MIN_SAMPLES = 3
@@ -110,15 +112,16 @@ def embed_and_project(
     return samples
 
 
-def _categories(values: pd.Series, order: tuple[str, ...]) -> list[str]:
-    present = set(values)
-    return [v for v in order if v in present] + sorted(present - set(order))
-
-
+@readable_fonts
 def plot_umap(df: pd.DataFrame, path: str | Path, title: str = "UMAP of penultimate features") -> Path:
     """Write the two-panel figure (coloured by type | by shape; :data:`FIGSIZE` at
-    :data:`DPI`) to ``path`` (PNG) and ``df`` next to it as ``<stem>.parquet``."""
+    :data:`DPI`) to ``path`` (PNG) and ``df`` next to it as ``<stem>.parquet``.
+
+    Each panel is square whatever the category count; colours and legends follow
+    :mod:`rp2k_dist.analysis.figures` (distinct colours for up to 20 categories, the
+    largest coloured and the rest grey beyond; legends outside the panels)."""
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,18 +129,19 @@ def plot_umap(df: pd.DataFrame, path: str | Path, title: str = "UMAP of penultim
     figure.suptitle(f"{title} ({len(df):,} images)", fontsize=14)
     size = float(np.clip(3000 / max(len(df), 1), 1, 30))  # small markers for many points
     for axes, system, order in zip(figure.subplots(1, 2), ("type", "shape"), (TYPES, SHAPES)):
-        categories = _categories(df[system], order)
-        counts = df[system].value_counts()
-        others = [c for c in categories if c not in order]  # e.g. "unknown": C7 is grey
-        colours = {c: f"C{order.index(c) if c in order else 7 + others.index(c) % 3}" for c in categories}
-        handles = {}
-        for category in sorted(categories, key=lambda c: -counts[c]):  # small categories on top
-            rows = df[df[system] == category]
-            handles[category] = axes.scatter(rows["umap_x"], rows["umap_y"], s=size, c=colours[category],
-                                             alpha=0.7, linewidths=0, rasterized=True)
-        axes.legend([handles[c] for c in categories], [f"{c} ({counts[c]:,})" for c in categories], title=system,
-                    markerscale=max(1.0, 6 / size**0.5), loc="best", fontsize=9, framealpha=0.85)
-        axes.set_title(f"coloured by {system}")
+        counts = df[system].value_counts().to_dict()
+        colouring = category_colours(counts, order)
+        colours = df[system].map(colouring.colour)
+        grey = (colours == GREY).to_numpy()
+        rank = df[system].map(counts).to_numpy()
+        # grey first, then the coloured points with the small categories on top
+        drawn = np.lexsort((-rank, ~grey))
+        axes.scatter(df["umap_x"].to_numpy()[drawn], df["umap_y"].to_numpy()[drawn], s=size,
+                     c=list(colours.iloc[drawn]), alpha=0.7, linewidths=0, rasterized=True)
+        handles = [Line2D([], [], marker="o", linestyle="", markersize=6, color=c) for _, c in colouring.legend]
+        legend_outside(axes, handles, [label for label, _ in colouring.legend], system)
+        axes.set_box_aspect(1)
+        axes.set_title(f"coloured by {system} ({len(counts)} categories)")
         axes.set_xlabel("UMAP 1")
         axes.set_ylabel("UMAP 2")
     figure.savefig(path, dpi=DPI)

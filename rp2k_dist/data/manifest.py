@@ -50,6 +50,15 @@ class ManifestError(FileNotFoundError):
     """A shard folder without a (readable) manifest."""
 
 
+class MetaCategoryError(ValueError):
+    """No class of the dataset has the requested meta-category."""
+
+
+def same_category(a: str, b: str) -> bool:
+    """Meta-category values compare case-insensitively (``LIQUOR`` is ``liquor``)."""
+    return a.strip().casefold() == b.strip().casefold()
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     """One tar shard: file name (relative to the manifest), sample count, size, checksum."""
@@ -147,13 +156,15 @@ class Manifest:
         return counts
 
     def classes_of(self, system: str, value: str) -> list[int]:
-        """Indices of the classes whose ``system`` ("type"/"shape") meta-category is ``value``."""
+        """Indices of the classes whose ``system`` ("type"/"shape") meta-category is ``value``
+        (compared case-insensitively)."""
         if system not in ("type", "shape"):
-            raise ValueError(f"meta-category system must be 'type' or 'shape', got {system!r}")
-        found = [c["index"] for c in self.classes if c[system] == value]
+            raise MetaCategoryError(f"meta-category system must be 'type' or 'shape', got {system!r}")
+        found = [c["index"] for c in self.classes if same_category(c[system], value)]
         if not found:
-            values = sorted({c[system] for c in self.classes})
-            raise ValueError(f"no class has {system} {value!r} in {self.root}; present: {values}")
+            values = ", ".join(sorted({c[system] for c in self.classes}))
+            raise MetaCategoryError(f"data.meta_category: no class has {system} {value!r} in {self.root}; "
+                                    f"present: {values}")
         return found
 
     def index(self) -> pa.Table:

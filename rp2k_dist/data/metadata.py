@@ -8,7 +8,7 @@ may be CSV or Parquet, and its column names are mapped by configuration
 from __future__ import annotations
 
 import csv
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import pyarrow as pa
@@ -82,9 +82,49 @@ class ProductInfo:
     shape: str = UNKNOWN
     size: str = ""
     flavour: str = ""
+    extra: dict[str, str] = field(default_factory=dict)  # the table's unmapped columns, as text
 
-    def as_dict(self) -> dict[str, str]:
-        return asdict(self)
+    def as_dict(self) -> dict[str, object]:
+        """The facts; ``extra`` only when the table had unmapped columns (so packs made
+        from tables without them keep their class table and fingerprint)."""
+        out = asdict(self)
+        if not out["extra"]:
+            del out["extra"]
+        return out
+
+
+@dataclass(frozen=True)
+class MetadataMapping:
+    """How a table's columns were mapped onto the product facts."""
+
+    path: Path
+    columns: list[str]  # the table's columns, in file order
+    mapped: dict[str, str]  # fact -> column (class_folder included)
+    empty: list[str]  # facts no column filled (not mapped, absent, or every cell blank)
+    unmapped: list[str]  # columns no fact reads (kept per class as ``extra``)
+
+    def lines(self) -> list[str]:
+        """What ``rp2k pack`` prints: the columns, the mapping, and warnings with the fix."""
+        out = [f"metadata columns: {', '.join(self.columns)}",
+               "mapped: " + ", ".join(f"{fact} <- {column}" for fact, column in self.mapped.items())]
+        if self.unmapped:
+            out.append(f"unmapped columns (kept per class as extra): {', '.join(self.unmapped)}")
+        for fact in self.empty:
+            guess = next((c for c in self.unmapped if fact in c.lower()), None)
+            fix = f"--metadata-column {fact}={guess}" if guess else f"--metadata-column {fact}=<column>"
+            out.append(f"warning: {fact} is left empty (no column filled it); map it with {fix}")
+        return out
+
+
+def describe_mapping(path: str | Path, columns: MetadataColumns = MetadataColumns()) -> MetadataMapping:
+    """Which of the table's columns feed which fact, and which facts stay empty."""
+    path = Path(path)
+    names, rows = _read_rows(path)
+    mapped = {fact: column for fact in ("class_folder", *FIELDS)
+              if (column := getattr(columns, fact)) and column in names}
+    empty = [fact for fact in FIELDS if fact not in mapped or not any(_text(r.get(mapped[fact])) for r in rows)]
+    unmapped = [c for c in names if c not in mapped.values()]
+    return MetadataMapping(path, list(names), mapped, empty, unmapped)
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[dict[str, object]]]:
@@ -114,7 +154,8 @@ def load_metadata(
     """Read the table into ``{class folder name: ProductInfo}``.
 
     Raises :class:`MetadataError` when the file is unreadable, the class-folder column is
-    missing, or a class folder appears twice. Empty type/shape cells become ``"unknown"``.
+    missing, or a class folder appears twice. Empty type/shape cells become ``"unknown"``;
+    columns no fact reads are kept in ``extra``.
     """
     path = Path(path)
     column_names, rows = _read_rows(path)
@@ -124,6 +165,8 @@ def load_metadata(
             f"metadata table {path} has no class-folder column {columns.class_folder!r}; "
             f"its columns are {sorted(names)} (map yours with metadata_columns)"
         )
+    used = {getattr(columns, f) for f in ("class_folder", *FIELDS)}
+    unmapped = [c for c in column_names if c not in used]
     out: dict[str, ProductInfo] = {}
     for line, row in enumerate(rows, start=2):
         folder = _text(row.get(columns.class_folder))
@@ -131,7 +174,7 @@ def load_metadata(
             raise MetadataError(f"{path}: row {line} has an empty {columns.class_folder!r}")
         if folder in out:
             raise MetadataError(f"{path}: class folder {folder!r} appears twice (row {line})")
-        facts = {}
+        facts: dict[str, object] = {"extra": {c: _text(row.get(c)) for c in unmapped if _text(row.get(c))}}
         for fact in FIELDS:
             column = getattr(columns, fact)
             value = _text(row.get(column)) if column and column in names else ""

@@ -169,6 +169,7 @@ def _write_shard(
                 meta = {
                     "class_name": info["name"], "sku": info["sku"], "type": info["type"],
                     "shape": info["shape"], "source": sample.source, "split": plan.split,
+                    **({"extra": info["extra"]} if info.get("extra") else {}),
                 }
                 sink.write({
                     "__key__": sample.key,

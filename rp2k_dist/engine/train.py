@@ -33,6 +33,7 @@ from ..models import create_model, input_spec, load_weights_file
 from . import distributed as dist_utils
 from .checkpoint import FORMAT, VERSION, rng_state, set_rng_state
 from .context import WorkerContext, write_metrics
+from .scalars import ScalarLog
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -199,8 +200,10 @@ class _StepMetrics:
         self.checked_to = steps_done
 
 
-def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, prepare, device, config, epoch) -> dict[str, float]:
+def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, prepare, device, config, epoch,
+                    on_step: Callable[[int, int, int], None] | None = None) -> dict[str, float]:
     """One pass over this rank's batches; returns metrics summed over all ranks.
+    ``on_step(epoch, step, steps)`` (1-based) after each step, for progress displays.
 
     Nothing in a step reads a device tensor on the host; the metrics are read every
     :data:`CHECK_EVERY_STEPS` steps and at the end of the epoch."""
@@ -209,6 +212,7 @@ def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, prepar
     metrics = _StepMetrics(device)
     steps = 0
     start = time.perf_counter()
+    total_steps = len(loader) if on_step is not None else 0
     for step, batch in enumerate(loader):
         images, labels, _ = prepare(batch)
         with autocast:
@@ -226,6 +230,8 @@ def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, prepar
         steps = step + 1
         if steps % CHECK_EVERY_STEPS == 0:
             metrics.check_finite(steps, epoch)
+        if on_step is not None:
+            on_step(epoch + 1, steps, total_steps)
     metrics.check_finite(steps, epoch)
     elapsed = time.perf_counter() - start
     skipped = loader.stats.skipped + getattr(prepare, "skipped", 0)
@@ -305,10 +311,12 @@ def save_evaluation(storage, predictions: Predictions, data: RunData, metrics: d
 
 
 def train_worker(
-    config: ExperimentConfig, context: WorkerContext, on_finish: Callable[[nn.Module], None] | None = None
+    config: ExperimentConfig, context: WorkerContext, on_finish: Callable[[nn.Module], None] | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) one run on this worker; returns the last epoch's metrics.
-    ``on_finish(model)`` runs on every rank after the last epoch."""
+    ``on_finish(model)`` runs on every rank after the last epoch; ``on_step`` as in
+    :func:`train_one_epoch`."""
     torch.manual_seed(config.run.seed + context.rank)
     device = context.device
     cuda = device.type == "cuda"
@@ -352,6 +360,7 @@ def train_worker(
         scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_state(checkpoint["rng"])
         start_epoch, history = checkpoint["epoch"], list(checkpoint["metrics"])
+    scalars = ScalarLog(context.storage, start_epoch + 1) if context.rank == 0 else None
     if context.rank == 0:
         context.storage.write_text("config.yaml", config.to_yaml())
 
@@ -360,7 +369,8 @@ def train_worker(
         train_loader.set_epoch(epoch)
         set_backbone_frozen(optimizer, epoch < config.model.freeze_backbone_epochs)
         metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], "global_batch": global_batch,
-                   **train_one_epoch(model, core, criterion, optimizer, scheduler, train_loader, prepare_train, device, config, epoch)}
+                   **train_one_epoch(model, core, criterion, optimizer, scheduler, train_loader, prepare_train, device, config,
+                                     epoch, on_step)}
         last = epoch + 1 == config.optim.epochs
         predictions = None
         if (epoch + 1) % config.run.eval_every == 0 or last:
@@ -373,10 +383,13 @@ def train_worker(
         save = context.rank == 0 and ((epoch + 1) % config.run.checkpoint_every == 0 or last)
         if context.rank == 0:
             write_metrics(context.storage, history)
+            scalars.log(metrics)
             if last and predictions is not None:
                 save_evaluation(context.storage, predictions, data, metrics)
         state = build_checkpoint(core, optimizer, scheduler, config, data, spec, epoch + 1, history) if save else None
         context.report(metrics, state)
+    if scalars is not None:
+        scalars.close()
     if on_finish is not None:
         on_finish(core)
     return metrics

@@ -68,7 +68,7 @@ class Specialist:
     order meta_category, system, classes can stay; it must not be empty.)
     """
 
-    meta_category: str  # e.g. "liquor"
+    meta_category: str  # e.g. "liquor"; compared case-insensitively (stored casefolded)
     system: str = "type"  # "type" or "shape"
     classes: tuple[int, ...] = ()
 
@@ -78,6 +78,7 @@ class Specialist:
         if not self.classes:
             raise ValueError(f"specialist for {self.meta_category!r} has no classes")
         object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
+        object.__setattr__(self, "meta_category", self.meta_category.strip().casefold())
 
     @classmethod
     def for_meta_category(
@@ -85,8 +86,13 @@ class Specialist:
     ) -> "Specialist":
         """The specialist of every class of ``meta_category`` in the manifest class table,
         labels in global index order."""
-        members = np.flatnonzero(class_column(classes, system) == meta_category)
+        members = np.flatnonzero(_categories(classes, system) == meta_category.strip().casefold())
         return cls(meta_category, system, tuple(int(c) for c in members))
+
+
+def _categories(classes: list[dict[str, Any]], system: str) -> np.ndarray:
+    """Per-class meta-category of ``system``, casefolded for case-insensitive matching."""
+    return np.array([value.casefold() for value in class_column(classes, system)], dtype=object)
 
 
 def route(
@@ -109,7 +115,7 @@ def route(
     general_topk = np.asarray(general_topk)
     decided: dict[str, np.ndarray] = {}
     for system in {s.system for s in specialists}:
-        category = class_column(classes, system)[general_topk]  # [N, K]
+        category = _categories(classes, system)[general_topk]  # [N, K]
         if rule == "top1":
             decided[system] = category[:, 0]
         else:
@@ -181,7 +187,7 @@ def combine(
 def within_category(predictions: Predictions, classes: list[dict[str, Any]], specialist: Specialist) -> Predictions:
     """The samples whose TRUE class belongs to the specialist's meta-category (in its
     system): Table 3's test set for that category."""
-    category = class_column(classes, specialist.system)[predictions.labels]
+    category = _categories(classes, specialist.system)[predictions.labels]
     return predictions.subset(category == specialist.meta_category)
 
 

@@ -191,12 +191,15 @@ def confused_pairs(predictions: Predictions, classes: list[dict[str, Any]], top:
     order = np.lexsort((pairs[:, 1], pairs[:, 0], -counts))[:top]
     per_class = np.bincount(labels, minlength=len(classes))
     names = class_column(classes, "name", default="")
+    products = class_column(classes, "product_name", default="")
     return [
         {
             "true": int(true),
             "true_name": names[true],
+            "true_product_name": products[true],
             "predicted": int(pred),
             "predicted_name": names[pred],
+            "predicted_product_name": products[pred],
             "count": int(count),
             "share_of_true": float(count / per_class[true]),
         }

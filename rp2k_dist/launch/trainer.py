@@ -9,9 +9,11 @@ of the driver resumes from the last checkpoint instead of starting over.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,9 @@ from ..engine.checkpoint import FILENAME, load_checkpoint, to_bytes
 from ..engine.train import train_worker
 from .. import storage
 from ..storage import RunStorage
+from .console import EpochPrinter, StepProgress, ray_init_options, worker_log
+from .tracking import MlflowRun
+from .preflight import check_resources, fail_fast_trainer, first_not_retryable, local_resources, preflight
 
 
 class RayContext:
@@ -73,11 +78,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker."""
     config = config_from_dict(loop_config["config"])
     context = RayContext(config)
-    train_worker(config, context, on_finish=lambda model: context.storage.write_text(
-        f"ranks/rank-{context.rank}.json",
-        json.dumps({"rank": context.rank, "world_size": context.world_size, "node_id": ray.get_runtime_context().get_node_id(),
-                    "parameters_sha256": parameter_digest(model)}),
-    ))
+    on_step = StepProgress(context.storage) if loop_config.get("progress") and context.rank == 0 else None
+    with worker_log(context.storage, context.rank):
+        train_worker(config, context, on_step=on_step, on_finish=lambda model: context.storage.write_text(
+            f"ranks/rank-{context.rank}.json",
+            json.dumps({"rank": context.rank, "world_size": context.world_size, "node_id": ray.get_runtime_context().get_node_id(),
+                        "parameters_sha256": parameter_digest(model)}),
+        ))
 
 
 def storage_uri(path: str) -> str:
@@ -95,15 +102,17 @@ def ray_storage(path: str) -> dict[str, Any]:
     return {"storage_path": inner, "storage_filesystem": fs}
 
 
-def build_trainer(config: ExperimentConfig, run_callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(config: ExperimentConfig, run_callbacks: list | None = None, progress: bool = False) -> TorchTrainer:
+    """The run's TorchTrainer; ``progress``: rank 0 writes the epoch's step count for a
+    progress bar."""
     r = config.run
     resources = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
         resources["GPU"] = r.gpus_per_worker
     backend = r.backend or ("nccl" if r.use_gpu else "gloo")
-    return TorchTrainer(
+    return fail_fast_trainer(TorchTrainer)(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict()},
+        train_loop_config={"config": config.to_dict(), "progress": progress},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.use_gpu, resources_per_worker=resources,
                                      placement_strategy=r.placement_strategy),
@@ -117,16 +126,40 @@ def build_trainer(config: ExperimentConfig, run_callbacks: list | None = None) -
     )
 
 
-def run_training(config: ExperimentConfig, address: str | None = None) -> dict[str, Any]:
-    """Fit (or resume) the run on a Ray cluster; returns the final metrics from the run folder."""
+def run_training(config: ExperimentConfig, address: str | None = None, verbose: bool = False,
+                 console: bool = True, mlflow_uri: str | None = None) -> dict[str, Any]:
+    """Fit (or resume) the run on a Ray cluster; returns the final metrics from the run folder.
+    ``console``: one summary line per epoch on stdout (a progress bar too on a terminal);
+    ``verbose``: Ray's own console output as well; ``mlflow_uri``: also log each epoch to
+    MLflow there."""
     # Workers may start in another folder than the driver: make local paths absolute.
     config.run.storage_path = storage_uri(config.run.storage_path)
     config.data.shards = storage_uri(config.data.shards)
     if config.model.weights:
         config.model.weights = storage_uri(config.model.weights)
-    if not ray.is_initialized():
-        ray.init(address=ray_address(address), log_to_driver=True)
-    result = build_trainer(config).fit()
+    # Checked before Ray starts where the cluster's size is known (a bad config costs
+    # seconds); a cluster we join is measured once connected.
+    if ray.is_initialized():
+        preflight(config, ray.cluster_resources())
+    else:
+        local = ray_address(address) == "local"
+        preflight(config, local_resources() if local else None)
+        ray.init(address=ray_address(address), **ray_init_options(verbose))
+        if not local:
+            check_resources(config, ray.cluster_resources())
+    storage = RunStorage(config.run.storage_path, config.run.name)
+    tracking = MlflowRun(mlflow_uri, config, storage.uri) if mlflow_uri else None
+    bar = console and sys.stderr.isatty()
+    printer = EpochPrinter(storage, config.optim.epochs, bar=bar, quiet=not console,
+                           on_epoch=[tracking.log] if tracking else [])
+    try:
+        with printer, tracking or contextlib.nullcontext():
+            result = build_trainer(config, progress=bar).fit()
+    except ray.train.WorkerGroupError as err:
+        cause = first_not_retryable(err.worker_failures)
+        if cause is None:
+            raise
+        raise cause from err  # the config/data error itself: one line for the user
     if result.error is not None:
         raise result.error
     history = read_metrics(config)

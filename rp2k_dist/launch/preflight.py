@@ -1,0 +1,223 @@
+"""Checks in the driver before any Ray worker starts, and which errors a restart cannot fix.
+
+A wrong path or value should cost seconds, not a worker-group start, a restart and a
+page of tracebacks. :func:`preflight` runs every check that needs no worker (manifest,
+meta-category, weights, P x K batches, cluster resources, storage) and raises one
+:class:`PreflightError` listing every problem, one line each, naming the key and the fix.
+
+Errors raised inside a worker that a restart would only repeat (:data:`NOT_RETRYABLE`)
+end the run at once instead of using ``run.max_failures``; worker and node deaths still
+restart from the last checkpoint (:class:`FailFastPolicy`).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from ..config import ConfigError, ExperimentConfig
+from ..data.manifest import INDEX_PARQUET, Manifest, ManifestError, MetaCategoryError
+from ..data.metadata import MetadataError
+from ..engine.train import NonFiniteLossError
+from ..models.weights import WeightsNotFoundError
+
+#: Worker errors that come from the config, the data or the weights: the next attempt
+#: would fail the same way, so the run ends after the first.
+NOT_RETRYABLE: tuple[type[BaseException], ...] = (
+    ConfigError, ManifestError, MetaCategoryError, MetadataError, WeightsNotFoundError, NonFiniteLossError,
+)
+
+
+class PreflightError(ConfigError):
+    """One or more problems found before the run started; ``problems`` holds one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def preflight(config: ExperimentConfig, resources: dict[str, float] | None) -> None:
+    """Raise :class:`PreflightError` listing every problem of ``config`` that can be seen
+    from the driver. ``resources``: the cluster's total ``{"CPU": n, "GPU": m}`` (None skips
+    the resource check)."""
+    problems: list[str] = []
+    manifest = _check_manifest(config, problems)
+    classes = _check_meta_category(config, manifest, problems) if manifest is not None else None
+    _check_weights(config, len(classes) if classes is not None else None, problems)
+    if manifest is not None and classes is not None and "train" in manifest.data.get("splits", {}):
+        _check_batches(config, manifest, classes, problems)
+    if resources is not None:
+        problems += _resource_problems(config, resources)
+    _check_storage(config, problems)
+    if problems:
+        raise PreflightError(problems)
+
+
+def _check_manifest(config: ExperimentConfig, problems: list[str]) -> Manifest | None:
+    shards = config.data.shards
+    try:
+        manifest = Manifest.load(shards)
+    except ManifestError as err:
+        problems.append(f"data.shards: {err}")
+        return None
+    for split in ("train", "test"):
+        if split not in manifest.data.get("splits", {}):
+            problems.append(f"data.shards: {shards} has no {split!r} split; repack it with `rp2k pack`")
+    if manifest.uri is None:  # object stores are listed by the loader; local gaps are cheap to see here
+        names = [INDEX_PARQUET] + [s["name"] for split in manifest.data.get("splits", {}).values() for s in split["shards"]]
+        missing = [n for n in names if not (manifest.root / n).is_file()]
+        if missing:
+            problems.append(f"data.shards: {len(missing)} file(s) of the manifest are missing in {shards} "
+                            f"(e.g. {missing[0]}); finish or redo `rp2k pack`")
+    return manifest
+
+
+def _check_meta_category(config: ExperimentConfig, manifest: Manifest, problems: list[str]) -> list[int] | None:
+    if not config.data.meta_category:
+        return list(range(manifest.num_classes))
+    system, _, value = config.data.meta_category.partition("=")
+    try:
+        return manifest.classes_of(system, value)
+    except MetaCategoryError as err:
+        problems.append(str(err))
+        return None
+
+
+def _check_weights(config: ExperimentConfig, num_classes: int | None, problems: list[str]) -> None:
+    """The weights file exists and loads into the model (on CPU, in seconds)."""
+    from ..models import create_model
+    from ..models.weights import imagenet_file
+
+    m = config.model
+    if m.pretrained == "imagenet":
+        try:
+            path = imagenet_file(m.name)
+        except ValueError as err:
+            problems.append(f"model.pretrained: {err}")
+            return
+        if not path.is_file():
+            problems.append(f"model.pretrained: {path} is missing; place torchvision's {path.name} there "
+                            "(it is never downloaded) or set model.pretrained=''")
+            return
+    if not m.weights:
+        return
+    if "://" not in m.weights and not Path(m.weights).is_file():
+        problems.append(f"model.weights: file {m.weights} not found; give an existing weights file or checkpoint.pt")
+        return
+    if num_classes is None or "://" in m.weights:
+        return
+    try:
+        create_model(m.name, num_classes, weights=m.weights)
+    except (ValueError, KeyError, RuntimeError) as err:
+        problems.append(f"model.weights: {m.weights} does not fit {m.name}: {err}")
+
+
+def _check_batches(config: ExperimentConfig, manifest: Manifest, classes: list[int], problems: list[str]) -> None:
+    """Every rank needs one full batch; P x K batches need P classes with >= 2 train
+    images (an intra-class pair)."""
+    counts = manifest.class_counts("train")
+    per_rank = sum(counts[c] for c in classes) // config.run.workers
+    p, k = config.data.classes_per_batch, config.data.images_per_class
+    batch, key = (p * k, "data.classes_per_batch x data.images_per_class") if p else (config.data.batch_size, "data.batch_size")
+    if per_rank < batch:
+        problems.append(f"{key}: batches of {batch} images, but each of the {config.run.workers} workers gets about "
+                        f"{per_rank} train images; lower it or run.workers")
+    pairable = sum(counts[c] >= 2 for c in classes)
+    if p and pairable < p:
+        problems.append(f"data.classes_per_batch: {p} classes per batch, but only {pairable} of the run's "
+                        f"{len(classes)} classes have 2+ train images; set data.classes_per_batch <= {pairable}")
+
+
+def check_resources(config: ExperimentConfig, resources: dict[str, float]) -> None:
+    """:class:`PreflightError` when the cluster (``ray.cluster_resources()``) is too small."""
+    problems = _resource_problems(config, resources)
+    if problems:
+        raise PreflightError(problems)
+
+
+def _resource_problems(config: ExperimentConfig, resources: dict[str, float]) -> list[str]:
+    """What the run's workers ask for that the cluster does not have in total (Ray would
+    otherwise wait for it forever)."""
+    r = config.run
+    problems = []
+    wanted_cpus = r.workers * r.cpus_per_worker
+    if wanted_cpus > resources.get("CPU", 0):
+        problems.append(f"run.workers x run.cpus_per_worker: {r.workers} x {r.cpus_per_worker:g} = {wanted_cpus:g} CPUs, "
+                        f"the cluster has {resources.get('CPU', 0):g}; lower run.workers or run.cpus_per_worker")
+    if r.use_gpu:
+        wanted_gpus = r.workers * r.gpus_per_worker
+        if wanted_gpus > resources.get("GPU", 0):
+            problems.append(f"run.workers x run.gpus_per_worker: {r.workers} x {r.gpus_per_worker:g} = {wanted_gpus:g} GPUs, "
+                            f"the cluster has {resources.get('GPU', 0):g}; lower run.workers, or run.use_gpu=false")
+    return problems
+
+
+def local_resources() -> dict[str, float]:
+    """What a new local Ray on this machine will offer: its CPUs and visible GPUs."""
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"CPU": float(cpus), "GPU": float(torch.cuda.device_count())}
+
+
+def _check_storage(config: ExperimentConfig, problems: list[str]) -> None:
+    """``run.storage_path`` accepts a file (a probe is written and deleted)."""
+    path = config.run.storage_path
+    try:
+        if "://" in path:
+            fs, base = pafs.FileSystem.from_uri(path)
+        else:
+            fs, base = pafs.LocalFileSystem(), str(Path(path).resolve())
+        fs.create_dir(base, recursive=True)
+        probe = f"{base.rstrip('/')}/.rp2k-write-probe-{uuid.uuid4().hex}"
+        with fs.open_output_stream(probe) as stream:
+            stream.write(b"ok")
+        fs.delete_file(probe)
+    except OSError as err:  # pyarrow's I/O errors are OSErrors
+        problems.append(f"run.storage_path: cannot write to {path} ({err}); choose a writable folder or bucket")
+
+
+def first_not_retryable(worker_failures: dict[int, BaseException]) -> BaseException | None:
+    """The lowest rank's error that the next attempt would repeat, if any (the driver
+    raises it as it is: one line for the user instead of every rank's traceback)."""
+    for _, error in sorted(worker_failures.items()):
+        if isinstance(error, NOT_RETRYABLE):
+            return error
+    return None
+
+
+def fail_fast_policy(failure_config: Any):
+    """Ray Train's default failure policy, except that :data:`NOT_RETRYABLE` worker errors
+    are raised at once.
+
+    Ray Train 2.60 has no public hook for this: the policy classes live in
+    ``ray.train.v2._internal`` and the trainer builds its policy in ``fit``. This function
+    and :func:`fail_fast_trainer` are the only places that touch those internals.
+    """
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    class FailFastPolicy(DefaultFailurePolicy):
+        def make_decision(self, training_failed_error):
+            if isinstance(training_failed_error, WorkerGroupError) and first_not_retryable(
+                    training_failed_error.worker_failures) is not None:
+                return FailureDecision.RAISE
+            return super().make_decision(training_failed_error)
+
+    return FailFastPolicy(failure_config)
+
+
+def fail_fast_trainer(trainer_cls: type) -> type:
+    """``trainer_cls`` (TorchTrainer) whose controller uses :func:`fail_fast_policy`."""
+
+    class FailFastTrainer(trainer_cls):
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            controller_init_kwargs["failure_policy"] = fail_fast_policy(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+    FailFastTrainer.__name__ = FailFastTrainer.__qualname__ = trainer_cls.__name__
+    return FailFastTrainer
