@@ -118,4 +118,6 @@ def test_config_error_in_a_worker_is_not_retried(local_ray, synth_shards, tmp_pa
     with pytest.raises(ray.train.WorkerGroupError) as raised:
         build_trainer(config, run_callbacks=[_CountFailures(failures)]).fit()
     assert isinstance(first_not_retryable(raised.value.worker_failures), MetaCategoryError)
-    assert failures.read_text().splitlines() == ["['MetaCategoryError', 'MetaCategoryError']"]  # one attempt
+    attempts = failures.read_text().splitlines()
+    assert len(attempts) == 1  # one attempt; in it every worker that failed before the group stopped did so on the config
+    assert attempts[0] in ("['MetaCategoryError']", "['MetaCategoryError', 'MetaCategoryError']")

@@ -294,9 +294,9 @@ def test_submit_runs_rp2k_train_as_a_job_and_follows_it(ray_head, tiny_shards, s
     assert job_id.startswith("rp2k-submit-smoke-")
     assert f"job {job_id} SUCCEEDED" in done.stdout
     # the driver (`rp2k train` without --address) attached to the job's cluster
-    assert "Connecting to existing Ray cluster" in done.stdout
-    assert "Started a local Ray instance" not in done.stdout
-    assert "run submit-smoke in" in done.stdout  # cmd_train's final line, streamed back
+    assert "joined the Ray cluster at " in done.stdout
+    assert "started a local Ray" not in done.stdout
+    assert "run submit-smoke: epoch " in done.stdout  # cmd_train's summary, streamed back
     metrics = [json.loads(line) for line in (storage / "submit-smoke" / "metrics.jsonl").read_text().splitlines() if line]
     assert [m["epoch"] for m in metrics] == [1]
 

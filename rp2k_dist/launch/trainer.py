@@ -147,6 +147,8 @@ def run_training(config: ExperimentConfig, address: str | None = None, verbose: 
         ray.init(address=ray_address(address), **ray_init_options(verbose))
         if not local:
             check_resources(config, ray.cluster_resources())
+        if console:  # Ray's own start-up lines are quiet: say which cluster the run is on
+            print(cluster_line(local), flush=True)
     storage = RunStorage(config.run.storage_path, config.run.name)
     tracking = MlflowRun(mlflow_uri, config, storage.uri) if mlflow_uri else None
     bar = console and sys.stderr.isatty()
@@ -164,6 +166,13 @@ def run_training(config: ExperimentConfig, address: str | None = None, verbose: 
         raise result.error
     history = read_metrics(config)
     return history[-1] if history else dict(result.metrics or {})
+
+
+def cluster_line(local: bool) -> str:
+    """One line naming the Ray cluster this driver is connected to and its size."""
+    resources = ray.cluster_resources()
+    where = "started a local Ray" if local else f"joined the Ray cluster at {ray.get_runtime_context().gcs_address}"
+    return f"{where} ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs)"
 
 
 def ray_address(address: str | None) -> str | None:
