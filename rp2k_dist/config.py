@@ -127,6 +127,7 @@ class RunConfig:
     seed: int = 0
     eval_every: int = 1  # epochs
     checkpoint_every: int = 1  # epochs
+    checkpoint_every_steps: int = 0  # also every N optimiser steps, mid-epoch (exact resume); 0 = off
     keep_checkpoints: int = 2
     workers: int = 2  # Ray Train workers (one per GPU on a GPU cluster)
     use_gpu: bool = False
@@ -140,6 +141,7 @@ class RunConfig:
         _check(bool(self.name) and "/" not in self.name, "run.name must be a non-empty name without '/'")
         _check(self.eval_every >= 1 and self.checkpoint_every >= 1, "run.eval_every and checkpoint_every must be >= 1")
         _check(self.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
+        _check(self.checkpoint_every_steps >= 0, "run.checkpoint_every_steps must be >= 0 (0 = off)")
         _check(self.workers >= 1, "run.workers must be >= 1")
         _check(self.placement_strategy in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"), "run.placement_strategy is invalid")
         _check(self.max_failures >= -1, "run.max_failures must be >= -1 (-1 = unlimited)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import psutil
 import pytest
@@ -67,9 +68,13 @@ def test_two_worker_ddp_keeps_ranks_identical_and_reports_what_it_writes(local_r
     assert history3[2]["resumed_from_epoch"] == 2
 
 
-def _kill_a_train_worker(killed: list[int]) -> None:
-    for process in psutil.process_iter(["cmdline"]):
-        if any("RayTrainWorker" in part for part in process.info["cmdline"] or []):
+def _kill_a_train_worker(killed: list[int], started_after: float) -> None:
+    """SIGKILL one training worker of the current run: one started after ``started_after``
+    (a worker of an earlier test may still be exiting after its Ray shut down)."""
+    for process in psutil.process_iter(["cmdline", "create_time", "status"]):
+        if (any("RayTrainWorker" in part for part in process.info["cmdline"] or [])
+                and process.info["create_time"] >= started_after
+                and process.info["status"] != psutil.STATUS_ZOMBIE):
             os.kill(process.pid, signal.SIGKILL)  # a real kill, no exception
             killed.append(process.pid)
             return
@@ -78,8 +83,9 @@ def _kill_a_train_worker(killed: list[int]) -> None:
 def test_killed_worker_restarts_from_the_last_checkpoint(local_ray, synth_shards, tmp_path):
     config = _config(synth_shards, tmp_path, "kill", epochs=4)
     killed: list[int] = []
+    started = time.time()
     # metrics of epoch 2 on disk => epoch 1's checkpoint was reported (report is a barrier)
-    watcher = after_epoch(config, 2, lambda: _kill_a_train_worker(killed))
+    watcher = after_epoch(config, 2, lambda: _kill_a_train_worker(killed, started))
     final = run_training(config)
     watcher.join(timeout=5)
     assert killed, "no worker was killed"

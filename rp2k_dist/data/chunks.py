@@ -61,7 +61,10 @@ class SampleTable:
     """The samples of one split in shard order, with their byte ranges, cut into chunks."""
 
     def __init__(self, shards: Sequence[str], shard: np.ndarray, offset: np.ndarray, length: np.ndarray,
-                 chunk_bytes: int = int(DEFAULT_CHUNK_MB * 1e6)):
+                 chunk_bytes: int = int(DEFAULT_CHUNK_MB * 1e6), keys: Sequence[str] | None = None,
+                 positions: np.ndarray | None = None):
+        """``keys``: the samples' keys (readers keep only their planned samples by key);
+        ``positions``: each sample's position in the full split (a subset table keeps them)."""
         if chunk_bytes < 1:
             raise ValueError(f"chunk size must be >= 1 byte, got {chunk_bytes}")
         order = np.lexsort((offset, shard))
@@ -69,6 +72,9 @@ class SampleTable:
         self.shard = np.asarray(shard, np.int64)[order]
         self.offset = np.asarray(offset, np.int64)[order]
         self.length = np.asarray(length, np.int64)[order]
+        self.keys = None if keys is None else np.asarray(keys, object)[order]
+        self.positions = (np.arange(len(order), dtype=np.int64) if positions is None
+                          else np.asarray(positions, np.int64)[order])
         self.chunk_bytes = chunk_bytes
         window = self.offset // chunk_bytes
         new = np.ones(len(self.shard), bool)
@@ -84,7 +90,7 @@ class SampleTable:
         if "offset" not in index.column_names:
             raise ValueError(f"{manifest.root}/index.parquet has no byte ranges (packed by an older rp2k-dist): "
                              f"run `rp2k index {manifest.root}` once to add them")
-        rows = index.select(["split", "shard", "label", "offset", "length"]).to_pydict()
+        rows = index.select(["split", "shard", "key", "label", "offset", "length"]).to_pydict()
         names = [s.name for s in manifest.shards(split)]
         position = {name: i for i, name in enumerate(names)}
         keep = None if classes is None else set(int(c) for c in classes)
@@ -93,7 +99,17 @@ class SampleTable:
         shard = np.array([position[rows["shard"][i]] for i in picked], np.int64)
         offset = np.array([rows["offset"][i] for i in picked], np.int64)
         length = np.array([rows["length"][i] for i in picked], np.int64)
-        return cls(manifest.shard_paths(split), shard, offset, length, chunk_bytes)
+        keys = [rows["key"][i] for i in picked]
+        return cls(manifest.shard_paths(split), shard, offset, length, chunk_bytes, keys)
+
+    def subset(self, keep: np.ndarray) -> "SampleTable":
+        """The samples where ``keep`` (a mask over this table's rows) is true, with their
+        positions in this table; chunks are the same byte windows, holding fewer samples."""
+        keep = np.asarray(keep, bool)
+        if keep.shape != (len(self),):
+            raise ValueError(f"mask of {keep.shape} for a table of {len(self)} samples")
+        return SampleTable(self.shards, self.shard[keep], self.offset[keep], self.length[keep], self.chunk_bytes,
+                           None if self.keys is None else self.keys[keep], self.positions[keep])
 
     def __len__(self) -> int:
         return len(self.shard)

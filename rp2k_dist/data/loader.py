@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .. import storage
 from .chunks import DEFAULT_CHUNK_MB, Piece, ReaderPlan, SampleTable, epoch_seed, plan_epoch, plan_training_epoch, training_steps
+from .epoch_state import ConsumedSamples, rest_of_epoch
 from .images import DECODE_ERRORS
 from .tar_index import samples_of
 from .manifest import Manifest
@@ -106,15 +107,29 @@ class _ShardStream(IterableDataset):
         self.transform = transform
         self.config = config
         self.train = train
-        # (epoch, pass) shared with the persistent workers, read at each new iteration.
-        self.state = context.RawArray("q", 2)
+        # (epoch, pass, resumed) shared with the persistent workers, read at each new
+        # iteration; a resumed epoch plans only the samples not in ``consumed``.
+        self.state = context.RawArray("q", 3)
+        self.consumed = context.RawArray("b", len(table) if train else 0)
+        self._rest: tuple[bytes, SampleTable] | None = None
         self.storage_env = storage.environment()
+
+    def planned_table(self) -> SampleTable:
+        """The split, or in a resumed epoch the samples it has not consumed yet."""
+        if not self.state[2]:
+            return self.table
+        mask = bytes(self.consumed)
+        if self._rest is None or self._rest[0] != mask:
+            consumed = ConsumedSamples(len(self.table), np.frombuffer(mask, np.int8).astype(bool))
+            self._rest = (mask, rest_of_epoch(self.table, consumed))
+        return self._rest[1]
 
     def readers(self) -> list[ReaderPlan]:
         epoch = int(self.state[0])
         c = self.config
         if self.train:
-            return plan_training_epoch(self.table, self.rank, self.world_size, c.workers, self.batch_size, epoch, c.seed)[1]
+            table = self.planned_table()
+            return plan_training_epoch(table, self.rank, self.world_size, c.workers, self.batch_size, epoch, c.seed)[1]
         return plan_epoch(self.table, self.world_size, c.workers, shuffle=False, rank=self.rank)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -122,11 +137,12 @@ class _ShardStream(IterableDataset):
         worker = info.id if info is not None else 0
         epoch, refill = int(self.state[0]), int(self.state[1])
         storage.use_environment(self.storage_env)
+        table = self.planned_table() if self.train else self.table
         plan = self.readers()[worker]
         seed = epoch_seed(self.config.seed, epoch, refill, self.rank, worker)
         errors: list[str] = []
         counter = {"skipped": 0, "bytes": storage.bytes_read()}
-        samples = (s for piece in plan.pieces for s in self._read_piece(piece, counter, errors))
+        samples = (s for piece in plan.pieces for s in self._read_piece(table, piece, counter, errors))
         if self.train:
             buffer = self.config.shuffle_buffer
             samples = wds.shuffle(buffer, min(buffer, 100), rng=random.Random(seed))(samples)
@@ -151,14 +167,19 @@ class _ShardStream(IterableDataset):
         delta, counter["bytes"] = now - counter["bytes"], now
         return delta
 
-    def _read_piece(self, piece: Piece, counter: dict[str, int], errors: list[str]) -> Iterator[dict[str, Any]]:
-        """The planned samples of one ranged read; those a damaged shard no longer holds are
-        counted as skipped."""
+    def _read_piece(self, table: SampleTable, piece: Piece, counter: dict[str, int],
+                    errors: list[str]) -> Iterator[dict[str, Any]]:
+        """The planned samples of one ranged read of ``table``'s plan; those a damaged shard
+        no longer holds are counted as skipped."""
         where = f"{storage.display(piece.shard)} bytes {piece.offset}+{piece.length}"
         got = 0
+        # the range may also hold samples outside the plan (other classes, consumed ones)
+        planned = None if table.keys is None else set(table.keys[piece.first:piece.first + piece.samples])
         try:
             data = storage.read_range(piece.shard, piece.offset, piece.length)
             for sample in samples_of(data):
+                if planned is not None and sample["__key__"] not in planned:
+                    continue
                 if self.remap is not None:
                     try:
                         label = int(sample["cls"])
@@ -291,6 +312,8 @@ class ShardLoader:
         self.train = train
         self.epoch = 0
         self.stats = LoaderStats()
+        self.consumed = ConsumedSamples(len(table) if train else 0)
+        self._positions: dict[str, int] | None = None
         context = worker_context(config.start_method)
         self.dataset = _ShardStream(table, rank, world_size, transform, config, train, context, classes, class_balanced)
         self.loader = DataLoader(
@@ -308,16 +331,33 @@ class ShardLoader:
                 f"{self.dataset.batch_size} per rank for world size {world_size}; lower batch_size"
             )
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's shard order and augmentation seeds."""
+    def set_epoch(self, epoch: int, consumed: ConsumedSamples | None = None) -> None:
+        """Select the epoch's shard order and augmentation seeds. ``consumed``: the samples
+        of this epoch already trained on (a mid-epoch checkpoint, summed over all ranks of
+        the run that wrote it); the epoch then plans only the rest, dealt over this run's
+        ranks. :attr:`consumed` tracks this rank's samples of the epoch (with ``consumed``)."""
+        if consumed is not None and not self.train:
+            raise ValueError("only a training loader resumes mid-epoch")
         self.epoch = epoch
         self.dataset.state[0] = epoch
+        self.dataset.state[2] = consumed is not None
+        if self.train:
+            self.consumed = ConsumedSamples(len(self.dataset.table), None if consumed is None else consumed.mask)
+            self.dataset.consumed[:] = self.consumed.mask.astype(np.int8).tobytes()
+
+    def positions(self, keys: Sequence[str]) -> list[int]:
+        """The split positions (rows of the sample table) of training samples' keys."""
+        if self._positions is None:
+            table = self.dataset.table
+            self._positions = {str(k): int(p) for k, p in zip(table.keys, table.positions)}
+        return [self._positions[k] for k in keys]
 
     def __len__(self) -> int:
         """Batches this rank yields in the current epoch."""
         c = self.config
         if self.train:
-            return training_steps(len(self.dataset.table), self.world_size, c.workers, self.dataset.batch_size)[0]
+            table = self.dataset.planned_table()
+            return training_steps(len(table), self.world_size, c.workers, self.dataset.batch_size)[0]
         return sum(-(-p.samples // c.batch_size) for p in self.dataset.readers())
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -332,6 +372,8 @@ class ShardLoader:
                     continue
                 if steps is not None and emitted >= steps:
                     break
+                if self.train:  # consumed once handed out: a checkpoint after this step holds it
+                    self.consumed.mark(self.positions(item["key"]))
                 emitted += 1
                 self.stats.refill_batches += bool(refill)
                 yield item

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import torch
 
 from ..storage import RunStorage
+from ..data.epoch_state import checkpoint_name
 from .checkpoint import FILENAME, load_checkpoint, to_bytes
 
 
@@ -58,6 +59,6 @@ class LocalContext:
 
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
         if checkpoint is not None:
-            self.storage.write_bytes(f"checkpoints/epoch_{checkpoint['epoch']:04d}/{FILENAME}", to_bytes(checkpoint))
+            self.storage.write_bytes(f"checkpoints/{checkpoint_name(checkpoint)}/{FILENAME}", to_bytes(checkpoint))
             for old in self.checkpoints()[: -self.keep]:
                 self.storage.delete_dir(f"checkpoints/{old}")

@@ -32,8 +32,10 @@ from ..losses import ClassBalancedLoss
 from ..models import create_model, input_spec, load_weights_file
 from . import distributed as dist_utils
 from .checkpoint import FORMAT, VERSION, rng_state, set_rng_state
+from ..data.epoch_state import consumed_of
 from .context import WorkerContext, write_metrics
 from .scalars import ScalarLog
+from .step_checkpoints import StepCheckpoints
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -201,9 +203,12 @@ class _StepMetrics:
 
 
 def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, prepare, device, config, epoch,
-                    on_step: Callable[[int, int, int], None] | None = None) -> dict[str, float]:
+                    on_step: Callable[[int, int, int], None] | None = None,
+                    after_step: Callable[[int, list[str], Callable[[], None]], None] | None = None) -> dict[str, float]:
     """One pass over this rank's batches; returns metrics summed over all ranks.
-    ``on_step(epoch, step, steps)`` (1-based) after each step, for progress displays.
+    ``on_step(epoch, step, steps)`` (1-based) after each step, for progress displays;
+    ``after_step(step, keys, check_finite)`` after each optimiser step (mid-epoch
+    checkpoints, which call ``check_finite()`` before saving).
 
     Nothing in a step reads a device tensor on the host; the metrics are read every
     :data:`CHECK_EVERY_STEPS` steps and at the end of the epoch."""
@@ -214,7 +219,7 @@ def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, prepar
     start = time.perf_counter()
     total_steps = len(loader) if on_step is not None else 0
     for step, batch in enumerate(loader):
-        images, labels, _ = prepare(batch)
+        images, labels, keys = prepare(batch)
         with autocast:
             output = model(images, labels)  # API-Net pairs images by label; others ignore it
             loss = core.loss(output, labels, criterion)
@@ -230,6 +235,8 @@ def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, prepar
         steps = step + 1
         if steps % CHECK_EVERY_STEPS == 0:
             metrics.check_finite(steps, epoch)
+        if after_step is not None:
+            after_step(step, keys, lambda: metrics.check_finite(steps, epoch))
         if on_step is not None:
             on_step(epoch + 1, steps, total_steps)
     metrics.check_finite(steps, epoch)
@@ -353,6 +360,7 @@ def train_worker(
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
+    partial = None  # the consumed samples of an epoch interrupted after a mid-epoch checkpoint
     checkpoint = context.latest_checkpoint()
     if checkpoint is not None:
         core.load_state_dict(checkpoint["model"])
@@ -360,17 +368,22 @@ def train_worker(
         scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_state(checkpoint["rng"])
         start_epoch, history = checkpoint["epoch"], list(checkpoint["metrics"])
+        partial = checkpoint.get("epoch_state")
     scalars = ScalarLog(context.storage, start_epoch + 1) if context.rank == 0 else None
     if context.rank == 0:
         context.storage.write_text("config.yaml", config.to_yaml())
 
     metrics: dict[str, Any] = history[-1] if history else {}
+    step_hook = StepCheckpoints(config.run.checkpoint_every_steps, train_loader, scheduler, context, lambda epoch: build_checkpoint(
+        core, optimizer, scheduler, config, data, spec, epoch, history), config.run.name)
     for epoch in range(start_epoch, config.optim.epochs):
-        train_loader.set_epoch(epoch)
+        resumed = partial is not None and epoch == start_epoch
+        train_loader.set_epoch(epoch, consumed_of(partial) if resumed else None)
+        step_hook.start_epoch(epoch)
         set_backbone_frozen(optimizer, epoch < config.model.freeze_backbone_epochs)
         metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], "global_batch": global_batch,
                    **train_one_epoch(model, core, criterion, optimizer, scheduler, train_loader, prepare_train, device, config,
-                                     epoch, on_step)}
+                                     epoch, on_step, step_hook)}
         last = epoch + 1 == config.optim.epochs
         predictions = None
         if (epoch + 1) % config.run.eval_every == 0 or last:
@@ -379,6 +392,8 @@ def train_worker(
         metrics["world_size"] = context.world_size
         if epoch == start_epoch and start_epoch > 0:
             metrics["resumed_from_epoch"] = start_epoch
+        if resumed:
+            metrics["resumed_from_step"] = int(partial["global_step"])
         history.append(metrics)
         save = context.rank == 0 and ((epoch + 1) % config.run.checkpoint_every == 0 or last)
         if context.rank == 0:

@@ -25,6 +25,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ..config import ExperimentConfig, config_from_dict
+from ..data.epoch_state import checkpoint_name
 from ..engine.checkpoint import FILENAME, load_checkpoint, to_bytes
 from ..engine.train import train_worker
 from .. import storage
@@ -61,7 +62,7 @@ class RayContext:
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / FILENAME).write_bytes(to_bytes(checkpoint))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=f"epoch_{checkpoint['epoch']:04d}")
+                             checkpoint_dir_name=checkpoint_name(checkpoint))
 
 
 def parameter_digest(model: torch.nn.Module) -> str:

@@ -1,0 +1,118 @@
+"""Exact mid-epoch resume on a real local Ray: a worker SIGKILLed inside an epoch.
+
+The runs log the keys each rank trains at each step (``RP2K_TRACE_KEYS``, set before Ray
+starts so the workers inherit it). A step trained again after the restart replaces the
+lost one (:func:`~rp2k_dist.data.epoch_state.trained_steps`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import ray
+
+from rp2k_dist.data.epoch_state import TRACE_ENV, read_trace, trained_steps
+from rp2k_dist.launch.trainer import run_training
+from rp2k_dist.storage import RunStorage
+from tests.test_ray_train import _config, _kill_a_train_worker
+
+pytestmark = pytest.mark.slow
+
+EVERY = 2  # run.checkpoint_every_steps
+
+
+@pytest.fixture(scope="module")
+def traced_ray(tmp_path_factory):
+    trace = tmp_path_factory.mktemp("trace")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TRACE_ENV, str(trace))
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        yield trace
+        ray.shutdown()
+
+
+def _run_config(shards, tmp_path, name, workers=2, failures=2):
+    return _config(shards, tmp_path, name, epochs=1, extra=[f"run.workers={workers}", f"run.max_failures={failures}",
+                                                             f"run.checkpoint_every_steps={EVERY}"])
+
+
+def _epoch_keys(trace, name, epoch=0) -> list[str]:
+    steps = trained_steps([line for line in read_trace(trace / name) if line["epoch"] == epoch])
+    return [k for step in sorted(steps) for line in steps[step] for k in line["keys"]]
+
+
+def _kill_after_a_mid_epoch_checkpoint(config, trace, killed: list[int]) -> threading.Thread:
+    """SIGKILL a worker once the controller has registered a mid-epoch checkpoint and a
+    later step has started training (so that step's work is lost)."""
+    storage = RunStorage(config.run.storage_path, config.run.name)
+
+    def registered_step() -> int:
+        if not storage.exists("checkpoint_manager_snapshot.json"):
+            return 0
+        text = storage.read_bytes("checkpoint_manager_snapshot.json").decode()
+        return max([int(part[:7]) for part in text.split("_step_")[1:]], default=0)
+
+    started = time.time()
+
+    def watch():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            step = registered_step()
+            traced = [line["step"] for line in read_trace(trace / config.run.name)] if (trace / config.run.name).exists() else []
+            if step and max(traced, default=0) > step:
+                _kill_a_train_worker(killed, started)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _check_interrupted_epoch(trace, name, uninterrupted: list[str], global_batch: int) -> list[dict]:
+    lines = read_trace(trace / name)
+    origins = sorted({line["origin"] for line in lines})
+    assert len(origins) == 2 and origins[1] > 0, origins  # one fresh start, one mid-epoch resume
+    killed_last = max(line["step"] for line in lines if line["origin"] == origins[0])
+    assert killed_last - origins[1] <= EVERY  # steps lost: at most one checkpoint interval
+    keys = _epoch_keys(trace, name)
+    assert len(keys) == len(set(keys))  # within the interrupted epoch no sample twice
+    assert abs(len(set(keys)) - len(set(uninterrupted))) <= global_batch
+    assert len(set(keys) ^ set(uninterrupted)) <= 2 * global_batch
+    return lines
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(traced_ray, synth_shards, tmp_path_factory):
+    config = _run_config(synth_shards, tmp_path_factory.mktemp("runs"), "whole")
+    run_training(config)
+    keys = _epoch_keys(traced_ray, "whole")
+    assert len(keys) == len(set(keys))
+    return keys
+
+
+def test_killed_worker_resumes_mid_epoch_at_the_same_world_size(traced_ray, synth_shards, tmp_path, uninterrupted):
+    config = _run_config(synth_shards, tmp_path, "same")
+    killed: list[int] = []
+    watcher = _kill_after_a_mid_epoch_checkpoint(config, traced_ray, killed)
+    final = run_training(config)
+    watcher.join(timeout=5)
+    assert killed, "no worker was killed"
+    lines = _check_interrupted_epoch(traced_ray, "same", uninterrupted, global_batch=2 * 16)
+    assert {line["world_size"] for line in lines} == {2}
+    assert final["resumed_from_step"] == max(line["origin"] for line in lines)
+
+
+def test_killed_run_resumes_mid_epoch_at_another_world_size(traced_ray, synth_shards, tmp_path, uninterrupted):
+    config = _run_config(synth_shards, tmp_path, "grow", failures=0)
+    killed: list[int] = []
+    watcher = _kill_after_a_mid_epoch_checkpoint(config, traced_ray, killed)
+    with pytest.raises(Exception):
+        run_training(config)  # no restarts allowed: the run stops
+    watcher.join(timeout=5)
+    assert killed, "no worker was killed"
+    final = run_training(_run_config(synth_shards, tmp_path, "grow", workers=3))  # the same run, 3 workers
+    lines = _check_interrupted_epoch(traced_ray, "grow", uninterrupted, global_batch=3 * 16)
+    assert {line["world_size"] for line in lines if line["origin"] > 0} == {3}
+    assert final["world_size"] == 3 and final["resumed_from_step"] == max(line["origin"] for line in lines)
