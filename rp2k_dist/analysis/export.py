@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..data.transforms import normalize
-from ..inference import TrainedModel, load_trained
+from ..evaluation.inference import TrainedModel, load_trained
 
 Checkpoint = str | Path | TrainedModel
 #: Class facts copied into the model card.

@@ -21,34 +21,9 @@ import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
 
+from ..input_spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 from .augment import AugmentConfig, AugmentParams, apply_array, sample_params
 from .images import to_rgb
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a model eats: square ``crop_size`` crops of images whose shorter side was
-    resized to ``resize_size``, normalised with ``mean``/``std`` (0..1 scale)."""
-
-    crop_size: int = 224
-    resize_size: int = 256
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def __post_init__(self) -> None:
-        if not 16 <= self.crop_size <= self.resize_size:
-            raise ValueError(
-                f"need 16 <= crop_size <= resize_size, got crop {self.crop_size}, resize {self.resize_size}"
-            )
-
-    def scaled(self, crop_size: int) -> "InputSpec":
-        """The same spec at another resolution (keeps the resize/crop ratio)."""
-        ratio = self.resize_size / self.crop_size
-        return InputSpec(crop_size, round(crop_size * ratio), self.mean, self.std)
-
 
 def decode(jpeg: bytes) -> Image.Image:
     """Decode shard image bytes to RGB (raises PIL/OS errors on corrupt bytes)."""

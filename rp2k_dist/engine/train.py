@@ -21,18 +21,21 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, parse_meta_category
 from ..data.loader import LoaderConfig, ShardLoader
 from ..data.manifest import Manifest
-from ..data.transforms import EvalTransform, InputSpec, RawJpeg, TrainTransform
+from ..data.transforms import EvalTransform, RawJpeg, TrainTransform
 from .batches import CpuBatches, DeviceBatches
 from ..evaluation.metrics import accuracy_table, confused_pairs
 from ..evaluation.predictions import Predictions
 from ..losses import ClassBalancedLoss
+from ..input_spec import InputSpec
 from ..models import create_model, input_spec
+from .. import run_folder
+from ..run_folder import FORMAT, VERSION, write_metrics
 from . import distributed as dist_utils
-from .checkpoint import FORMAT, VERSION, rng_state, set_rng_state
-from .context import WorkerContext, write_metrics
+from .checkpoint import rng_state, set_rng_state
+from .context import WorkerContext
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -53,8 +56,7 @@ def select_data(config: ExperimentConfig) -> RunData:
     manifest = Manifest.load(config.data.shards)
     subset = None
     if config.data.meta_category:
-        system, _, value = config.data.meta_category.partition("=")
-        subset = manifest.classes_of(system, value)
+        subset = manifest.classes_of(*parse_meta_category(config.data.meta_category))
     chosen = subset if subset is not None else list(range(manifest.num_classes))
     classes = [{**manifest.classes[g], "index": i, "global_index": g} for i, g in enumerate(chosen)]
     counts = manifest.class_counts("train")
@@ -212,8 +214,7 @@ def build_checkpoint(core, optimizer, scheduler, config, data, spec, epoch, hist
         "version": VERSION,
         "model_name": config.model.name,
         "model_args": {"num_classes": len(data.classes)},
-        "input_spec": {"crop_size": spec.crop_size, "resize_size": spec.resize_size,
-                       "mean": list(spec.mean), "std": list(spec.std)},
+        "input_spec": spec.to_dict(),
         "classes": data.classes,
         "class_subset": data.class_subset,
         "config": config.to_dict(),
@@ -233,13 +234,13 @@ def save_evaluation(storage, predictions: Predictions, data: RunData, metrics: d
 
     table = accuracy_table(predictions, data.classes)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "predictions.parquet"
+        path = Path(tmp) / run_folder.PREDICTIONS
         predictions.to_parquet(path, data.classes)
-        storage.write_bytes("predictions.parquet", path.read_bytes())
+        storage.write_bytes(run_folder.PREDICTIONS, path.read_bytes())
     evaluation = {"table2": table.to_dict(), "confused_pairs": confused_pairs(predictions, data.classes),
                   "final": metrics}
-    storage.write_text("evaluation.json", json.dumps(evaluation, indent=1, ensure_ascii=False, default=float))
-    storage.write_text("table2.md", table.to_markdown() + "\n")
+    storage.write_text(run_folder.EVALUATION, json.dumps(evaluation, indent=1, ensure_ascii=False, default=float))
+    storage.write_text(run_folder.TABLE2, table.to_markdown() + "\n")
 
 
 def train_worker(
@@ -286,7 +287,7 @@ def train_worker(
         set_rng_state(checkpoint["rng"])
         start_epoch, history = checkpoint["epoch"], list(checkpoint["metrics"])
     if context.rank == 0:
-        context.storage.write_text("config.yaml", config.to_yaml())
+        context.storage.write_text(run_folder.CONFIG, config.to_yaml())
 
     metrics: dict[str, Any] = history[-1] if history else {}
     for epoch in range(start_epoch, config.optim.epochs):

@@ -23,8 +23,9 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ..config import ExperimentConfig, config_from_dict
-from ..engine.checkpoint import FILENAME, load_checkpoint, to_bytes
+from .. import run_folder
 from ..engine.train import train_worker
+from ..run_folder import CHECKPOINT, checkpoint_dir, load_checkpoint, to_bytes
 from ..storage import RunStorage
 
 
@@ -46,16 +47,16 @@ class RayContext:
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            return load_checkpoint(Path(folder) / FILENAME)
+            return load_checkpoint(Path(folder) / CHECKPOINT)
 
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
         if checkpoint is None:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
-            (Path(folder) / FILENAME).write_bytes(to_bytes(checkpoint))
+            (Path(folder) / CHECKPOINT).write_bytes(to_bytes(checkpoint))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=f"epoch_{checkpoint['epoch']:04d}")
+                             checkpoint_dir_name=checkpoint_dir(checkpoint["epoch"]))
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
@@ -72,11 +73,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker."""
     config = config_from_dict(loop_config["config"])
     context = RayContext(config)
-    train_worker(config, context, on_finish=lambda model: context.storage.write_text(
-        f"ranks/rank-{context.rank}.json",
-        json.dumps({"rank": context.rank, "world_size": context.world_size, "node_id": ray.get_runtime_context().get_node_id(),
-                    "parameters_sha256": parameter_digest(model)}),
-    ))
+
+    def record_rank(model: torch.nn.Module) -> None:
+        context.storage.write_text(f"{run_folder.RANKS}/rank-{context.rank}.json", json.dumps({
+            "rank": context.rank, "world_size": context.world_size,
+            "node_id": ray.get_runtime_context().get_node_id(), "parameters_sha256": parameter_digest(model)}))
+
+    train_worker(config, context, on_finish=record_rank if config.run.rank_digests else None)
 
 
 def storage_uri(path: str) -> str:
@@ -132,7 +135,5 @@ def ray_address(address: str | None) -> str | None:
 
 
 def read_metrics(config: ExperimentConfig) -> list[dict[str, Any]]:
-    storage = RunStorage(config.run.storage_path, config.run.name)
-    if not storage.exists("metrics.jsonl"):
-        return []
-    return [json.loads(line) for line in storage.read_bytes("metrics.jsonl").decode().splitlines() if line]
+    """The metrics history of the run ``config`` names."""
+    return run_folder.read_metrics(RunStorage(config.run.storage_path, config.run.name))

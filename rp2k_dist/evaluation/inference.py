@@ -10,12 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data.loader import LoaderConfig, ShardLoader
-from .data.manifest import Manifest
-from .data.transforms import EvalTransform, InputSpec, normalize
-from .engine.checkpoint import load_checkpoint
-from .evaluation.predictions import Predictions
-from .models import create_model
+from ..data.loader import LoaderConfig, ShardLoader
+from ..data.manifest import Manifest
+from ..data.transforms import EvalTransform, normalize
+from ..input_spec import InputSpec
+from ..models import create_model
+from ..run_folder import find_checkpoint, load_checkpoint
+from .predictions import Predictions
 
 
 @dataclass
@@ -34,20 +35,6 @@ class TrainedModel:
         return self.checkpoint["model_name"]
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, a checkpoint folder, or a run folder (its latest ``epoch_*``)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if (path / "checkpoint.pt").exists():
-        return path / "checkpoint.pt"
-    for folder in (path, path / "checkpoints"):
-        epochs = sorted(folder.glob("epoch_*/checkpoint.pt")) if folder.is_dir() else []
-        if epochs:
-            return epochs[-1]
-    raise FileNotFoundError(f"no checkpoint at {path}: give a checkpoint.pt, its folder, or a run folder with epoch_*/")
-
-
 def load_trained(path: str | Path, device: str | torch.device | None = None) -> TrainedModel:
     """Rebuild the model of a checkpoint in eval mode on ``device`` (default: cuda if present)."""
     checkpoint = load_checkpoint(find_checkpoint(path))
@@ -55,8 +42,7 @@ def load_trained(path: str | Path, device: str | torch.device | None = None) -> 
     model = create_model(checkpoint["model_name"], **checkpoint["model_args"])
     model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
-    s = checkpoint["input_spec"]
-    spec = InputSpec(s["crop_size"], s["resize_size"], tuple(s["mean"]), tuple(s["std"]))
+    spec = InputSpec.from_dict(checkpoint["input_spec"])
     return TrainedModel(model, spec, checkpoint["classes"], checkpoint["class_subset"], checkpoint, device)
 
 
