@@ -170,7 +170,6 @@ class LoaderStats:
 
     samples: int = 0
     skipped: int = 0
-    refill_batches: int = 0
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -420,7 +419,6 @@ class ShardLoader:
                 if steps is not None and emitted >= steps:
                     break
                 emitted += 1
-                self.stats.refill_batches += bool(refill)
                 yield item
             if steps is None or emitted >= steps:
                 break

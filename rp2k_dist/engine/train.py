@@ -13,7 +13,6 @@ import json
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,7 @@ from ..data.loader import LoaderConfig, ShardLoader
 from ..data.manifest import Manifest
 from ..data.transforms import EvalTransform, RawJpeg, TrainTransform
 from .batches import CpuBatches, DeviceBatches
+from ..evaluation.inference import autocast, predict_batches
 from ..evaluation.metrics import accuracy_table, confused_pairs
 from ..evaluation.predictions import Predictions
 from ..losses import ClassBalancedLoss
@@ -33,6 +33,7 @@ from ..input_spec import InputSpec
 from ..models import create_model, input_spec
 from .. import run_folder
 from ..run_folder import FORMAT, VERSION, write_metrics
+from ..storage import RunStorage
 from . import distributed as dist_utils
 from .checkpoint import rng_state, set_rng_state
 from .context import WorkerContext
@@ -68,7 +69,13 @@ def uses_device_decode(config: ExperimentConfig, device: torch.device) -> bool:
     return config.data.decode == "device" or (config.data.decode == "auto" and device.type == "cuda")
 
 
-def build_batches(config: ExperimentConfig, spec: InputSpec, device: torch.device, rank: int):
+#: Turns a loader batch into (normalised images, labels) on the device and the samples' keys.
+BatchToDevice = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor, list[str]]]
+
+
+def build_batches(
+    config: ExperimentConfig, spec: InputSpec, device: torch.device, rank: int
+) -> tuple[BatchToDevice, BatchToDevice]:
     """(train, eval) callables turning loader batches into device tensors."""
     channels_last = config.model.channels_last
     if uses_device_decode(config, device):
@@ -98,10 +105,10 @@ def build_optimizer(model: nn.Module, config: ExperimentConfig, global_batch: in
     """SGD/AdamW with the learning rate scaled linearly by the global batch size."""
     o = config.optim
     lr = o.lr * global_batch / o.lr_reference_batch
-    core = getattr(model, "module", model)
-    if hasattr(core, "backbone_parameters"):
-        groups = [{"params": list(core.backbone_parameters()), "name": "backbone"},
-                  {"params": list(core.head_parameters()), "name": "head"}]
+    model_without_ddp = getattr(model, "module", model)
+    if hasattr(model_without_ddp, "backbone_parameters"):
+        groups = [{"params": list(model_without_ddp.backbone_parameters()), "name": "backbone"},
+                  {"params": list(model_without_ddp.head_parameters()), "name": "head"}]
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "all"}]
     fused = {"fused": True} if (o.fused and cuda) else {}
@@ -140,17 +147,32 @@ def _drop_frozen_grads(optimizer: torch.optim.Optimizer) -> None:
                 param.grad = None
 
 
-def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, prepare, device, config, epoch) -> dict[str, float]:
-    """One pass over this rank's batches; returns metrics summed over all ranks."""
+def train_one_epoch(
+    *,
+    model: nn.Module,
+    model_without_ddp: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    data_loader: ShardLoader,
+    batch_to_device: BatchToDevice,
+    device: torch.device,
+    config: ExperimentConfig,
+    epoch: int,
+) -> dict[str, float]:
+    """One pass over this rank's batches; returns metrics summed over all ranks.
+
+    ``model`` is what the step runs (DDP and/or compiled); ``model_without_ddp`` the plain
+    module underneath, whose ``loss``/``logits`` know the model's output (torchvision's name).
+    """
     model.train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and config.optim.amp) else nullcontext()
     loss_sum = correct = seen = 0.0
     start = time.perf_counter()
-    for step, batch in enumerate(loader):
-        images, labels, _ = prepare(batch)
-        with autocast:
+    for step, batch in enumerate(data_loader):
+        images, labels, _ = batch_to_device(batch)
+        with autocast(device, config.optim.amp):
             output = model(images, labels)  # API-Net pairs images by label; others ignore it
-            loss = core.loss(output, labels, criterion)
+            loss = model_without_ddp.loss(output, labels, criterion)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at epoch {epoch} step {step}: lower optim.lr, set optim.grad_clip, "
@@ -162,14 +184,14 @@ def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, prepar
             nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
         _drop_frozen_grads(optimizer)
         optimizer.step()
-        scheduler.step()
+        lr_scheduler.step()
         with torch.no_grad():
-            logits = core.logits(output)
+            logits = model_without_ddp.logits(output)
             correct += (logits.argmax(1) == labels).sum().item()
         loss_sum += loss.item() * len(labels)
         seen += len(labels)
     elapsed = time.perf_counter() - start
-    skipped = loader.stats.skipped + getattr(prepare, "skipped", 0)
+    skipped = data_loader.stats.skipped + getattr(batch_to_device, "skipped", 0)
     loss_sum, correct, seen, skipped = dist_utils.all_reduce_sum([loss_sum, correct, seen, skipped], device)
     return {
         "train_loss": loss_sum / max(seen, 1),
@@ -181,24 +203,13 @@ def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, prepar
     }
 
 
-@torch.no_grad()
-def predict(model: nn.Module, loader: ShardLoader, prepare, device: torch.device) -> Predictions | None:
-    """Top-5 predictions of this rank's share of the evaluation split."""
-    model.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    parts = []
-    for batch in loader:
-        images, labels, keys = prepare(batch)
-        with autocast:
-            logits = model(images)
-        parts.append(Predictions.from_logits(keys, labels.cpu().numpy(), logits.float().cpu()))
-    return Predictions.concat(parts) if parts else None
-
-
-def evaluate(model, loader, prepare, device, classes) -> tuple[dict[str, float], Predictions | None]:
+def evaluate(
+    model: nn.Module, data_loader: ShardLoader, batch_to_device: BatchToDevice, device: torch.device,
+    classes: list[dict[str, Any]],
+) -> tuple[dict[str, float], Predictions | None]:
     """Evaluate on every test sample exactly once; rank 0 gets the gathered predictions."""
     dist_utils.broadcast_buffers(model)  # every rank evaluates the model rank 0 checkpoints
-    local = predict(model, loader, prepare, device)
+    local = predict_batches(model, map(batch_to_device, data_loader), device)
     gathered = [p for p in dist_utils.all_gather_objects(local) if p is not None]
     if not dist_utils.is_main_process():
         return {}, None
@@ -208,7 +219,18 @@ def evaluate(model, loader, prepare, device, classes) -> tuple[dict[str, float],
             "val_macro_top1": table.macro.top1, "val_samples": table.overall.samples}, predictions
 
 
-def build_checkpoint(core, optimizer, scheduler, config, data, spec, epoch, history) -> dict[str, Any]:
+def build_checkpoint(
+    *,
+    model_without_ddp: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    config: ExperimentConfig,
+    data: RunData,
+    spec: InputSpec,
+    epoch: int,
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Everything needed to resume the run or to use the model (see :mod:`rp2k_dist.run_folder`)."""
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -219,15 +241,15 @@ def build_checkpoint(core, optimizer, scheduler, config, data, spec, epoch, hist
         "class_subset": data.class_subset,
         "config": config.to_dict(),
         "epoch": epoch,
-        "model": core.state_dict(),
+        "model": model_without_ddp.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "scheduler": lr_scheduler.state_dict(),
         "rng": rng_state(),
         "metrics": history,
     }
 
 
-def save_evaluation(storage, predictions: Predictions, data: RunData, metrics: dict[str, Any]) -> None:
+def save_evaluation(storage: RunStorage, predictions: Predictions, data: RunData, metrics: dict[str, Any]) -> None:
     """Predictions as Parquet, Table 2 (JSON + Markdown) and the most-confused pairs."""
     import tempfile
     from pathlib import Path
@@ -254,16 +276,16 @@ def train_worker(
     data = select_data(config)
     spec = input_spec(config.model.name, config.model.crop_size or None)
     train_loader, eval_loader = build_loaders(config, data, spec, context.rank, context.world_size, device)
-    prepare_train, prepare_eval = build_batches(config, spec, device, context.rank)
+    train_to_device, eval_to_device = build_batches(config, spec, device, context.rank)
 
-    core = create_model(config.model.name, len(data.classes), pretrained=config.model.pretrained or None,
+    model_without_ddp = create_model(config.model.name, len(data.classes), pretrained=config.model.pretrained or None,
                         weights=config.model.weights or None)
-    core.to(device)
+    model_without_ddp.to(device)
     if config.model.channels_last:
-        core.to(memory_format=torch.channels_last)
-    model: nn.Module = core
+        model_without_ddp.to(memory_format=torch.channels_last)
+    model: nn.Module = model_without_ddp
     if context.world_size > 1:
-        model = DistributedDataParallel(core, device_ids=[device.index] if cuda else None,
+        model = DistributedDataParallel(model_without_ddp, device_ids=[device.index] if cuda else None,
                                         gradient_as_bucket_view=True)
     if config.model.compile:
         model = torch.compile(model)
@@ -271,19 +293,19 @@ def train_worker(
                                   config.loss.focal_gamma, config.loss.label_smoothing).to(device)
 
     global_batch = train_loader.dataset.batch_size * context.world_size
-    optimizer, base_lr = build_optimizer(core, config, global_batch, cuda)
+    optimizer, base_lr = build_optimizer(model_without_ddp, config, global_batch, cuda)
     steps_per_epoch = len(train_loader)
     total = steps_per_epoch * config.optim.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total, round(config.optim.warmup_epochs * steps_per_epoch)))
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
     checkpoint = context.latest_checkpoint()
     if checkpoint is not None:
-        core.load_state_dict(checkpoint["model"])
+        model_without_ddp.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        lr_scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_state(checkpoint["rng"])
         start_epoch, history = checkpoint["epoch"], list(checkpoint["metrics"])
     if context.rank == 0:
@@ -294,11 +316,13 @@ def train_worker(
         train_loader.set_epoch(epoch)
         set_backbone_frozen(optimizer, epoch < config.model.freeze_backbone_epochs)
         metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], "global_batch": global_batch,
-                   **train_one_epoch(model, core, criterion, optimizer, scheduler, train_loader, prepare_train, device, config, epoch)}
+                   **train_one_epoch(model=model, model_without_ddp=model_without_ddp, criterion=criterion,
+                                     optimizer=optimizer, lr_scheduler=lr_scheduler, data_loader=train_loader,
+                                     batch_to_device=train_to_device, device=device, config=config, epoch=epoch)}
         last = epoch + 1 == config.optim.epochs
         predictions = None
         if (epoch + 1) % config.run.eval_every == 0 or last:
-            val, predictions = evaluate(core, eval_loader, prepare_eval, device, data.classes)
+            val, predictions = evaluate(model_without_ddp, eval_loader, eval_to_device, device, data.classes)
             metrics.update(val)
         metrics["world_size"] = context.world_size
         if epoch == start_epoch and start_epoch > 0:
@@ -309,8 +333,10 @@ def train_worker(
             write_metrics(context.storage, history)
             if last and predictions is not None:
                 save_evaluation(context.storage, predictions, data, metrics)
-        state = build_checkpoint(core, optimizer, scheduler, config, data, spec, epoch + 1, history) if save else None
+        state = build_checkpoint(
+            model_without_ddp=model_without_ddp, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config,
+            data=data, spec=spec, epoch=epoch + 1, history=history) if save else None
         context.report(metrics, state)
     if on_finish is not None:
-        on_finish(core)
+        on_finish(model_without_ddp)
     return metrics

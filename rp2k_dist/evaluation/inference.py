@@ -1,8 +1,14 @@
-"""Use a trained checkpoint: rebuild its model and predict shards or images (one process)."""
+"""Use a trained checkpoint: rebuild its model and predict shards or images (one process).
+
+:func:`predict_batches` is the one prediction loop: training-time evaluation, ``rp2k
+ensemble`` (:func:`predict_shards`) and, batch by batch, ``rp2k predict`` and ``rp2k umap``
+(:func:`logits_of`, :func:`features_of`) all run the model under the same :func:`autocast`.
+"""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,11 +52,31 @@ def load_trained(path: str | Path, device: str | torch.device | None = None) -> 
     return TrainedModel(model, spec, checkpoint["classes"], checkpoint["class_subset"], checkpoint, device)
 
 
+def autocast(device: torch.device, enabled: bool = True) -> AbstractContextManager:
+    """bf16 autocast on CUDA (the precision the engine trains in), nothing elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def predict_batches(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]], device: torch.device,
+    *, amp: bool = True,
+) -> Predictions | None:
+    """Top-5 predictions of ``(normalised images on device, labels, keys)`` batches, in eval
+    mode; None when there was no batch (a rank with no evaluation samples)."""
+    model.eval()
+    parts = []
+    for images, labels, keys in batches:
+        with autocast(device, amp):
+            logits = model(images)
+        parts.append(Predictions.from_logits(keys, labels.cpu().numpy(), logits.float().cpu()))
+    return Predictions.concat(parts) if parts else None
+
+
 @torch.no_grad()
 def logits_of(trained: TrainedModel, images: torch.Tensor) -> torch.Tensor:
     """uint8 NCHW batch -> float logits [N, C] on the CPU."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if trained.device.type == "cuda" else nullcontext()
-    with autocast:
+    with autocast(trained.device):
         return trained.model(normalize(images.to(trained.device), trained.spec)).float().cpu()
 
 
@@ -73,5 +99,9 @@ def predict_shards(
     subset = trained.class_subset if restrict_to_subset else None
     loader = ShardLoader(manifest, split, EvalTransform(trained.spec), LoaderConfig(batch_size=batch_size, workers=workers),
                          train=False, classes=subset)
-    parts = [Predictions.from_logits(b["key"], b["label"].numpy(), logits_of(trained, b["image"])) for b in loader]
-    return Predictions.concat(parts)
+    device = trained.device
+    batches = ((normalize(b["image"].to(device), trained.spec), b["label"], b["key"]) for b in loader)
+    predictions = predict_batches(trained.model, batches, device)
+    if predictions is None:
+        raise ValueError(f"{shards} has no {split} samples for this model")
+    return predictions
