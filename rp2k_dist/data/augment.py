@@ -137,8 +137,8 @@ def apply_array(
     (``cv2.warpPerspective``), then brightness. HWC uint8 RGB in (3 channels, or 4 with
     Pillow's padding byte, see ``transforms.pixels``), contiguous HWC RGB out.
 
-    OpenCV's warp is ~4x faster than Pillow's generic perspective resampler, which made
-    the warp cost 2-3x the JPEG decode (bench/RESULTS.md).
+    The warp is OpenCV's rather than Pillow's generic perspective resampler: it is the
+    largest cost of a training sample after the JPEG decode (bench/RESULTS.md).
     """
     matrix, size = output_to_source(params, resize, crop_size)
     # Shrinking by 2x or more: area-reduce first so bilinear sampling does not alias.

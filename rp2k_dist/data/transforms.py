@@ -1,7 +1,7 @@
-"""Per-model input specs and the sample transforms derived from them.
+"""The sample transforms derived from a model's :class:`~rp2k_dist.input_spec.InputSpec`.
 
-A model declares its :class:`InputSpec` (timm's idea: no silent 224/299 mismatch); the
-training and evaluation transforms are built from it. Transforms run in loader workers
+A model declares its input spec (timm's idea: no silent 224/299 mismatch); the training
+and evaluation transforms are built from it. Transforms run in loader workers
 and return ``uint8`` CHW tensors: four times less inter-process traffic than float, and
 normalisation happens on the device (:func:`normalize`), fused with the dtype cast.
 
@@ -42,7 +42,7 @@ def pixels(image: Image.Image) -> np.ndarray:
     Pillow keeps RGB in 4 bytes per pixel; where it can export that buffer without a copy
     the array is a read-only view of it with the 4th (padding) byte left in place: every
     consumer here ignores channels past the third. ``np.asarray`` would instead repack
-    the whole image, about a fifth of the decode time (bench/RESULTS.md).
+    the whole image, one more copy per sample on the loader's hottest path.
     """
     if _ARROW_EXPORT and image.mode == "RGB":
         try:

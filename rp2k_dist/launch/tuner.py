@@ -50,8 +50,8 @@ Choices (each made where it is used):
   (``RAY_ADDRESS``, else the last ``ray start`` cluster of the machine). Without a dashboard
   it never answers (the group leaks and the cleaner process stays forever); with several
   Ray clusters on one machine it may ask another cluster, read "not found" as dead and
-  remove the placement group of a *running* trial (seen here: the trial failed with
-  "Destroying worker since its placement group was removed"). So sweep trials run without
+  remove the placement group of a *running* trial (which then fails with "Destroying worker
+  since its placement group was removed"). So sweep trials run without
   that cleaner, and the sweep driver itself removes every placement group of its job whose
   creating actor (a Train controller) is dead (:func:`free_orphaned_placement_groups`),
   asking its own cluster's GCS: the groups the cleaner is meant to remove, and only those.
