@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from rp2k_dist.config import load_config
+from rp2k_dist.config import DataConfig, load_config
 from rp2k_dist.data.augment import AugmentConfig
 from rp2k_dist.data.loader import LoaderConfig, ShardLoader
 from rp2k_dist.data.manifest import Manifest
@@ -98,7 +98,7 @@ def synthetic(batch_size: int, crop: int, classes: int, device: torch.device, ch
 
 def from_shards(manifest: Manifest, spec, batch_size: int, workers: int, device: torch.device, on_device: bool, channels_last: bool):
     transform = RawJpeg() if on_device else TrainTransform(spec, AugmentConfig())
-    loader = ShardLoader(manifest, "train", transform, LoaderConfig(batch_size=batch_size, workers=workers,
+    loader = ShardLoader(manifest, "train", transform, LoaderConfig(DataConfig(batch_size=batch_size, loader_workers=workers),
                                                                      pin_memory=device.type == "cuda"))
     prepare = DeviceBatches(spec, AugmentConfig(), device, channels_last) if on_device else CpuBatches(spec, device, channels_last)
     epoch = 0

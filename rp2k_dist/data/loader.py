@@ -32,8 +32,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .images import DECODE_ERRORS
+from ..config import DataConfig
 from ..storage import open_input
+from .images import DECODE_ERRORS
 from .manifest import Manifest
 from .transforms import stack_images
 from .workers import worker_context
@@ -47,28 +48,41 @@ class CorruptDataError(RuntimeError):
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    """Streaming loader settings (per rank)."""
+    """One rank's loader: the streaming settings of the config's ``data`` section (batch
+    size, loader workers, shuffle buffer, corrupt-sample budget; never re-declared here)
+    plus what the caller decides for this loader."""
 
-    batch_size: int = 64  # images per rank per step
-    workers: int = 2  # loader processes per rank; 0 = read in the training process
-    shuffle_buffer: int = 2000  # samples held for shuffling inside each worker
+    data: DataConfig = field(default_factory=DataConfig)
+    evaluation: bool = False  # batch data.eval_batch_size (0: 2 x data.batch_size) instead of data.batch_size
     seed: int = 0
-    max_corrupt_fraction: float = 0.01  # of an epoch's samples; above it the run stops
     prefetch_factor: int = 4  # batches in flight per worker
     start_method: str = "forkserver"  # fork is unsafe inside Ray actors (threads)
     pin_memory: bool = False  # set when batches go to a CUDA device
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
-        if not 0.0 <= self.max_corrupt_fraction <= 1.0:
-            raise ValueError(f"max_corrupt_fraction must be in [0, 1], got {self.max_corrupt_fraction}")
         if self.start_method not in mp.get_all_start_methods():
             raise ValueError(f"start_method {self.start_method!r} not in {mp.get_all_start_methods()}")
+
+    @property
+    def batch_size(self) -> int:
+        """Images per rank per step."""
+        d = self.data
+        return (d.eval_batch_size or 2 * d.batch_size) if self.evaluation else d.batch_size
+
+    @property
+    def workers(self) -> int:
+        """Loader processes per rank; 0 = read in the training process."""
+        return self.data.loader_workers
+
+    @property
+    def shuffle_buffer(self) -> int:
+        """Samples held for shuffling inside each worker."""
+        return self.data.shuffle_buffer
+
+    @property
+    def max_corrupt_fraction(self) -> float:
+        """Of an epoch's samples; above it the run stops."""
+        return self.data.max_corrupt_fraction
 
 
 @dataclass(frozen=True)

@@ -87,16 +87,14 @@ def build_batches(
 
 def build_loaders(config: ExperimentConfig, data: RunData, spec: InputSpec, rank: int, world: int, device: torch.device):
     c = config.data
-    cuda = device.type == "cuda"
     raw = uses_device_decode(config, device)
-    common = dict(workers=c.loader_workers, shuffle_buffer=c.shuffle_buffer, seed=config.run.seed,
-                  max_corrupt_fraction=c.max_corrupt_fraction, pin_memory=cuda)
+    common = dict(data=c, seed=config.run.seed, pin_memory=device.type == "cuda")
     balanced = (c.classes_per_batch, c.images_per_class) if c.classes_per_batch else None
     train = ShardLoader(data.manifest, "train", RawJpeg() if raw else TrainTransform(spec, config.augment),
-                        LoaderConfig(batch_size=c.batch_size, **common), rank, world, train=True,
+                        LoaderConfig(**common), rank, world, train=True,
                         classes=data.class_subset, class_balanced=balanced)
     evaluation = ShardLoader(data.manifest, "test", RawJpeg() if raw else EvalTransform(spec),
-                             LoaderConfig(batch_size=c.eval_batch_size or 2 * c.batch_size, **common),
+                             LoaderConfig(evaluation=True, **common),
                              rank, world, train=False, classes=data.class_subset)
     return train, evaluation
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import DataConfig
 from ..data.loader import LoaderConfig, ShardLoader
 from ..data.manifest import Manifest
 from ..data.transforms import EvalTransform, normalize
@@ -97,8 +98,8 @@ def predict_shards(
     """
     manifest = Manifest.load(shards)
     subset = trained.class_subset if restrict_to_subset else None
-    loader = ShardLoader(manifest, split, EvalTransform(trained.spec), LoaderConfig(batch_size=batch_size, workers=workers),
-                         train=False, classes=subset)
+    settings = LoaderConfig(DataConfig(batch_size=batch_size, loader_workers=workers))
+    loader = ShardLoader(manifest, split, EvalTransform(trained.spec), settings, train=False, classes=subset)
     device = trained.device
     batches = ((normalize(b["image"].to(device), trained.spec), b["label"], b["key"]) for b in loader)
     predictions = predict_batches(trained.model, batches, device)
