@@ -17,13 +17,12 @@ import pandas as pd
 import pytest
 import ray
 
-from rp2k_dist.config import ConfigError, SweepConfig, load_config
+from rp2k_dist.config import ConfigError, SweepConfig, is_sweep_preset, load_config
 from rp2k_dist.launch.trainer import read_metrics, run_training
 from rp2k_dist.launch.tuner import (
     TRIAL_RECORD,
     check_search_space,
     is_grid,
-    is_sweep_preset,
     load_search_space,
     load_sweep,
     parse_search_space,

@@ -13,7 +13,6 @@ the loader's batching then makes the one copy every pipeline needs (into shared 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
 
-from ..input_spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+from ..input_spec import InputSpec
 from .augment import AugmentConfig, AugmentParams, apply_array, sample_params
 from .images import to_rgb
 

@@ -86,7 +86,6 @@ from ..config import (
     ExperimentConfig,
     SweepConfig,
     config_from_dict,
-    is_sweep_preset,
     load_config,
     merge,
     read_yaml,
