@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import RUN_FLAGS, ExperimentConfig, SweepConfig, flag_overrides, load_config
 from .data.metadata import MetadataColumns
+from .run_folder import TABLE2
 
 
 def _metadata_columns(pairs: list[str] | None) -> MetadataColumns:
@@ -118,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     final = run_training(config, address=args.address)
     print(f"run {config.run.name} in {config.run.storage_path}/{config.run.name}: epoch {final.get('epoch')}, "
           f"val top-1 {final.get('val_top1', float('nan')):.2f} %, top-5 {final.get('val_top5', float('nan')):.2f} %")
-    table = Path(config.run.storage_path) / config.run.name / "table2.md"
+    table = Path(config.run.storage_path) / config.run.name / TABLE2
     if table.exists():
         print(table.read_text(encoding="utf-8"))
     return 0

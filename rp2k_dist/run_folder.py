@@ -24,11 +24,12 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .storage import RunStorage
+
+if TYPE_CHECKING:  # torch is imported when a checkpoint is: naming artefacts stays light
+    import torch
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -69,6 +70,8 @@ def checkpoint_dirs(storage: RunStorage) -> list[str]:
 
 
 def to_bytes(checkpoint: dict[str, Any]) -> bytes:
+    import torch
+
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     return buffer.getvalue()
@@ -76,6 +79,8 @@ def to_bytes(checkpoint: dict[str, Any]) -> bytes:
 
 def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and check a checkpoint file, its folder, or its bytes, with ``weights_only=True``."""
+    import torch
+
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir():
