@@ -69,8 +69,7 @@ def model_card(trained: TrainedModel, weights: Path, usage: str) -> dict[str, An
         "model_name": trained.name,
         "model_args": trained.checkpoint["model_args"],
         "epoch": trained.checkpoint["epoch"],
-        "input_spec": {"crop_size": spec.crop_size, "resize_size": spec.resize_size,
-                       "mean": list(spec.mean), "std": list(spec.std)},
+        "input_spec": spec.to_dict(),
         "class_subset": trained.class_subset,
         "classes": [{key: c[key] for key in CARD_CLASS_FIELDS if key in c} for c in trained.classes],
     }
