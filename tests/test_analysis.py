@@ -51,7 +51,7 @@ def trained(run_dir):
 
 def _copy_run(run_dir: Path, target: Path, changes: dict[str, object] | None = None) -> Path:
     """The run folder without checkpoints, with config values changed (``{"run.name": ...}``)."""
-    shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("checkpoints", "epoch_*"))
     config = yaml.safe_load((target / "config.yaml").read_text(encoding="utf-8"))
     for key, value in (changes or {}).items():
         section, name = key.split(".")

@@ -81,9 +81,11 @@ def test_resume_continues_identically_to_an_uninterrupted_run(synth_shards, tmp_
     _run(synth_shards, tmp_path, "split", extra, epochs=3)
     # drop the last checkpoint and the last epoch's metrics: as if it died in epoch 3
     split = RunStorage(str(tmp_path), "split")
-    split.delete_dir("checkpoints/epoch_0003")
+    assert split.exists(checkpoint_dir(3))
+    split.delete_dir(checkpoint_dir(3))
     _run(synth_shards, tmp_path, "split", extra, epochs=3)
     a, b = _history(whole)[-1], _history(split)[-1]
+    assert b["resumed_from_epoch"] == 2  # epoch 3 really ran again
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
 
 
