@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.s3server
 
 from _common import interleaved, machine_info, paired_ratio, print_machine, print_table, replicate_train, save_json, synthetic_tree, workdir  # noqa: E402
 from rp2k_dist import storage  # noqa: E402
-from rp2k_dist.data.augment import AugmentConfig  # noqa: E402
+from rp2k_dist.config import AugmentConfig, DataConfig  # noqa: E402
 from rp2k_dist.data.chunks import SampleTable, plan_epoch, plan_training_epoch  # noqa: E402
 from rp2k_dist.data.loader import LoaderConfig, ShardLoader  # noqa: E402
 from rp2k_dist.data.manifest import Manifest  # noqa: E402
@@ -121,7 +121,7 @@ def upload(manifest: Manifest, uri: str) -> Manifest:
 def bytes_read_ratio(manifest: Manifest, world: int, workers: int, chunk_mb: float) -> tuple[float, int]:
     read = samples = 0
     for rank in range(world):
-        loader = ShardLoader(manifest, "train", RawJpeg(), LoaderConfig(batch_size=16, workers=workers, chunk_mb=chunk_mb),
+        loader = ShardLoader(manifest, "train", RawJpeg(), LoaderConfig(DataConfig(batch_size=16, loader_workers=workers, chunk_mb=chunk_mb)),
                              rank, world)
         samples += sum(len(b["key"]) for b in loader)
         read += loader.stats.bytes_read
@@ -188,7 +188,7 @@ def main() -> None:
             for kind, transform in (("RawJpeg", RawJpeg()), ("TrainTransform", TrainTransform(InputSpec(224, 256), AugmentConfig()))):
                 for name, manifest in (("local", local), ("s3", remote)):
                     loader = ShardLoader(manifest, "train", transform,
-                                         LoaderConfig(batch_size=args.batch_size, workers=args.workers, chunk_mb=args.chunk_mb))
+                                         LoaderConfig(DataConfig(batch_size=args.batch_size, loader_workers=args.workers, chunk_mb=args.chunk_mb)))
                     loaders.append(loader)
                     state = {"epoch": 0}
                     epoch_rate(loader, state)  # warm-up: workers started, filesystems built

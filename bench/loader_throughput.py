@@ -41,6 +41,7 @@ from _common import (
     DecodeOnly, cpu_seconds, interleaved, machine_info, paired_ratio, print_machine, print_table,
     replicate_train, save_json, settle, synthetic_tree, torchvision_train_transform, workdir,
 )
+from rp2k_dist.config import DataConfig
 from rp2k_dist.data.augment import AugmentConfig
 from rp2k_dist.data.loader import LoaderConfig, ShardLoader
 from rp2k_dist.data.manifest import Manifest
@@ -108,7 +109,7 @@ def build_modes(tree: Path, manifest: Manifest, args: argparse.Namespace) -> dic
     tv_prefetch = 2  # DataLoader's default
     tv_loader = DataLoader(folder, batch_size=args.batch_size, num_workers=args.workers, shuffle=True,
                            drop_last=True, persistent_workers=True, prefetch_factor=tv_prefetch)
-    config = LoaderConfig(batch_size=args.batch_size, workers=args.workers)
+    config = LoaderConfig(DataConfig(batch_size=args.batch_size, loader_workers=args.workers))
     ours = ShardLoader(manifest, "train", TrainTransform(spec, AugmentConfig()), config)
     bound = ShardLoader(manifest, "train", DecodeOnly(args.crop), config)
     print(f"ImageFolder: {len(folder)} train images, {len(tv_loader)} batches/epoch; "

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 
 import torch
 
-from rp2k_dist.config import load_config
+from rp2k_dist.config import DataConfig, load_config
 from rp2k_dist.data.augment import AugmentConfig
 from rp2k_dist.data.loader import LoaderConfig, ShardLoader
 from rp2k_dist.data.manifest import Manifest
@@ -63,21 +63,22 @@ class EngineStep:
         cuda = device.type == "cuda"
         self.config = load_config(None, [f"model.name={args.model}", f"model.channels_last={str(args.channels_last).lower()}",
                                          "optim.grad_clip=0", "optim.amp=true", "optim.fused=true"])
-        self.core = create_model(args.model, num_classes).to(device)
+        self.model_without_ddp = create_model(args.model, num_classes).to(device)
         if args.channels_last:
-            self.core.to(memory_format=torch.channels_last)
-        self.model = torch.compile(self.core) if args.compile else self.core
+            self.model_without_ddp.to(memory_format=torch.channels_last)
+        self.model = torch.compile(self.model_without_ddp) if args.compile else self.model_without_ddp
         c = self.config.loss
         self.criterion = ClassBalancedLoss(counts, c.cbl_beta, c.variant, c.focal_gamma, c.label_smoothing).to(device)
-        self.optimizer, _ = build_optimizer(self.core, self.config, args.batch_size, cuda)
+        self.optimizer, _ = build_optimizer(self.model_without_ddp, self.config, args.batch_size, cuda)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
         self.device = device
 
     def epoch(self, batches: Iterator, prepare, steps: int) -> float:
         """img/s of ``steps`` steps over ``batches`` (the epoch ends with its metric reads)."""
         loader = _Steps(batches, steps)
-        metrics = train_one_epoch(self.model, self.core, self.criterion, self.optimizer, self.scheduler,
-                                  loader, prepare, self.device, self.config, 0)
+        metrics = train_one_epoch(model=self.model, model_without_ddp=self.model_without_ddp, criterion=self.criterion,
+                                  optimizer=self.optimizer, lr_scheduler=self.scheduler, data_loader=loader,
+                                  batch_to_device=prepare, device=self.device, config=self.config, epoch=0)
         return metrics["images_per_second"]
 
 
@@ -161,7 +162,7 @@ def synthetic(batch_size: int, crop: int, classes: int, device: torch.device, ch
 def from_shards(manifest: Manifest, spec, batch_size: int, workers: int, device: torch.device, on_device: bool):
     """The loader's batches, epoch after epoch, without end."""
     transform = RawJpeg() if on_device else TrainTransform(spec, AugmentConfig())
-    loader = ShardLoader(manifest, "train", transform, LoaderConfig(batch_size=batch_size, workers=workers,
+    loader = ShardLoader(manifest, "train", transform, LoaderConfig(DataConfig(batch_size=batch_size, loader_workers=workers),
                                                                      pin_memory=device.type == "cuda"))
 
     def batches():

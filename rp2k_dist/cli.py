@@ -1,13 +1,23 @@
-"""The ``rp2k`` command line: one subcommand per stage of the pipeline."""
+"""The ``rp2k`` command line: one subcommand per stage of the pipeline.
+
+Every parser lives here, and every flag that sets a config key goes through one function,
+:func:`run_overrides` (preset < ``--set`` < flags). The commands turn their arguments into
+typed objects (:class:`~rp2k_dist.config.ExperimentConfig`, :class:`~rp2k_dist.config.SweepConfig`)
+before calling the library; nothing below this module sees an ``argparse.Namespace``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+import time
 from pathlib import Path
 
+from .config import RUN_FLAGS, ExperimentConfig, SweepConfig, flag_overrides, load_config
 from .data.metadata import MetadataColumns
 from .storage import StorageError, display
+from .run_folder import TABLE2
 
 
 def _metadata_columns(pairs: list[str] | None) -> MetadataColumns:
@@ -94,23 +104,19 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_experiment(args: argparse.Namespace):
-    """The config of ``train``/``tune``/``submit``: preset < --set overrides < flags."""
-    from .config import load_config
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides of ``train``/``tune``/``submit``: ``--set`` values, then the flags of
+    :data:`~rp2k_dist.config.RUN_FLAGS` (so a flag wins over a ``--set`` of the same key)."""
+    return list(args.set or []) + flag_overrides(vars(args))
 
-    overrides = list(args.set or [])
-    for flag, key in (("workers", "run.workers"), ("gpus_per_worker", "run.gpus_per_worker"),
-                      ("name", "run.name"), ("storage_path", "run.storage_path"), ("shards", "data.shards")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    if getattr(args, "gpus_per_worker", None):
-        overrides.append("run.use_gpu=true")
-    return load_config(args.config, overrides)
+
+def load_experiment(args: argparse.Namespace) -> ExperimentConfig:
+    """The config of ``train``: preset < --set overrides < flags."""
+    return load_config(args.config, run_overrides(args))
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML preset (see jobs/)")
+    p.add_argument("config", help="YAML preset: a path or a preset name (e.g. table2_resnet34; see jobs/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=0.05")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--workers", type=int, help="Ray Train workers (run.workers)")
@@ -130,21 +136,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     storage = RunStorage(config.run.storage_path, config.run.name)
     print(f"run {config.run.name}: epoch {final.get('epoch')}, "
           f"val top-1 {final.get('val_top1', float('nan')):.2f} %, top-5 {final.get('val_top5', float('nan')):.2f} %")
-    if storage.exists("table2.md"):
-        print(storage.read_bytes("table2.md").decode("utf-8").rstrip())
+    if storage.exists(TABLE2):
+        print(storage.read_bytes(TABLE2).decode("utf-8").rstrip())
     print(f"run folder {storage.uri}:")
     print("\n".join(artefact_lines(storage)))
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .launch.tuner import cmd_tune as run_tune
+    """``rp2k tune``: 0 when at least one trial finished without error."""
+    from .launch.tuner import format_table, load_sweep, run_sweep
 
-    return run_tune(args)
+    sweep = load_sweep(args.config, run_overrides(args), args.search_space)
+    settings: SweepConfig = sweep.settings.with_flags(vars(args))
+    result = run_sweep(sweep.config, sweep.space, settings, address=args.address, mlflow_uri=args.mlflow_uri)
+    print(format_table(result.table))
+    print(f"sweep {result.path}: {len(result.table)} trials "
+          f"({', '.join(f'{n} {status}' for status, n in result.table['status'].value_counts().items())}); "
+          "trials.parquet, trials.csv")
+    if result.best_yaml is None:
+        print("no trial finished without error: no best.yaml")
+        return 1
+    print(f"best config: {result.best_yaml}  (train it: rp2k train {result.best_yaml})")
+    return 0
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    from .ensemble_eval import evaluate_ensemble
+    from .evaluation.ensemble_eval import evaluate_ensemble
 
     result = evaluate_ensemble(args.general, args.specialist, args.shards, args.out, args.rule, args.workers)
     print(result.markdown)
@@ -159,12 +177,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_umap(args: argparse.Namespace) -> int:
     from .analysis.umap_plot import embed_and_project, plot_umap
-    from .ensemble_eval import find_run_dir
+    from .run_folder import UMAP_PNG, find_run_dir
 
     df = embed_and_project(args.run, shards=args.shards, split=args.split, max_samples=args.max_samples or None,
                            seed=args.seed, batch_size=args.batch_size, workers=args.workers)
     out = Path(args.out) if args.out else find_run_dir(args.run)
-    png = plot_umap(df, out / "umap.png", f"UMAP of {Path(find_run_dir(args.run)).name} features, {args.split} split")
+    png = plot_umap(df, out / UMAP_PNG, f"UMAP of {Path(find_run_dir(args.run)).name} features, {args.split} split")
     print(f"UMAP of {len(df)} {args.split} images: {png} and {png.with_suffix('.parquet')}")
     return 0
 
@@ -187,7 +205,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .analysis.predict import predict_folder, predict_folder_ray
+    from .evaluation.predict import predict_folder, predict_folder_ray
 
     common = dict(specialists=args.specialist or [], rule=args.rule, batch_size=args.batch_size)
     if args.ray:
@@ -222,8 +240,116 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_hint(address: str | None, job_id: str) -> str:
+    from .launch.submit import resolve_address
+
+    return f"rp2k jobs stop --address {shlex.quote(resolve_address(address))} {shlex.quote(job_id)}"
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """``rp2k submit``: 0 when the job SUCCEEDED (or was submitted with --no-wait), 1 otherwise."""
+    from .launch.submit import connect, follow, jobs_status, resolve_address, submit
+
+    flags = {key: getattr(args, key, None) for key in RUN_FLAGS}
+    job_id = submit(args.config, address=args.address, overrides=args.set or [], flags=flags, pip=args.pip,
+                    submission_id=args.submission_id, auth_token_file=args.auth_token_file, command=args.command)
+    address = resolve_address(args.address)
+    print(f"submitted job {job_id} to {address}", flush=True)
+    if args.no_wait:
+        print(f"follow it:  rp2k jobs logs --follow --address {shlex.quote(address)} {shlex.quote(job_id)}\n"
+              f"stop it:    {_stop_hint(args.address, job_id)}")
+        return 0
+    try:
+        client = connect(args.address, args.auth_token_file)
+        status = follow(client, job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} keeps running. Stop it with: {_stop_hint(args.address, job_id)}",
+              file=sys.stderr)
+        return 130
+    info = jobs_status(job_id, client=client)
+    message = f": {info.message}" if info.message else ""
+    print(f"job {job_id} {status}{message}")
+    return 0 if str(status) == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """``rp2k jobs status|logs|stop|list``."""
+    from .launch.submit import jobs_list, jobs_logs, jobs_status, jobs_stop
+
+    kwargs = {"address": args.address, "auth_token_file": args.auth_token_file}
+    if args.jobs_command == "list":
+        for job in jobs_list(**kwargs):
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) if job.start_time else "-"
+            run = (job.metadata or {}).get("rp2k_run", "")
+            print(f"{job.submission_id or job.job_id}\t{job.status}\t{started}\t{run}\t{job.entrypoint}")
+        return 0
+    if args.jobs_command == "status":
+        info = jobs_status(args.job_id, **kwargs)
+        print(f"{args.job_id}: {info.status}" + (f": {info.message}" if info.message else ""))
+        return 1 if str(info.status) in ("FAILED", "STOPPED") else 0
+    if args.jobs_command == "logs":
+        logs = jobs_logs(args.job_id, follow_logs=args.follow, **kwargs)
+        if logs is not None:
+            sys.stdout.write(logs)
+        return 0
+    if args.jobs_command == "stop":
+        stopped = jobs_stop(args.job_id, **kwargs)
+        print(f"{args.job_id}: " + ("stop requested" if stopped else "already ended"))
+        return 0
+    raise ValueError(f"unknown jobs command {args.jobs_command!r}")
+
+
+def _add_connection_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray dashboard / Jobs API address, e.g. http://127.0.0.1:8265 "
+                   "(default: $RAY_ADDRESS)")
+    p.add_argument("--auth-token-file", help="send this file's Ray auth token (default: Ray's own lookup, "
+                   "active with RAY_AUTH_MODE=token: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+
+
+def add_submit_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``rp2k submit`` to the ``rp2k`` subcommands."""
+    from .launch.submit import COMMANDS
+
+    p = sub.add_parser("submit", help="run `rp2k train` as a job on a Ray cluster (Job Submission API)",
+                       description="Upload the repository (minus .venv, shards, runs, data, ...) and run "
+                       "`python -m rp2k_dist.cli train PRESET ...` as a Ray job; follows its logs "
+                       "unless --no-wait. Exit status 0 when the job SUCCEEDED, 1 when it FAILED or was STOPPED.")
+    p.add_argument("config", help="YAML preset inside the repository: a path or a preset name (see jobs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=0.05")
+    _add_connection_options(p)
+    p.add_argument("--workers", type=int, help="Ray Train workers (run.workers)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; implies run.use_gpu=true")
+    p.add_argument("--name", help="run name (run.name); the same name resumes")
+    p.add_argument("--storage-path", help="run storage on the cluster: s3://, gs:// or a shared path (run.storage_path)")
+    p.add_argument("--shards", help="packed dataset as the cluster sees it (data.shards)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return without following the logs")
+    p.add_argument("--pip", action="store_true", help="install pyproject's dependencies (except ray) in the job's "
+                   "runtime env; default: use what the cluster image has")
+    p.add_argument("--submission-id", help="job id to use (default: rp2k-<run name>-<UTC time>-<hex>)")
+    p.add_argument("--command", choices=COMMANDS, help="what the job runs: rp2k train or rp2k tune "
+                   "(default: tune for a sweep preset, one with search_space:, else train)")
+    p.set_defaults(func=cmd_submit)
+    return p
+
+
+def add_jobs_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``rp2k jobs status|logs|stop|list`` to the ``rp2k`` subcommands."""
+    p = sub.add_parser("jobs", help="status, logs, stop and list of Ray jobs")
+    jobs = p.add_subparsers(dest="jobs_command", required=True)
+    for name, text in (("status", "a job's status and message (exit 1 if FAILED/STOPPED)"),
+                       ("logs", "a job's logs"), ("stop", "stop a job"), ("list", "every job of the cluster")):
+        q = jobs.add_parser(name, help=text)
+        _add_connection_options(q)
+        if name != "list":
+            q.add_argument("job_id", help="submission id printed by rp2k submit")
+        if name == "logs":
+            q.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
+    p.set_defaults(func=cmd_jobs)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rp2k", description=__doc__)
+    parser = argparse.ArgumentParser(prog="rp2k", description=__doc__.splitlines()[0])
     parser.add_argument("--traceback", action="store_true", help="show full tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -342,8 +468,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx", "safetensors", "both"], default="both")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (the torch.export exporter starts at 18)")
     p.set_defaults(func=cmd_export)
-
-    from .launch.submit import add_jobs_parser, add_submit_parser
 
     add_submit_parser(sub)
     add_jobs_parser(sub)

@@ -3,13 +3,21 @@
 One :class:`ExperimentConfig` flows from the command line to every layer (loader, model,
 loss, optimiser, Ray scaling); the resolved config is saved next to every run. Each field
 has a default and each section validates itself, so a typo or an out-of-range value fails
-at start-up with a message naming the key, never hours into a run.
+at start-up with a message naming the key, never hours into a run. A sweep preset adds a
+``tune:`` section (:class:`SweepConfig`), built and checked by the same code.
+
+Presets are found by path or by name (``table2_resnet34``): the ``jobs/`` folder of a source
+checkout, or the copy shipped inside the installed package (``rp2k_dist/presets``).
+
+This module imports no heavy library (no OpenCV, no torch): the model registry is only
+imported when a config is validated.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import UnionType
@@ -17,11 +25,56 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .data.augment import AugmentConfig
-
 
 class ConfigError(ValueError):
     """A config file, key or value is wrong."""
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Switches and magnitudes of the paper's augmentations (all in pixels or fractions)."""
+
+    border: bool = True
+    border_max: int = 30
+    border_fill: str | int = "random"
+    crop: bool = True
+    crop_max: int = 10
+    perspective: bool = True
+    perspective_scale: float = 0.2
+    perspective_p: float = 0.5
+    brightness: bool = True
+    brightness_max: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.border_max < 0 or self.crop_max < 0:
+            raise ValueError("border_max and crop_max must be >= 0 px")
+        if not 0.0 <= self.perspective_scale < 1.0:
+            raise ValueError(f"perspective_scale must be in [0, 1), got {self.perspective_scale}")
+        if not 0.0 <= self.perspective_p <= 1.0:
+            raise ValueError(f"perspective_p must be in [0, 1], got {self.perspective_p}")
+        if not 0.0 <= self.brightness_max < 1.0:
+            raise ValueError(f"brightness_max must be in [0, 1), got {self.brightness_max}")
+        if self.border_fill != "random" and not (
+            isinstance(self.border_fill, int) and 0 <= self.border_fill <= 255
+        ):
+            raise ValueError(f"border_fill must be 'random' or a grey level 0..255, got {self.border_fill!r}")
+
+    @classmethod
+    def off(cls) -> "AugmentConfig":
+        """No augmentation at all (evaluation, and the paper's 'without augmentation')."""
+        return cls(border=False, crop=False, perspective=False, brightness=False)
+
+    @property
+    def any(self) -> bool:
+        return self.border or self.crop or self.perspective or self.brightness
+
+
+def parse_meta_category(text: str) -> tuple[str, str]:
+    """``"type=liquor"`` -> ``("type", "liquor")``: a meta-category system and its value."""
+    system, _, value = text.partition("=")
+    _check(system in ("type", "shape") and bool(value), f"data.meta_category must look like 'type=liquor' or "
+           f"'shape=can', got {text!r}")
+    return system, value
 
 
 @dataclass
@@ -47,9 +100,9 @@ class DataConfig:
         _check(self.chunk_mb > 0, "data.chunk_mb must be > 0")
         _check(0 <= self.max_corrupt_fraction <= 1, "data.max_corrupt_fraction must be in [0, 1]")
         _check(self.decode in ("auto", "cpu", "device"), "data.decode must be auto, cpu or device")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
         if self.meta_category:
-            system, _, value = self.meta_category.partition("=")
-            _check(system in ("type", "shape") and value, "data.meta_category must look like 'type=liquor' or 'shape=can'")
+            parse_meta_category(self.meta_category)
         if self.classes_per_batch:
             _check(self.images_per_class >= 2, "data.images_per_class must be >= 2 (API-Net needs intra-class pairs)")
             _check(self.classes_per_batch >= 2, "data.classes_per_batch must be >= 2 (API-Net needs inter-class pairs)")
@@ -69,6 +122,10 @@ class ModelConfig:
     freeze_backbone_epochs: int = 0  # API-Net official: 8
 
     def __post_init__(self) -> None:
+        from .models.registry import model_names  # torch is only needed once a config is checked
+
+        _check(self.name in model_names(), f"model.name {self.name!r} is not a registered model; known: "
+               f"{', '.join(model_names())}")
         _check(self.pretrained in ("", "imagenet"), "model.pretrained must be '' or 'imagenet'")
         _check(self.crop_size == 0 or self.crop_size >= 32, "model.crop_size must be 0 or >= 32")
         _check(self.freeze_backbone_epochs >= 0, "model.freeze_backbone_epochs must be >= 0")
@@ -136,6 +193,7 @@ class RunConfig:
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node)
     max_failures: int = 2  # restarts from the last checkpoint after a worker/node dies
     backend: str = ""  # "" = nccl on GPU, gloo on CPU
+    rank_digests: bool = False  # write ranks/rank-N.json (node, parameter sha256) at the end: DDP sync checks
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "run.name must be a non-empty name without '/'")
@@ -165,8 +223,54 @@ class ExperimentConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml(), encoding="utf-8")
+
+SCHEDULERS = ("asha", "none")
+
+
+@dataclass
+class SweepConfig:
+    """The ``tune:`` section of a sweep preset (``rp2k tune`` flags override it)."""
+
+    samples: int | None = None  # per grid point; None: 1 for a pure grid, else 16
+    scheduler: str = "asha"  # asha | none (FIFO: every trial runs all epochs)
+    max_concurrent: int | None = None  # None: from the cluster's GPUs (or CPUs)
+    grace_period: int = 1  # ASHA: epochs before a trial can be stopped
+    reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
+
+    def __post_init__(self) -> None:
+        _check(self.scheduler in SCHEDULERS, f"tune.scheduler must be one of {', '.join(SCHEDULERS)}, "
+               f"got {self.scheduler!r}")
+        for name in ("samples", "max_concurrent"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"tune.{name} must be a positive integer, got {value!r}")
+        _check(self.grace_period >= 1, f"tune.grace_period must be an integer >= 1, got {self.grace_period!r}")
+        _check(self.reduction_factor >= 2, f"tune.reduction_factor must be an integer >= 2, got {self.reduction_factor!r}")
+
+    def with_flags(self, flags: Mapping[str, Any]) -> "SweepConfig":
+        """A copy with the given fields replaced (None values mean "flag not given")."""
+        given = {f.name: flags[f.name] for f in fields(self) if flags.get(f.name) is not None}
+        return _build(SweepConfig, {**dataclasses.asdict(self), **given}, "tune.")
+
+
+def sweep_config(data: Mapping[str, Any] | None) -> SweepConfig:
+    """The ``tune:`` section of a sweep preset, checked like every other section."""
+    return _build(SweepConfig, dict(data or {}), "tune.")
+
+
+#: Command-line flags of ``rp2k train``/``tune``/``submit`` that set one config key each
+#: (argparse dest -> config key); ``--gpus-per-worker`` also implies ``run.use_gpu=true``.
+RUN_FLAGS: dict[str, str] = {
+    "workers": "run.workers", "gpus_per_worker": "run.gpus_per_worker", "name": "run.name",
+    "storage_path": "run.storage_path", "shards": "data.shards",
+}
+
+
+def flag_overrides(flags: Mapping[str, Any]) -> list[str]:
+    """The ``key=value`` overrides of the :data:`RUN_FLAGS` in ``flags`` (None: not given)."""
+    overrides = [f"{key}={flags[flag]}" for flag, key in RUN_FLAGS.items() if flags.get(flag) is not None]
+    if flags.get("gpus_per_worker"):
+        overrides.append("run.use_gpu=true")
+    return overrides
 
 
 def _check(ok: bool, message: str) -> None:
@@ -266,11 +370,42 @@ def load_config(
     return _build(ExperimentConfig, data, "")
 
 
+def preset_dirs() -> list[Path]:
+    """Where named presets are looked up: the installed package's ``presets/``, then the
+    ``jobs/`` folder of a source checkout (an editable install or ``PYTHONPATH``)."""
+    package = Path(__file__).resolve().parent
+    return [folder for folder in (package / "presets", package.parent / "jobs") if folder.is_dir()]
+
+
+def resolve_preset(preset: str | Path) -> Path:
+    """A preset file by path, or by name (``table2_resnet34`` or ``table2_resnet34.yaml``)."""
+    path = Path(preset).expanduser()
+    if path.is_file() or path.parent != Path("."):
+        return path
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    for folder in preset_dirs():
+        if (folder / name).is_file():
+            return folder / name
+    return path
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped presets."""
+    return sorted({p.stem for folder in preset_dirs() for p in folder.glob("*.yaml")})
+
+
+def is_sweep_preset(path: str | Path) -> bool:
+    """Whether the preset (or a preset it extends) holds a ``search_space:``."""
+    return "search_space" in read_yaml(path)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A preset as a dict, with ``base: other.yaml`` (relative to the file) merged under it."""
-    path = Path(path)
+    """A preset (path or name) as a dict, with ``base: other.yaml`` (relative to the file)
+    merged under it."""
+    path = resolve_preset(path)
     if not path.exists():
-        raise ConfigError(f"config file {path} not found (presets live in jobs/)")
+        raise ConfigError(f"config file {path} not found; give a path or a preset name "
+                          f"({', '.join(preset_names())})")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:

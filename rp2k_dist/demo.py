@@ -20,7 +20,7 @@ SIZES = {
     "default": (48, 40, 128, 12, 6),
 }
 SPECIALISTS = ("liquor", "cosmetics")  # the paper's hard meta-categories (Table 3)
-PRESET = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
+PRESET = "demo"  # jobs/demo.yaml, shipped inside the package as rp2k_dist/presets/demo.yaml
 
 
 def _step(title: str) -> float:
@@ -35,8 +35,8 @@ def run_demo(out: Path, size: str = "default", address: str | None = None) -> in
     from .data.verify import verify_shards
     from .analysis.report import write_report
     from .analysis.umap_plot import embed_and_project, plot_umap
-    from .ensemble_eval import evaluate_ensemble
-    from .inference import find_checkpoint
+    from .evaluation.ensemble_eval import evaluate_ensemble
+    from .run_folder import find_checkpoint
     from .launch.trainer import run_training
 
     classes, per_class, image_size, epochs, specialist_epochs = SIZES[size]

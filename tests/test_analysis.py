@@ -19,13 +19,13 @@ from PIL import Image
 from rp2k_dist.analysis import iter_shard_images
 from rp2k_dist.analysis import report as report_module
 from rp2k_dist.analysis.export import export_onnx, export_safetensors
-from rp2k_dist.analysis.predict import COLUMNS, predict_folder, predict_images
+from rp2k_dist.evaluation.predict import COLUMNS, predict_folder, predict_images
 from rp2k_dist.analysis.report import compare_runs, write_report
 from rp2k_dist.analysis.umap_plot import DPI, FIGSIZE, embed_and_project, plot_umap, project, select_samples
 from rp2k_dist.config import load_config
 from rp2k_dist.engine.context import LocalContext
 from rp2k_dist.engine.train import train_worker
-from rp2k_dist.inference import load_trained, logits_of, predict_shards
+from rp2k_dist.evaluation.inference import load_trained, logits_of, predict_shards
 from rp2k_dist.storage import RunStorage
 from tests.conftest import tiny_run_overrides
 
@@ -51,7 +51,7 @@ def trained(run_dir):
 
 def _copy_run(run_dir: Path, target: Path, changes: dict[str, object] | None = None) -> Path:
     """The run folder without checkpoints, with config values changed (``{"run.name": ...}``)."""
-    shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("checkpoints", "epoch_*"))
     config = yaml.safe_load((target / "config.yaml").read_text(encoding="utf-8"))
     for key, value in (changes or {}).items():
         section, name = key.split(".")
@@ -233,7 +233,7 @@ def test_predict_routes_to_a_specialist(trained, synth_shards, image_folder, tmp
 def test_predict_folder_with_ray_data_gives_the_same_table(run_dir, image_folder, tmp_path):
     import ray
 
-    from rp2k_dist.analysis.predict import predict_folder_ray
+    from rp2k_dist.evaluation.predict import predict_folder_ray
 
     plain = pd.read_parquet(predict_folder(run_dir, image_folder, tmp_path / "plain.parquet").out)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

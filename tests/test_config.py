@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from rp2k_dist.config import ConfigError, ExperimentConfig, config_from_dict, load_config, read_yaml
+from rp2k_dist.config import (
+    ConfigError,
+    ExperimentConfig,
+    SweepConfig,
+    config_from_dict,
+    load_config,
+    read_yaml,
+    resolve_preset,
+    sweep_config,
+)
 from rp2k_dist.models import input_spec, model_names
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -59,7 +68,7 @@ def test_base_presets_chain(tmp_path):
 
 def test_saved_config_round_trips(tmp_path):
     config = load_config(JOBS / "table3_apinet_liquor.yaml")
-    config.save(tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text(config.to_yaml(), encoding="utf-8")
     assert load_config(tmp_path / "c.yaml") == config
     assert config_from_dict(config.to_dict()) == config
 
@@ -91,3 +100,31 @@ def test_missing_or_broken_preset(tmp_path):
     (tmp_path / "bad.yaml").write_text("optim: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_a_preset_is_found_by_name_as_well_as_by_path():
+    assert resolve_preset("table2_resnet34") == JOBS / "table2_resnet34.yaml"
+    assert resolve_preset("demo.yaml") == JOBS / "demo.yaml"
+    assert load_config("table2_resnet34", ["optim.lr=0.05"]) == load_config(JOBS / "table2_resnet34.yaml",
+                                                                             ["optim.lr=0.05"])
+    with pytest.raises(ConfigError, match="not found.*table2_resnet34"):  # names the presets there are
+        load_config("table2_resnet35")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.name=resnet50", "model.name 'resnet50' is not a registered model; known: apinet, inception_v3, resnet34"),
+    ("data.meta_category=liquor", "data.meta_category must look like 'type=liquor'"),
+    ("data.meta_category=brand=x", "data.meta_category must look like"),
+])
+def test_name_like_fields_are_checked_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_the_sweep_section_is_checked_like_the_others():
+    assert sweep_config({"samples": 4, "scheduler": "none"}) == SweepConfig(samples=4, scheduler="none")
+    with pytest.raises(ConfigError, match="unknown key.*tune.sampels"):
+        sweep_config({"sampels": 4})
+    with pytest.raises(ConfigError, match="tune.grace_period must be an integer"):
+        sweep_config({"grace_period": "soon"})
+    assert SweepConfig().with_flags({"samples": 3, "scheduler": None}) == SweepConfig(samples=3)

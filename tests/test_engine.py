@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rp2k_dist.config import load_config
-from rp2k_dist.engine.checkpoint import FILENAME, load_checkpoint
+from rp2k_dist.run_folder import CHECKPOINT, checkpoint_dir, load_checkpoint
 from rp2k_dist.engine.context import LocalContext
 from rp2k_dist.engine.train import NonFiniteLossError, train_worker, warmup_cosine
 from rp2k_dist.storage import RunStorage
@@ -51,7 +51,7 @@ def test_run_leaves_config_metrics_predictions_and_table(synth_shards, tmp_path)
 
 def test_checkpoint_is_self_describing_and_weights_only(synth_shards, tmp_path):
     _, storage, _ = _run(synth_shards, tmp_path, "ckpt")
-    path = storage.local_path("checkpoints/epoch_0002") / FILENAME
+    path = storage.local_path(checkpoint_dir(2)) / CHECKPOINT
     raw = torch.load(path, weights_only=True)  # no pickled code needed
     checkpoint = load_checkpoint(path)
     assert raw["epoch"] == checkpoint["epoch"] == 2
@@ -82,9 +82,11 @@ def test_resume_continues_identically_to_an_uninterrupted_run(synth_shards, tmp_
     _run(synth_shards, tmp_path, "split", extra, epochs=3)
     # drop the last checkpoint and the last epoch's metrics: as if it died in epoch 3
     split = RunStorage(str(tmp_path), "split")
-    split.delete_dir("checkpoints/epoch_0003")
+    assert split.exists(checkpoint_dir(3))
+    split.delete_dir(checkpoint_dir(3))
     _run(synth_shards, tmp_path, "split", extra, epochs=3)
     a, b = _history(whole)[-1], _history(split)[-1]
+    assert b["resumed_from_epoch"] == 2  # epoch 3 really ran again
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
 
 
@@ -116,7 +118,7 @@ def test_specialist_run_sees_only_its_meta_category(synth_shards, tmp_path):
     types = synth_shards.meta_categories("type")
     chosen = max(set(types), key=types.count)
     config, storage, final = _run(synth_shards, tmp_path, "spec", [f"data.meta_category=type={chosen}"], epochs=1)
-    checkpoint = load_checkpoint(storage.local_path("checkpoints/epoch_0001") / FILENAME)
+    checkpoint = load_checkpoint(storage.local_path(checkpoint_dir(1)) / CHECKPOINT)
     assert checkpoint["class_subset"] == [i for i, t in enumerate(types) if t == chosen]
     assert checkpoint["model_args"]["num_classes"] == types.count(chosen)
     expected = sum(c["counts"]["test"] for c in synth_shards.classes if c["type"] == chosen)
@@ -124,9 +126,9 @@ def test_specialist_run_sees_only_its_meta_category(synth_shards, tmp_path):
 
 
 def test_apinet_specialist_and_routed_ensemble(synth_shards, tmp_path):
-    from rp2k_dist.ensemble_eval import evaluate_ensemble
+    from rp2k_dist.evaluation.ensemble_eval import evaluate_ensemble
     from rp2k_dist.evaluation.metrics import accuracy_table
-    from rp2k_dist.inference import find_checkpoint
+    from rp2k_dist.run_folder import find_checkpoint
 
     _, general, _ = _run(synth_shards, tmp_path, "general", epochs=1)
     types = synth_shards.meta_categories("type")

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from rp2k_dist.data.augment import AugmentConfig
+from rp2k_dist.config import AugmentConfig, DataConfig
 from rp2k_dist.data.chunks import plan_training_epoch
-from rp2k_dist.data.epoch_state import (ConsumedSamples, checkpoint_name, consumed_of, epoch_state, rest_of_epoch,
+from rp2k_dist.data.epoch_state import (ConsumedSamples, consumed_of, epoch_state, rest_of_epoch,
                                         trained_steps)
 from rp2k_dist.data.loader import LoaderConfig, ShardLoader
-from rp2k_dist.data.transforms import InputSpec, TrainTransform
+from rp2k_dist.data.transforms import TrainTransform
+from rp2k_dist.input_spec import InputSpec
 from tests.test_loader import _table
 
 SPEC = InputSpec(32, 36)
@@ -32,10 +33,12 @@ def test_bitmap_round_trips_through_a_weights_only_checkpoint():
 
 
 def test_checkpoint_names_sort_by_progress():
-    names = [checkpoint_name({"epoch": 1, "epoch_state": None}),
-             checkpoint_name({"epoch": 1, "epoch_state": {"global_step": 25}}),
-             checkpoint_name({"epoch": 1, "epoch_state": {"global_step": 130}}),
-             checkpoint_name({"epoch": 2})]
+    from rp2k_dist.run_folder import checkpoint_dir_of
+
+    names = [checkpoint_dir_of({"epoch": 1, "epoch_state": None}),
+             checkpoint_dir_of({"epoch": 1, "epoch_state": {"global_step": 25}}),
+             checkpoint_dir_of({"epoch": 1, "epoch_state": {"global_step": 130}}),
+             checkpoint_dir_of({"epoch": 2})]
     assert names == sorted(names) == ["epoch_0001", "epoch_0001_step_0000025", "epoch_0001_step_0000130", "epoch_0002"]
 
 
@@ -90,7 +93,7 @@ def test_trained_steps_keep_the_replayed_steps_of_the_resumed_attempt():
 
 def _loaders(manifest, world, workers, batch=4):
     return [ShardLoader(manifest, "train", TrainTransform(SPEC, AugmentConfig()),
-                        LoaderConfig(batch_size=batch, workers=workers, shuffle_buffer=16), rank, world)
+                        LoaderConfig(DataConfig(batch_size=batch, loader_workers=workers, shuffle_buffer=16)), rank, world)
             for rank in range(world)]
 
 
@@ -138,7 +141,7 @@ def _trace_by_step(folder):
 def test_engine_resumes_from_a_mid_epoch_checkpoint_at_the_exact_step(synth_shards, tmp_path, monkeypatch):
     """One process: checkpoints every 3 steps; the run resumes from the one at step 3."""
     from rp2k_dist.config import load_config
-    from rp2k_dist.engine.checkpoint import FILENAME, load_checkpoint
+    from rp2k_dist.run_folder import CHECKPOINT, checkpoint_dirs, load_checkpoint
     from rp2k_dist.engine.context import LocalContext
     from rp2k_dist.engine.train import train_worker
     from rp2k_dist.storage import RunStorage
@@ -150,18 +153,18 @@ def test_engine_resumes_from_a_mid_epoch_checkpoint_at_the_exact_step(synth_shar
     train_worker(config, LocalContext(storage, "cpu", keep=100))
     full = _trace_by_step(tmp_path / "trace-full" / "steps")
     steps = len(full)
-    names = sorted(n for n in storage.listdir("checkpoints"))
+    names = checkpoint_dirs(storage)
     assert names == [f"epoch_0000_step_{s:07d}" for s in range(3, steps, 3)] + ["epoch_0001"]
-    mid = load_checkpoint(storage.read_bytes(f"checkpoints/epoch_0000_step_0000003/{FILENAME}"))
+    mid = load_checkpoint(storage.read_bytes(f"epoch_0000_step_0000003/{CHECKPOINT}"))
     assert mid["epoch"] == 0 and mid["scheduler"]["last_epoch"] == 3 and mid["metrics"] == []
     first3 = [k for s in (1, 2, 3) for k in full[s]]
     consumed = consumed_of(mid["epoch_state"])
-    train = ShardLoader(synth_shards, "train", TrainTransform(SPEC, AugmentConfig()), LoaderConfig(batch_size=16, workers=0))
+    train = ShardLoader(synth_shards, "train", TrainTransform(SPEC, AugmentConfig()), LoaderConfig(DataConfig(batch_size=16, loader_workers=0)))
     assert set(np.flatnonzero(consumed.mask).tolist()) == set(train.positions(first3))
     assert consumed.count == 3 * 16
 
     for name in names[1:]:  # the run stopped right after step 3's checkpoint
-        storage.delete_dir(f"checkpoints/{name}")
+        storage.delete_dir(name)
     monkeypatch.setenv("RP2K_TRACE_KEYS", str(tmp_path / "trace-resumed"))
     final = train_worker(config, LocalContext(storage, "cpu", keep=100))
     from rp2k_dist.data.epoch_state import read_trace
@@ -175,5 +178,5 @@ def test_engine_resumes_from_a_mid_epoch_checkpoint_at_the_exact_step(synth_shar
     uninterrupted = {k for keys in full.values() for k in keys}
     assert len(set(epoch_keys) ^ uninterrupted) <= 16  # differs by at most one global batch
     assert final["resumed_from_step"] == 3
-    end = load_checkpoint(storage.read_bytes(f"checkpoints/epoch_0001/{FILENAME}"))
+    end = load_checkpoint(storage.read_bytes(f"epoch_0001/{CHECKPOINT}"))
     assert end["scheduler"]["last_epoch"] == 3 + len(resumed_lines) and end.get("epoch_state") is None

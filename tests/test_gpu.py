@@ -63,9 +63,10 @@ def test_nccl_backend_with_one_ray_train_worker(tmp_path):
     assert final["epoch"] == 1 and final["val_samples"] > 0
 
 
-def test_training_steps_do_not_synchronise():
+@pytest.mark.parametrize("model_name", ["resnet34", "apinet"])
+def test_training_steps_do_not_synchronise(model_name):
     """The engine's steps (bf16, channels_last, fused SGD) under CUDA's sync debug mode:
-    any host-device synchronisation inside a step raises."""
+    any host-device synchronisation inside a step raises (API-Net: its pairing too)."""
     from contextlib import contextmanager
 
     from tests.test_step_sync import BATCH, StepLoader, SyncCounter, make_batches, run_epoch
@@ -80,6 +81,6 @@ def test_training_steps_do_not_synchronise():
 
     device = torch.device("cuda")
     loader = StepLoader(make_batches(6, device, channels_last=True), SyncCounter(), on_steps=synchronisation_is_an_error)
-    metrics, losses = run_epoch(loader, device, channels_last=True)
+    metrics, losses = run_epoch(loader, device, channels_last=True, model_name=model_name)
     assert len(loader.per_step) == 6 and metrics["train_images"] == 6 * BATCH
     assert metrics["train_loss"] == pytest.approx(float(torch.stack(losses).float().mean()), rel=1e-3)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from rp2k_dist.config import DataConfig
 from rp2k_dist.data.augment import AugmentConfig
 from rp2k_dist.data.chunks import SampleTable, plan_epoch, plan_training_epoch
 from rp2k_dist.data.loader import CorruptDataError, LoaderConfig, ShardLoader, _class_balanced_batches
@@ -22,7 +23,7 @@ def _train_epoch(manifest, world, workers, epoch=0, batch=4):
     steps, keys = [], []
     for rank in range(world):
         loader = ShardLoader(manifest, "train", TrainTransform(SPEC, AugmentConfig()),
-                             LoaderConfig(batch_size=batch, workers=workers, shuffle_buffer=16), rank, world)
+                             LoaderConfig(DataConfig(batch_size=batch, loader_workers=workers, shuffle_buffer=16)), rank, world)
         loader.set_epoch(epoch)
         batches = list(loader)
         assert len(batches) == len(loader)
@@ -53,7 +54,7 @@ def test_evaluation_sees_every_test_sample_exactly_once(request, packed, world, 
     manifest = request.getfixturevalue(packed)
     seen = Counter()
     for rank in range(world):
-        loader = ShardLoader(manifest, "test", EvalTransform(SPEC), LoaderConfig(batch_size=4, workers=workers),
+        loader = ShardLoader(manifest, "test", EvalTransform(SPEC), LoaderConfig(DataConfig(batch_size=4, loader_workers=workers)),
                              rank, world, train=False)
         batches = list(loader)
         assert len(batches) == len(loader)
@@ -65,7 +66,7 @@ def test_evaluation_sees_every_test_sample_exactly_once(request, packed, world, 
 
 def test_labels_match_the_manifest(many_shards):
     labels = {r["key"]: r["label"] for r in many_shards.index().to_pylist()}
-    loader = ShardLoader(many_shards, "test", EvalTransform(SPEC), LoaderConfig(batch_size=5, workers=0), train=False)
+    loader = ShardLoader(many_shards, "test", EvalTransform(SPEC), LoaderConfig(DataConfig(batch_size=5, loader_workers=0)), train=False)
     for batch in loader:
         assert batch["label"].tolist() == [labels[k] for k in batch["key"]]
 
@@ -122,7 +123,7 @@ def test_corrupt_samples_are_counted_and_steps_stay_equal(many_shards, tmp_path)
         skipped, steps = 0, []
         for rank in range(world):
             loader = ShardLoader(manifest, "train", TrainTransform(SPEC, AugmentConfig()),
-                                 LoaderConfig(batch_size=4, workers=0, max_corrupt_fraction=0.5), rank, world)
+                                 LoaderConfig(DataConfig(batch_size=4, loader_workers=0, max_corrupt_fraction=0.5)), rank, world)
             keys = [k for b in loader for k in b["key"]]
             assert not bad & set(keys)
             steps.append(len(keys) // 4)
@@ -135,7 +136,7 @@ def test_too_many_corrupt_samples_abort_with_a_clear_error(many_shards, tmp_path
     train_keys = sorted(r["key"] for r in many_shards.index().to_pylist() if r["split"] == "train")
     manifest = _corrupt_copy(many_shards, tmp_path, set(train_keys[:12]))
     loader = ShardLoader(manifest, "train", TrainTransform(SPEC, AugmentConfig()),
-                         LoaderConfig(batch_size=4, workers=0, max_corrupt_fraction=0.01))
+                         LoaderConfig(DataConfig(batch_size=4, loader_workers=0, max_corrupt_fraction=0.01)))
     with pytest.raises(CorruptDataError, match="could not be decoded.*rp2k verify"):
         list(loader)
 
@@ -149,7 +150,7 @@ def test_truncated_shard_is_survived_with_equal_steps(many_shards, tmp_path):
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     manifest = Manifest.load(out)
     loader = ShardLoader(manifest, "train", TrainTransform(SPEC, AugmentConfig()),
-                         LoaderConfig(batch_size=4, workers=0, max_corrupt_fraction=1.0))
+                         LoaderConfig(DataConfig(batch_size=4, loader_workers=0, max_corrupt_fraction=1.0)))
     batches = list(loader)
     assert len(batches) == len(loader)
     assert loader.stats.errors  # the tar error was recorded, not slept on
@@ -157,16 +158,16 @@ def test_truncated_shard_is_survived_with_equal_steps(many_shards, tmp_path):
 
 def test_config_validation():
     with pytest.raises(ValueError, match="batch_size"):
-        LoaderConfig(batch_size=0)
+        LoaderConfig(DataConfig(batch_size=0))
     with pytest.raises(ValueError, match="max_corrupt_fraction"):
-        LoaderConfig(max_corrupt_fraction=2)
+        LoaderConfig(DataConfig(max_corrupt_fraction=2))
     with pytest.raises(ValueError, match="start_method"):
         LoaderConfig(start_method="teleport")
 
 
 def test_batch_larger_than_the_split_is_a_clear_error(many_shards):
     with pytest.raises(ValueError, match="lower batch_size"):
-        ShardLoader(many_shards, "train", TrainTransform(SPEC, AugmentConfig()), LoaderConfig(batch_size=1000, workers=0))
+        ShardLoader(many_shards, "train", TrainTransform(SPEC, AugmentConfig()), LoaderConfig(DataConfig(batch_size=1000, loader_workers=0)))
 
 
 def test_class_subset_is_relabelled_and_counted_exactly(many_shards):
@@ -174,7 +175,7 @@ def test_class_subset_is_relabelled_and_counted_exactly(many_shards):
     labels = {r["key"]: r["label"] for r in many_shards.index().to_pylist()}
     seen = Counter()
     for rank in range(2):
-        loader = ShardLoader(many_shards, "test", EvalTransform(SPEC), LoaderConfig(batch_size=3, workers=0),
+        loader = ShardLoader(many_shards, "test", EvalTransform(SPEC), LoaderConfig(DataConfig(batch_size=3, loader_workers=0)),
                              rank, 2, train=False, classes=keep)
         for batch in loader:
             assert batch["label"].tolist() == [keep.index(labels[k]) for k in batch["key"]]
@@ -188,7 +189,7 @@ def test_a_full_epoch_of_pk_batches_has_distinct_images_and_pairs_in_every_class
     steps = []
     for rank in range(2):
         loader = ShardLoader(many_shards, "train", TrainTransform(SPEC, AugmentConfig()),
-                             LoaderConfig(batch_size=99, workers=workers, shuffle_buffer=8), rank, 2,
+                             LoaderConfig(DataConfig(batch_size=99, loader_workers=workers, shuffle_buffer=8)), rank, 2,
                              class_balanced=(3, 4))
         loader.set_epoch(1)
         batches = list(loader)
@@ -220,7 +221,7 @@ def test_shards_behind_a_uri_stream_through_pyarrow_fs(many_shards):
     remote = Manifest.load(f"file://{many_shards.root}")
     assert remote.shard_paths("test")[0].startswith("file://")
     assert remote.index().num_rows == many_shards.index().num_rows
-    keys = lambda m: [k for b in ShardLoader(m, "test", EvalTransform(SPEC), LoaderConfig(batch_size=4, workers=0), train=False)
+    keys = lambda m: [k for b in ShardLoader(m, "test", EvalTransform(SPEC), LoaderConfig(DataConfig(batch_size=4, loader_workers=0)), train=False)
                       for k in b["key"]]
     assert keys(remote) == keys(many_shards)
 
@@ -283,7 +284,7 @@ def test_loader_reads_each_shard_byte_once_at_world_3_with_2_workers(few_shards)
     read, keys = 0, []
     for rank in range(3):
         loader = ShardLoader(few_shards, "train", TrainTransform(SPEC, AugmentConfig()),
-                             LoaderConfig(batch_size=4, workers=2, shuffle_buffer=16, chunk_mb=0.05), rank, 3)
+                             LoaderConfig(DataConfig(batch_size=4, loader_workers=2, shuffle_buffer=16, chunk_mb=0.05)), rank, 3)
         keys += [k for b in loader for k in b["key"]]
         read += loader.stats.bytes_read
     assert len(keys) == len(set(keys)) > 0
@@ -300,7 +301,7 @@ def test_old_pack_without_byte_ranges_is_indexed_by_rp2k_index(many_shards, tmp_
     table = pq.read_table(out / "index.parquet")
     pq.write_table(table.drop_columns(["offset", "length"]), out / "index.parquet")
     with pytest.raises(ValueError, match="rp2k index"):
-        ShardLoader(Manifest.load(out), "test", EvalTransform(SPEC), LoaderConfig(workers=0), train=False)
+        ShardLoader(Manifest.load(out), "test", EvalTransform(SPEC), LoaderConfig(DataConfig(loader_workers=0)), train=False)
     from rp2k_dist.cli import main
 
     assert main(["index", str(out)]) == 0

@@ -8,12 +8,13 @@ import pytest
 
 from rp2k_dist import storage
 from rp2k_dist.cli import main
-from rp2k_dist.data.augment import AugmentConfig
+from rp2k_dist.config import AugmentConfig, DataConfig
 from rp2k_dist.data.loader import LoaderConfig, ShardLoader
 from rp2k_dist.data.manifest import Manifest
 from rp2k_dist.data.pack import PackConfig, pack_dataset
 from rp2k_dist.data.rp2k import scan_rp2k
-from rp2k_dist.data.transforms import EvalTransform, InputSpec, TrainTransform
+from rp2k_dist.data.transforms import EvalTransform, TrainTransform
+from rp2k_dist.input_spec import InputSpec
 from rp2k_dist.data.verify import verify_shards
 
 SPEC = InputSpec(32, 36)
@@ -98,14 +99,14 @@ def test_loader_streams_s3_shards_by_byte_range(s3_server, s3_pack):
     uri, manifest = s3_pack
     local_keys = None
     for source in (manifest, Manifest.load(storage.join(uri))):
-        loader = ShardLoader(source, "test", EvalTransform(SPEC), LoaderConfig(batch_size=4, workers=0), train=False)
+        loader = ShardLoader(source, "test", EvalTransform(SPEC), LoaderConfig(DataConfig(batch_size=4, loader_workers=0)), train=False)
         keys = [k for b in loader for k in b["key"]]
         local_keys = local_keys or keys
         assert keys == local_keys and len(keys) == manifest.num_samples("test")
     read, split_bytes = 0, sum(s.bytes for s in manifest.shards("train"))
     for rank in range(3):
         loader = ShardLoader(manifest, "train", TrainTransform(SPEC, AugmentConfig()),
-                             LoaderConfig(batch_size=4, workers=2, chunk_mb=0.05), rank, 3)
+                             LoaderConfig(DataConfig(batch_size=4, loader_workers=2, chunk_mb=0.05)), rank, 3)
         assert len(list(loader)) == len(loader)
         read += loader.stats.bytes_read
     assert 0.9 * split_bytes <= read <= 1.05 * split_bytes
@@ -145,7 +146,7 @@ def test_train_from_s3_shards_with_s3_checkpoints_resume_and_predict(s3_server, 
     import ray
 
     from rp2k_dist.config import load_config
-    from rp2k_dist.inference import load_trained, predict_shards
+    from rp2k_dist.evaluation.inference import load_trained, predict_shards
     from rp2k_dist.launch.trainer import read_metrics, run_training
     from tests.conftest import tiny_run_overrides
 

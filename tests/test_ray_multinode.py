@@ -45,7 +45,7 @@ def three_node_cluster():
 def _config(shards, tmp_path, name, epochs, max_failures):
     return load_config(None, tiny_run_overrides(shards.root, tmp_path, name, epochs) + [
         "run.workers=2", "run.cpus_per_worker=2", "run.placement_strategy=STRICT_SPREAD",
-        f"run.max_failures={max_failures}"])
+        f"run.max_failures={max_failures}", "run.rank_digests=true"])
 
 
 def _busy_node(nodes) -> object:

@@ -29,7 +29,7 @@ def local_ray():
 
 def _config(shards, tmp_path, name, epochs, extra=()):
     return load_config(None, tiny_run_overrides(shards.root, tmp_path, name, epochs)
-                       + ["run.workers=2", "run.max_failures=2"] + list(extra))
+                       + ["run.workers=2", "run.max_failures=2", "run.rank_digests=true"] + list(extra))
 
 
 def _ranks(config):
@@ -52,7 +52,7 @@ def test_two_worker_ddp_keeps_ranks_identical_and_reports_what_it_writes(local_r
     # the distributed evaluation equals the checkpoint's predictions in one process
     import pyarrow.parquet as pq
 
-    from rp2k_dist.inference import load_trained, predict_shards
+    from rp2k_dist.evaluation.inference import load_trained, predict_shards
 
     storage = RunStorage(config.run.storage_path, config.run.name)
     reported = pq.read_table(storage.local_path("predictions.parquet")).to_pydict()

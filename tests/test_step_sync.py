@@ -99,28 +99,31 @@ def make_batches(steps: int, device: torch.device, nan_at: int | None = None, ch
     return batches
 
 
-def run_epoch(loader: StepLoader, device: torch.device, overrides=(), channels_last: bool = False):
-    """One ``train_one_epoch`` on ResNet-34 with the engine's optimiser settings; returns
-    (metrics, the losses the model computed)."""
+def run_epoch(loader: StepLoader, device: torch.device, overrides=(), channels_last: bool = False,
+              model_name: str = "resnet34"):
+    """One ``train_one_epoch`` (ResNet-34 by default) with the engine's optimiser settings;
+    returns (metrics, the losses the model computed)."""
     torch.manual_seed(0)
     config = load_config(None, list(overrides))
-    core = create_model("resnet34", CLASSES).to(device)
+    model = create_model(model_name, CLASSES).to(device)
     if channels_last:
-        core.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)
     losses: list[torch.Tensor] = []
-    loss = core.loss
+    loss = model.loss
 
     def recording_loss(*args):
         value = loss(*args)
         losses.append(value.detach().clone())
         return value
 
-    core.loss = recording_loss
+    model.loss = recording_loss
     fused = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.SGD(core.parameters(), lr=0.01, momentum=0.9, **fused)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, **fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(len(loader), 1))
     criterion = ClassBalancedLoss([10] * CLASSES, 0.99).to(device)
-    metrics = train_one_epoch(core, core, criterion, optimizer, scheduler, loader, lambda b: b, device, config, 0)
+    metrics = train_one_epoch(model=model, model_without_ddp=model, criterion=criterion, optimizer=optimizer,
+                              lr_scheduler=scheduler, data_loader=loader, batch_to_device=lambda b: b, device=device,
+                              config=config, epoch=0)
     return metrics, losses
 
 

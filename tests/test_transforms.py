@@ -11,9 +11,9 @@ from PIL import Image
 
 from rp2k_dist.data.augment import AugmentConfig, AugmentParams, apply_array, sample_params
 from rp2k_dist.data.transforms import (
-    IMAGENET_MEAN, IMAGENET_STD, EvalTransform, InputSpec, TrainTransform, decode, decode_array, normalize, pixels,
-    stack_images, to_tensor,
+    EvalTransform, TrainTransform, decode, decode_array, normalize, pixels, stack_images, to_tensor,
 )
+from rp2k_dist.input_spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 
 
 def _photo(width: int = 90, height: int = 70, seed: int = 0) -> Image.Image:

@@ -17,13 +17,12 @@ import pandas as pd
 import pytest
 import ray
 
-from rp2k_dist.config import ConfigError, load_config
+from rp2k_dist.config import ConfigError, SweepConfig, is_sweep_preset, load_config
 from rp2k_dist.launch.trainer import read_metrics, run_training
 from rp2k_dist.launch.tuner import (
     TRIAL_RECORD,
     check_search_space,
     is_grid,
-    is_sweep_preset,
     load_search_space,
     load_sweep,
     parse_search_space,
@@ -97,8 +96,8 @@ def test_mlflow_without_the_package_is_a_clear_error(tmp_path):
         pytest.skip("mlflow is installed")
     config = load_config(JOBS / "demo.yaml", [f"run.storage_path={tmp_path}"])
     with pytest.raises(ConfigError, match="needs the mlflow package"):
-        run_sweep(config, parse_search_space({"optim.lr": {"choice": [0.01]}}), 1, "none", 1, None,
-                  mlflow_uri=f"file:{tmp_path}/mlruns")
+        run_sweep(config, parse_search_space({"optim.lr": {"choice": [0.01]}}),
+                  SweepConfig(samples=1, scheduler="none", max_concurrent=1), mlflow_uri=f"file:{tmp_path}/mlruns")
 
 
 # --------------------------------------------------------------------------- sweeps on Ray
@@ -110,8 +109,8 @@ def test_asha_stops_weak_trials_frees_their_cpus_and_the_best_config_trains(loca
     # which ASHA compares at epoch 1 against the first two and stops.
     lrs = [0.016, 0.004, 1e-6, 1e-7]
     space = parse_search_space({"optim.lr": {"grid_search": lrs}})
-    result = run_sweep(config, space, samples=1, scheduler="asha", max_concurrent=2, address=None,
-                       grace_period=1, reduction_factor=2)
+    result = run_sweep(config, space, SweepConfig(samples=1, scheduler="asha", max_concurrent=2,
+                                                  grace_period=1, reduction_factor=2), address=None)
 
     # every stopped trial's placement group is gone: all CPUs are free again
     assert _wait_for_all_cpus() == CPUS
@@ -143,7 +142,7 @@ def test_asha_stops_weak_trials_frees_their_cpus_and_the_best_config_trains(loca
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(local_ray, synth_shards, tmp_path):
     config = load_config(None, _overrides(synth_shards, tmp_path, "nan", epochs=1))
     space = parse_search_space({"optim.lr": {"grid_search": [0.016, 1e30]}})  # 1e30: the loss is NaN
-    result = run_sweep(config, space, 1, "none", 2, None)
+    result = run_sweep(config, space, SweepConfig(samples=1, scheduler="none", max_concurrent=2))
     table = result.table.set_index("optim.lr")
     assert table.loc[1e30, "status"] == "ERROR"
     assert "NonFiniteLossError" in table.loc[1e30, "error"] or "loss is" in table.loc[1e30, "error"]
@@ -154,10 +153,11 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(local_ray, synth_shar
 
 DRIVER = """
 import json, sys
-from rp2k_dist.config import load_config
+from rp2k_dist.config import SweepConfig, load_config
 from rp2k_dist.launch.tuner import parse_search_space, run_sweep
 args = json.loads(sys.argv[1])
-run_sweep(load_config(None, args["overrides"]), parse_search_space(args["space"]), 1, "none", 1, args["address"])
+run_sweep(load_config(None, args["overrides"]), parse_search_space(args["space"]),
+          SweepConfig(samples=1, scheduler="none", max_concurrent=1), address=args["address"])
 """
 
 

@@ -1,7 +1,7 @@
 """User-facing analysis of trained runs: UMAP of features (Fig. 3), run reports and run
-comparisons (Tables 2-4), prediction on image folders, and model export (ONNX, safetensors).
+comparisons (Tables 2-4), and model export (ONNX, safetensors).
 
-Modules: :mod:`.umap_plot`, :mod:`.report`, :mod:`.predict`, :mod:`.export`. They import
+Modules: :mod:`.umap_plot`, :mod:`.report`, :mod:`.export`. They import
 their heavy dependencies (umap, matplotlib, onnx) themselves, so importing this package
 stays cheap. The one helper shared by all of them lives here: reading the images of given
 sample keys straight from the shards.

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..data.transforms import normalize
-from ..inference import TrainedModel, load_trained
+from ..evaluation.inference import TrainedModel, load_trained
 
 Checkpoint = str | Path | TrainedModel
 #: Class facts copied into the model card.
@@ -69,8 +69,7 @@ def model_card(trained: TrainedModel, weights: Path, usage: str) -> dict[str, An
         "model_name": trained.name,
         "model_args": trained.checkpoint["model_args"],
         "epoch": trained.checkpoint["epoch"],
-        "input_spec": {"crop_size": spec.crop_size, "resize_size": spec.resize_size,
-                       "mean": list(spec.mean), "std": list(spec.std)},
+        "input_spec": spec.to_dict(),
         "class_subset": trained.class_subset,
         "classes": [{key: c[key] for key in CARD_CLASS_FIELDS if key in c} for c in trained.classes],
     }

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -25,9 +24,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from .. import run_folder
 from ..data.manifest import Manifest, ManifestError
 from ..evaluation.ensemble import table3_markdown
 from ..evaluation.metrics import PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE4, AccuracyRow, AccuracyTable, format_percent
+from ..storage import RunStorage
 from . import iter_shard_images
 from .figures import MAX_VERTICAL_BARS, bar_chart_height, bar_panel, bars_shown, class_label, readable_fonts, short
 
@@ -52,10 +53,6 @@ def table_from_dict(data: dict[str, Any]) -> AccuracyTable:
     )
 
 
-def _json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-
-
 @dataclass
 class Run:
     """The artefacts of one run folder."""
@@ -69,13 +66,12 @@ class Run:
     @classmethod
     def read(cls, run_dir: str | Path) -> "Run":
         path = Path(run_dir)
-        if not (path / "config.yaml").exists():
-            raise FileNotFoundError(f"{path} is not a run folder (no config.yaml)")
-        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-        history = path / "metrics.jsonl"
-        lines = history.read_text(encoding="utf-8").splitlines() if history.exists() else []
-        metrics = [json.loads(line) for line in lines if line.strip()]
-        return cls(path, config, metrics, _json(path / "evaluation.json"), _json(path / "ensemble.json"))
+        if not (path / run_folder.CONFIG).exists():
+            raise FileNotFoundError(f"{path} is not a run folder (no {run_folder.CONFIG})")
+        config = yaml.safe_load((path / run_folder.CONFIG).read_text(encoding="utf-8"))
+        metrics = run_folder.read_metrics(RunStorage(str(path.parent), path.name))
+        return cls(path, config, metrics, run_folder.read_json(path / run_folder.EVALUATION),
+                   run_folder.read_json(path / run_folder.ENSEMBLE))
 
     @property
     def name(self) -> str:

@@ -1,7 +1,7 @@
 """The paper's Fig. 3: a UMAP projection of a trained model's penultimate features,
 coloured by meta-category, here in two panels (type and shape) side by side.
 
-Features come from :func:`rp2k_dist.inference.features_of` on the evaluation transform of
+Features come from :func:`rp2k_dist.evaluation.inference.features_of` on the evaluation transform of
 the shard images. A subsample (``max_samples``) is drawn deterministically from the
 split's keys before any image is decoded, so tens of thousands of test images stay
 tractable on a CPU.
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..data.manifest import Manifest
 from ..data.metadata import SHAPES, TYPES
 from ..data.transforms import EvalTransform
-from ..inference import TrainedModel, features_of, load_trained
+from ..evaluation.inference import TrainedModel, features_of, load_trained
 from . import iter_shard_images
 from .figures import GREY, category_colours, legend_outside, readable_fonts
 

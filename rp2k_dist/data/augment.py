@@ -26,48 +26,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from ..config import AugmentConfig
+
 cv2.setNumThreads(1)  # loader workers are the parallelism; no thread pool per worker
 
 Point = tuple[float, float]
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Switches and magnitudes of the paper's augmentations (all in pixels or fractions)."""
-
-    border: bool = True
-    border_max: int = 30
-    border_fill: str | int = "random"
-    crop: bool = True
-    crop_max: int = 10
-    perspective: bool = True
-    perspective_scale: float = 0.2
-    perspective_p: float = 0.5
-    brightness: bool = True
-    brightness_max: float = 0.2
-
-    def __post_init__(self) -> None:
-        if self.border_max < 0 or self.crop_max < 0:
-            raise ValueError("border_max and crop_max must be >= 0 px")
-        if not 0.0 <= self.perspective_scale < 1.0:
-            raise ValueError(f"perspective_scale must be in [0, 1), got {self.perspective_scale}")
-        if not 0.0 <= self.perspective_p <= 1.0:
-            raise ValueError(f"perspective_p must be in [0, 1], got {self.perspective_p}")
-        if not 0.0 <= self.brightness_max < 1.0:
-            raise ValueError(f"brightness_max must be in [0, 1), got {self.brightness_max}")
-        if self.border_fill != "random" and not (
-            isinstance(self.border_fill, int) and 0 <= self.border_fill <= 255
-        ):
-            raise ValueError(f"border_fill must be 'random' or a grey level 0..255, got {self.border_fill!r}")
-
-    @classmethod
-    def off(cls) -> "AugmentConfig":
-        """No augmentation at all (evaluation, and the paper's 'without augmentation')."""
-        return cls(border=False, crop=False, perspective=False, brightness=False)
-
-    @property
-    def any(self) -> bool:
-        return self.border or self.crop or self.perspective or self.brightness
 
 
 @dataclass(frozen=True)
@@ -174,8 +137,8 @@ def apply_array(
     (``cv2.warpPerspective``), then brightness. HWC uint8 RGB in (3 channels, or 4 with
     Pillow's padding byte, see ``transforms.pixels``), contiguous HWC RGB out.
 
-    OpenCV's warp is ~4x faster than Pillow's generic perspective resampler, which made
-    the warp cost 2-3x the JPEG decode (bench/RESULTS.md).
+    The warp is OpenCV's rather than Pillow's generic perspective resampler: it is the
+    largest cost of a training sample after the JPEG decode (bench/RESULTS.md).
     """
     matrix, size = output_to_source(params, resize, crop_size)
     # Shrinking by 2x or more: area-reduce first so bilinear sampling does not alias.

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .augment import AugmentConfig, AugmentParams, output_to_source, sample_params
-from .transforms import InputSpec
+from ..input_spec import InputSpec
 
 
 def decode_batch(jpegs: list[bytes], device: torch.device) -> list[torch.Tensor]:

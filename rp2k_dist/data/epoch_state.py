@@ -85,14 +85,6 @@ def consumed_of(state: dict[str, Any]) -> ConsumedSamples:
     return ConsumedSamples.from_tensor(state["consumed"], int(state["samples"]))
 
 
-def checkpoint_name(checkpoint: dict[str, Any]) -> str:
-    """``epoch_NNNN`` at an epoch end, ``epoch_NNNN_step_SSSSSSS`` inside epoch NNNN+1
-    (sorted by name = sorted by progress)."""
-    name = f"epoch_{checkpoint['epoch']:04d}"
-    state = checkpoint.get("epoch_state")
-    return f"{name}_step_{state['global_step']:07d}" if state else name
-
-
 class KeyTrace:
     """Test instrumentation: with ``RP2K_TRACE_KEYS=<folder>`` each training process appends
     one JSON line per step (epoch, global step, the resume step it started from, keys) to

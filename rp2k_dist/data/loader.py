@@ -34,7 +34,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .. import storage
-from .chunks import DEFAULT_CHUNK_MB, Piece, ReaderPlan, SampleTable, epoch_seed, plan_epoch, plan_training_epoch, training_steps
+from ..config import DataConfig
+from .chunks import Piece, ReaderPlan, SampleTable, epoch_seed, plan_epoch, plan_training_epoch, training_steps
 from .epoch_state import ConsumedSamples, rest_of_epoch
 from .images import DECODE_ERRORS
 from .tar_index import samples_of
@@ -51,31 +52,46 @@ class CorruptDataError(RuntimeError):
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    """Streaming loader settings (per rank)."""
+    """One rank's loader: the streaming settings of the config's ``data`` section (batch
+    size, loader workers, shuffle buffer, corrupt-sample budget; never re-declared here)
+    plus what the caller decides for this loader."""
 
-    batch_size: int = 64  # images per rank per step
-    workers: int = 2  # loader processes per rank; 0 = read in the training process
-    shuffle_buffer: int = 2000  # samples held for shuffling inside each worker
+    data: DataConfig = field(default_factory=DataConfig)
+    evaluation: bool = False  # batch data.eval_batch_size (0: 2 x data.batch_size) instead of data.batch_size
     seed: int = 0
-    max_corrupt_fraction: float = 0.01  # of an epoch's samples; above it the run stops
     prefetch_factor: int = 4  # batches in flight per worker
     start_method: str = "forkserver"  # fork is unsafe inside Ray actors (threads)
     pin_memory: bool = False  # set when batches go to a CUDA device
-    chunk_mb: float = DEFAULT_CHUNK_MB  # bytes per ranged read of a shard (one chunk of the plan)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
-        if not 0.0 <= self.max_corrupt_fraction <= 1.0:
-            raise ValueError(f"max_corrupt_fraction must be in [0, 1], got {self.max_corrupt_fraction}")
-        if self.chunk_mb <= 0:
-            raise ValueError(f"chunk_mb must be > 0, got {self.chunk_mb}")
         if self.start_method not in mp.get_all_start_methods():
             raise ValueError(f"start_method {self.start_method!r} not in {mp.get_all_start_methods()}")
+
+    @property
+    def batch_size(self) -> int:
+        """Images per rank per step."""
+        d = self.data
+        return (d.eval_batch_size or 2 * d.batch_size) if self.evaluation else d.batch_size
+
+    @property
+    def workers(self) -> int:
+        """Loader processes per rank; 0 = read in the training process."""
+        return self.data.loader_workers
+
+    @property
+    def shuffle_buffer(self) -> int:
+        """Samples held for shuffling inside each worker."""
+        return self.data.shuffle_buffer
+
+    @property
+    def max_corrupt_fraction(self) -> float:
+        """Of an epoch's samples; above it the run stops."""
+        return self.data.max_corrupt_fraction
+
+    @property
+    def chunk_mb(self) -> float:
+        """Bytes per ranged read of a shard (one chunk of the epoch plan), in MB."""
+        return self.data.chunk_mb
 
 
 @dataclass
@@ -84,7 +100,6 @@ class LoaderStats:
 
     samples: int = 0
     skipped: int = 0
-    refill_batches: int = 0
     bytes_read: int = 0  # shard bytes read by this rank's readers (ranged reads)
     errors: list[str] = field(default_factory=list)
 
@@ -375,7 +390,6 @@ class ShardLoader:
                 if self.train:  # consumed once handed out: a checkpoint after this step holds it
                     self.consumed.mark(self.positions(item["key"]))
                 emitted += 1
-                self.stats.refill_batches += bool(refill)
                 yield item
             if steps is None or emitted >= steps:
                 break

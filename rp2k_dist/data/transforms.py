@@ -1,7 +1,7 @@
-"""Per-model input specs and the sample transforms derived from them.
+"""The sample transforms derived from a model's :class:`~rp2k_dist.input_spec.InputSpec`.
 
-A model declares its :class:`InputSpec` (timm's idea: no silent 224/299 mismatch); the
-training and evaluation transforms are built from it. Transforms run in loader workers
+A model declares its input spec (timm's idea: no silent 224/299 mismatch); the training
+and evaluation transforms are built from it. Transforms run in loader workers
 and return ``uint8`` CHW tensors: four times less inter-process traffic than float, and
 normalisation happens on the device (:func:`normalize`), fused with the dtype cast.
 
@@ -13,7 +13,6 @@ the loader's batching then makes the one copy every pipeline needs (into shared 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -21,34 +20,9 @@ import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
 
+from ..input_spec import InputSpec
 from .augment import AugmentConfig, AugmentParams, apply_array, sample_params
 from .images import to_rgb
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a model eats: square ``crop_size`` crops of images whose shorter side was
-    resized to ``resize_size``, normalised with ``mean``/``std`` (0..1 scale)."""
-
-    crop_size: int = 224
-    resize_size: int = 256
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def __post_init__(self) -> None:
-        if not 16 <= self.crop_size <= self.resize_size:
-            raise ValueError(
-                f"need 16 <= crop_size <= resize_size, got crop {self.crop_size}, resize {self.resize_size}"
-            )
-
-    def scaled(self, crop_size: int) -> "InputSpec":
-        """The same spec at another resolution (keeps the resize/crop ratio)."""
-        ratio = self.resize_size / self.crop_size
-        return InputSpec(crop_size, round(crop_size * ratio), self.mean, self.std)
-
 
 def decode(jpeg: bytes) -> Image.Image:
     """Decode shard image bytes to RGB (raises PIL/OS errors on corrupt bytes)."""
@@ -67,7 +41,7 @@ def pixels(image: Image.Image) -> np.ndarray:
     Pillow keeps RGB in 4 bytes per pixel; where it can export that buffer without a copy
     the array is a read-only view of it with the 4th (padding) byte left in place: every
     consumer here ignores channels past the third. ``np.asarray`` would instead repack
-    the whole image, about a fifth of the decode time (bench/RESULTS.md).
+    the whole image, one more copy per sample on the loader's hottest path.
     """
     if _ARROW_EXPORT and image.mode == "RGB":
         try:

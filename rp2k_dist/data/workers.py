@@ -2,10 +2,9 @@
 
 Workers start from a *forkserver* by default: plain ``fork`` is unsafe in processes that
 already run threads (Ray actors, anything that touched CUDA or a thread pool). A bare
-forkserver has a cost, though: each worker it forks re-imports torch, Pillow, OpenCV and
-this package on its own, about 1.3 CPU-seconds per worker on a small machine, paid again
-for every new pool and loader. So the server imports them once, and its forks inherit
-them (bench/RESULTS.md: packing with 2 workers went from 1.11x to 1.86x one worker).
+forkserver would make every worker it forks re-import torch, Pillow, OpenCV and this
+package on its own, again for every new pool and loader; so the server imports them once
+and its forks inherit them (what that saves: bench/RESULTS.md).
 """
 
 from __future__ import annotations

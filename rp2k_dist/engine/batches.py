@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 
-from ..data.augment import AugmentConfig
+from ..config import AugmentConfig
 from ..data.device_transforms import DeviceBatchTransform, decode_batch
 from ..data.images import DECODE_ERRORS
-from ..data.transforms import InputSpec, normalize
+from ..data.transforms import normalize
+from ..input_spec import InputSpec
 
 
 class CpuBatches:

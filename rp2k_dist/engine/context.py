@@ -7,14 +7,12 @@ the same interface on top of ``ray.train`` so the engine runs unchanged under Ra
 
 from __future__ import annotations
 
-import json
 from typing import Any, Protocol
 
 import torch
 
+from ..run_folder import CHECKPOINT, checkpoint_dir_of, checkpoint_dirs, load_checkpoint, to_bytes
 from ..storage import RunStorage
-from ..data.epoch_state import checkpoint_name
-from .checkpoint import FILENAME, load_checkpoint, to_bytes
 
 
 class WorkerContext(Protocol):
@@ -31,13 +29,8 @@ class WorkerContext(Protocol):
         """Called by every rank after each epoch; rank 0 passes the checkpoint (or None)."""
 
 
-def write_metrics(storage: RunStorage, history: list[dict[str, Any]]) -> None:
-    """The run's metrics history as JSON lines (rewritten whole: resumes never duplicate)."""
-    storage.write_text("metrics.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in history))
-
-
 class LocalContext:
-    """A single process: rank 0 of 1; checkpoints under ``<run>/checkpoints/epoch_NNNN``."""
+    """A single process: rank 0 of 1; checkpoints in ``<run>/epoch_NNNN/`` as under Ray Train."""
 
     rank = 0
     world_size = 1
@@ -48,17 +41,14 @@ class LocalContext:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.keep = keep
 
-    def checkpoints(self) -> list[str]:
-        return [n for n in self.storage.listdir("checkpoints") if n.startswith("epoch_")]
-
     def latest_checkpoint(self) -> dict[str, Any] | None:
-        names = self.checkpoints()
-        if not names:
+        folders = checkpoint_dirs(self.storage)
+        if not folders:
             return None
-        return load_checkpoint(self.storage.read_bytes(f"checkpoints/{names[-1]}/{FILENAME}"))
+        return load_checkpoint(self.storage.read_bytes(f"{folders[-1]}/{CHECKPOINT}"))
 
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
         if checkpoint is not None:
-            self.storage.write_bytes(f"checkpoints/{checkpoint_name(checkpoint)}/{FILENAME}", to_bytes(checkpoint))
-            for old in self.checkpoints()[: -self.keep]:
-                self.storage.delete_dir(f"checkpoints/{old}")
+            self.storage.write_bytes(f"{checkpoint_dir_of(checkpoint)}/{CHECKPOINT}", to_bytes(checkpoint))
+            for old in checkpoint_dirs(self.storage)[: -self.keep]:
+                self.storage.delete_dir(old)

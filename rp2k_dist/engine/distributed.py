@@ -41,11 +41,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank.
 

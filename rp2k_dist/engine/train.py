@@ -13,7 +13,6 @@ import json
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,19 +20,24 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, parse_meta_category
 from ..data.loader import LoaderConfig, ShardLoader
 from ..data.manifest import Manifest
-from ..data.transforms import EvalTransform, InputSpec, RawJpeg, TrainTransform
+from ..data.transforms import EvalTransform, RawJpeg, TrainTransform
 from .batches import CpuBatches, DeviceBatches
+from ..evaluation.inference import autocast, predict_batches
 from ..evaluation.metrics import accuracy_table, confused_pairs
 from ..evaluation.predictions import Predictions
 from ..losses import ClassBalancedLoss
+from .. import run_folder
+from ..input_spec import InputSpec
 from ..models import create_model, input_spec, load_weights_file
+from ..run_folder import FORMAT, VERSION, write_metrics
+from ..storage import RunStorage
 from . import distributed as dist_utils
-from .checkpoint import FORMAT, VERSION, rng_state, set_rng_state
 from ..data.epoch_state import consumed_of
-from .context import WorkerContext, write_metrics
+from .checkpoint import rng_state, set_rng_state
+from .context import WorkerContext
 from .scalars import ScalarLog
 from .step_checkpoints import StepCheckpoints
 
@@ -56,8 +60,7 @@ def select_data(config: ExperimentConfig) -> RunData:
     manifest = Manifest.load(config.data.shards)
     subset = None
     if config.data.meta_category:
-        system, _, value = config.data.meta_category.partition("=")
-        subset = manifest.classes_of(system, value)
+        subset = manifest.classes_of(*parse_meta_category(config.data.meta_category))
     chosen = subset if subset is not None else list(range(manifest.num_classes))
     classes = [{**manifest.classes[g], "index": i, "global_index": g} for i, g in enumerate(chosen)]
     counts = manifest.class_counts("train")
@@ -69,7 +72,13 @@ def uses_device_decode(config: ExperimentConfig, device: torch.device) -> bool:
     return config.data.decode == "device" or (config.data.decode == "auto" and device.type == "cuda")
 
 
-def build_batches(config: ExperimentConfig, spec: InputSpec, device: torch.device, rank: int):
+#: Turns a loader batch into (normalised images, labels) on the device and the samples' keys.
+BatchToDevice = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor, list[str]]]
+
+
+def build_batches(
+    config: ExperimentConfig, spec: InputSpec, device: torch.device, rank: int
+) -> tuple[BatchToDevice, BatchToDevice]:
     """(train, eval) callables turning loader batches into device tensors."""
     channels_last = config.model.channels_last
     if uses_device_decode(config, device):
@@ -81,16 +90,14 @@ def build_batches(config: ExperimentConfig, spec: InputSpec, device: torch.devic
 
 def build_loaders(config: ExperimentConfig, data: RunData, spec: InputSpec, rank: int, world: int, device: torch.device):
     c = config.data
-    cuda = device.type == "cuda"
     raw = uses_device_decode(config, device)
-    common = dict(workers=c.loader_workers, shuffle_buffer=c.shuffle_buffer, seed=config.run.seed, chunk_mb=c.chunk_mb,
-                  max_corrupt_fraction=c.max_corrupt_fraction, pin_memory=cuda)
+    common = dict(data=c, seed=config.run.seed, pin_memory=device.type == "cuda")
     balanced = (c.classes_per_batch, c.images_per_class) if c.classes_per_batch else None
     train = ShardLoader(data.manifest, "train", RawJpeg() if raw else TrainTransform(spec, config.augment),
-                        LoaderConfig(batch_size=c.batch_size, **common), rank, world, train=True,
+                        LoaderConfig(**common), rank, world, train=True,
                         classes=data.class_subset, class_balanced=balanced)
     evaluation = ShardLoader(data.manifest, "test", RawJpeg() if raw else EvalTransform(spec),
-                             LoaderConfig(batch_size=c.eval_batch_size or 2 * c.batch_size, **common),
+                             LoaderConfig(evaluation=True, **common),
                              rank, world, train=False, classes=data.class_subset)
     return train, evaluation
 
@@ -99,10 +106,10 @@ def build_optimizer(model: nn.Module, config: ExperimentConfig, global_batch: in
     """SGD/AdamW with the learning rate scaled linearly by the global batch size."""
     o = config.optim
     lr = o.lr * global_batch / o.lr_reference_batch
-    core = getattr(model, "module", model)
-    if hasattr(core, "backbone_parameters"):
-        groups = [{"params": list(core.backbone_parameters()), "name": "backbone"},
-                  {"params": list(core.head_parameters()), "name": "head"}]
+    model_without_ddp = getattr(model, "module", model)
+    if hasattr(model_without_ddp, "backbone_parameters"):
+        groups = [{"params": list(model_without_ddp.backbone_parameters()), "name": "backbone"},
+                  {"params": list(model_without_ddp.head_parameters()), "name": "head"}]
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "all"}]
     fused = {"fused": True} if (o.fused and cuda) else {}
@@ -202,36 +209,54 @@ class _StepMetrics:
         self.checked_to = steps_done
 
 
-def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, prepare, device, config, epoch,
-                    on_step: Callable[[int, int, int], None] | None = None,
-                    after_step: Callable[[int, list[str], Callable[[], None]], None] | None = None) -> dict[str, float]:
+StepHook = Callable[[int, list[str], Callable[[], None]], None]
+
+
+def train_one_epoch(
+    *,
+    model: nn.Module,
+    model_without_ddp: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    data_loader: ShardLoader,
+    batch_to_device: BatchToDevice,
+    device: torch.device,
+    config: ExperimentConfig,
+    epoch: int,
+    on_step: Callable[[int, int, int], None] | None = None,
+    after_step: StepHook | None = None,
+) -> dict[str, float]:
     """One pass over this rank's batches; returns metrics summed over all ranks.
-    ``on_step(epoch, step, steps)`` (1-based) after each step, for progress displays;
+
+    ``model`` is what the step runs (DDP and/or compiled); ``model_without_ddp`` the plain
+    module underneath, whose ``loss``/``logits`` know the model's output (torchvision's name).
+    ``on_step(epoch, step, steps)`` (1-based) runs after each step, for progress displays;
     ``after_step(step, keys, check_finite)`` after each optimiser step (mid-epoch
     checkpoints, which call ``check_finite()`` before saving).
 
     Nothing in a step reads a device tensor on the host; the metrics are read every
-    :data:`CHECK_EVERY_STEPS` steps and at the end of the epoch."""
+    :data:`CHECK_EVERY_STEPS` steps and at the end of the epoch.
+    """
     model.train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and config.optim.amp) else nullcontext()
     metrics = _StepMetrics(device)
     steps = 0
     start = time.perf_counter()
-    total_steps = len(loader) if on_step is not None else 0
-    for step, batch in enumerate(loader):
-        images, labels, keys = prepare(batch)
-        with autocast:
+    total_steps = len(data_loader) if on_step is not None else 0
+    for step, batch in enumerate(data_loader):
+        images, labels, keys = batch_to_device(batch)
+        with autocast(device, config.optim.amp):
             output = model(images, labels)  # API-Net pairs images by label; others ignore it
-            loss = core.loss(output, labels, criterion)
+            loss = model_without_ddp.loss(output, labels, criterion)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.optim.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
         _drop_frozen_grads(optimizer)
         optimizer.step()
-        scheduler.step()
+        lr_scheduler.step()
         with torch.no_grad():
-            metrics.add(step, loss, core.logits(output), labels)
+            metrics.add(step, loss, model_without_ddp.logits(output), labels)
         steps = step + 1
         if steps % CHECK_EVERY_STEPS == 0:
             metrics.check_finite(steps, epoch)
@@ -241,7 +266,7 @@ def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, prepar
             on_step(epoch + 1, steps, total_steps)
     metrics.check_finite(steps, epoch)
     elapsed = time.perf_counter() - start
-    skipped = loader.stats.skipped + getattr(prepare, "skipped", 0)
+    skipped = data_loader.stats.skipped + getattr(batch_to_device, "skipped", 0)
     loss_sum, correct, seen, skipped = dist_utils.all_reduce_sum(
         [metrics.loss_sum.item(), metrics.correct.item(), metrics.seen, skipped], device)
     return {
@@ -254,24 +279,13 @@ def train_one_epoch(model, core, criterion, optimizer, scheduler, loader, prepar
     }
 
 
-@torch.no_grad()
-def predict(model: nn.Module, loader: ShardLoader, prepare, device: torch.device) -> Predictions | None:
-    """Top-5 predictions of this rank's share of the evaluation split."""
-    model.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    parts = []
-    for batch in loader:
-        images, labels, keys = prepare(batch)
-        with autocast:
-            logits = model(images)
-        parts.append(Predictions.from_logits(keys, labels.cpu().numpy(), logits.float().cpu()))
-    return Predictions.concat(parts) if parts else None
-
-
-def evaluate(model, loader, prepare, device, classes) -> tuple[dict[str, float], Predictions | None]:
+def evaluate(
+    model: nn.Module, data_loader: ShardLoader, batch_to_device: BatchToDevice, device: torch.device,
+    classes: list[dict[str, Any]],
+) -> tuple[dict[str, float], Predictions | None]:
     """Evaluate on every test sample exactly once; rank 0 gets the gathered predictions."""
     dist_utils.broadcast_buffers(model)  # every rank evaluates the model rank 0 checkpoints
-    local = predict(model, loader, prepare, device)
+    local = predict_batches(model, map(batch_to_device, data_loader), device)
     gathered = [p for p in dist_utils.all_gather_objects(local) if p is not None]
     if not dist_utils.is_main_process():
         return {}, None
@@ -281,40 +295,50 @@ def evaluate(model, loader, prepare, device, classes) -> tuple[dict[str, float],
             "val_macro_top1": table.macro.top1, "val_samples": table.overall.samples}, predictions
 
 
-def build_checkpoint(core, optimizer, scheduler, config, data, spec, epoch, history) -> dict[str, Any]:
+def build_checkpoint(
+    *,
+    model_without_ddp: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    config: ExperimentConfig,
+    data: RunData,
+    spec: InputSpec,
+    epoch: int,
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Everything needed to resume the run or to use the model (see :mod:`rp2k_dist.run_folder`)."""
     return {
         "format": FORMAT,
         "version": VERSION,
         "model_name": config.model.name,
         "model_args": {"num_classes": len(data.classes)},
-        "input_spec": {"crop_size": spec.crop_size, "resize_size": spec.resize_size,
-                       "mean": list(spec.mean), "std": list(spec.std)},
+        "input_spec": spec.to_dict(),
         "classes": data.classes,
         "class_subset": data.class_subset,
         "config": config.to_dict(),
         "epoch": epoch,
-        "model": core.state_dict(),
+        "model": model_without_ddp.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "scheduler": lr_scheduler.state_dict(),
         "rng": rng_state(),
         "metrics": history,
     }
 
 
-def save_evaluation(storage, predictions: Predictions, data: RunData, metrics: dict[str, Any]) -> None:
+def save_evaluation(storage: RunStorage, predictions: Predictions, data: RunData, metrics: dict[str, Any]) -> None:
     """Predictions as Parquet, Table 2 (JSON + Markdown) and the most-confused pairs."""
     import tempfile
     from pathlib import Path
 
     table = accuracy_table(predictions, data.classes)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "predictions.parquet"
+        path = Path(tmp) / run_folder.PREDICTIONS
         predictions.to_parquet(path, data.classes)
-        storage.write_bytes("predictions.parquet", path.read_bytes())
+        storage.write_bytes(run_folder.PREDICTIONS, path.read_bytes())
     evaluation = {"table2": table.to_dict(), "confused_pairs": confused_pairs(predictions, data.classes),
                   "final": metrics}
-    storage.write_text("evaluation.json", json.dumps(evaluation, indent=1, ensure_ascii=False, default=float))
-    storage.write_text("table2.md", table.to_markdown() + "\n")
+    storage.write_text(run_folder.EVALUATION, json.dumps(evaluation, indent=1, ensure_ascii=False, default=float))
+    storage.write_text(run_folder.TABLE2, table.to_markdown() + "\n")
 
 
 def train_worker(
@@ -330,32 +354,33 @@ def train_worker(
     data = select_data(config)
     spec = input_spec(config.model.name, config.model.crop_size or None)
     train_loader, eval_loader = build_loaders(config, data, spec, context.rank, context.world_size, device)
-    prepare_train, prepare_eval = build_batches(config, spec, device, context.rank)
+    train_to_device, eval_to_device = build_batches(config, spec, device, context.rank)
 
-    core = create_model(config.model.name, len(data.classes), pretrained=config.model.pretrained or None)
+    model_without_ddp = create_model(config.model.name, len(data.classes), pretrained=config.model.pretrained or None)
     if config.model.weights:
         # a specialist takes the general classifier's rows of its classes, by global index
-        report = load_weights_file(core, config.model.weights, classes=[c["global_index"] for c in data.classes],
+        report = load_weights_file(model_without_ddp, config.model.weights,
+                                   classes=[c["global_index"] for c in data.classes],
                                    partial=config.model.partial_weights)
         if context.rank == 0:
             print(report.summary(), flush=True)
             context.storage.write_text("weights_load.json", json.dumps(report.to_dict(), indent=1))
-    core.to(device)
+    model_without_ddp.to(device)
     if config.model.channels_last:
-        core.to(memory_format=torch.channels_last)
-    model: nn.Module = core
+        model_without_ddp.to(memory_format=torch.channels_last)
+    model: nn.Module = model_without_ddp
     if context.world_size > 1:
-        model = DistributedDataParallel(core, device_ids=[device.index] if cuda else None,
+        model = DistributedDataParallel(model_without_ddp, device_ids=[device.index] if cuda else None,
                                         gradient_as_bucket_view=True)
     if config.model.compile:
         model = torch.compile(model)
     criterion = build_criterion(config, data).to(device)
 
     global_batch = train_loader.dataset.batch_size * context.world_size
-    optimizer, base_lr = build_optimizer(core, config, global_batch, cuda)
+    optimizer, base_lr = build_optimizer(model_without_ddp, config, global_batch, cuda)
     steps_per_epoch = len(train_loader)
     total = steps_per_epoch * config.optim.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         total, round(config.optim.warmup_epochs * steps_per_epoch), config.model.freeze_backbone_epochs * steps_per_epoch))
 
     history: list[dict[str, Any]] = []
@@ -363,31 +388,34 @@ def train_worker(
     partial = None  # the consumed samples of an epoch interrupted after a mid-epoch checkpoint
     checkpoint = context.latest_checkpoint()
     if checkpoint is not None:
-        core.load_state_dict(checkpoint["model"])
+        model_without_ddp.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        lr_scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_state(checkpoint["rng"])
         start_epoch, history = checkpoint["epoch"], list(checkpoint["metrics"])
         partial = checkpoint.get("epoch_state")
     scalars = ScalarLog(context.storage, start_epoch + 1) if context.rank == 0 else None
     if context.rank == 0:
-        context.storage.write_text("config.yaml", config.to_yaml())
+        context.storage.write_text(run_folder.CONFIG, config.to_yaml())
 
     metrics: dict[str, Any] = history[-1] if history else {}
-    step_hook = StepCheckpoints(config.run.checkpoint_every_steps, train_loader, scheduler, context, lambda epoch: build_checkpoint(
-        core, optimizer, scheduler, config, data, spec, epoch, history), config.run.name)
+    step_hook = StepCheckpoints(config.run.checkpoint_every_steps, train_loader, lr_scheduler, context, lambda epoch: build_checkpoint(
+        model_without_ddp=model_without_ddp, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config,
+        data=data, spec=spec, epoch=epoch, history=history), config.run.name)
     for epoch in range(start_epoch, config.optim.epochs):
         resumed = partial is not None and epoch == start_epoch
         train_loader.set_epoch(epoch, consumed_of(partial) if resumed else None)
         step_hook.start_epoch(epoch)
         set_backbone_frozen(optimizer, epoch < config.model.freeze_backbone_epochs)
         metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], "global_batch": global_batch,
-                   **train_one_epoch(model, core, criterion, optimizer, scheduler, train_loader, prepare_train, device, config,
-                                     epoch, on_step, step_hook)}
+                   **train_one_epoch(model=model, model_without_ddp=model_without_ddp, criterion=criterion,
+                                     optimizer=optimizer, lr_scheduler=lr_scheduler, data_loader=train_loader,
+                                     batch_to_device=train_to_device, device=device, config=config, epoch=epoch,
+                                     on_step=on_step, after_step=step_hook)}
         last = epoch + 1 == config.optim.epochs
         predictions = None
         if (epoch + 1) % config.run.eval_every == 0 or last:
-            val, predictions = evaluate(core, eval_loader, prepare_eval, device, data.classes)
+            val, predictions = evaluate(model_without_ddp, eval_loader, eval_to_device, device, data.classes)
             metrics.update(val)
         metrics["world_size"] = context.world_size
         if epoch == start_epoch and start_epoch > 0:
@@ -401,10 +429,12 @@ def train_worker(
             scalars.log(metrics)
             if last and predictions is not None:
                 save_evaluation(context.storage, predictions, data, metrics)
-        state = build_checkpoint(core, optimizer, scheduler, config, data, spec, epoch + 1, history) if save else None
+        state = build_checkpoint(
+            model_without_ddp=model_without_ddp, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config,
+            data=data, spec=spec, epoch=epoch + 1, history=history) if save else None
         context.report(metrics, state)
     if scalars is not None:
         scalars.close()
     if on_finish is not None:
-        on_finish(core)
+        on_finish(model_without_ddp)
     return metrics

@@ -28,14 +28,10 @@ from datetime import timedelta
 from typing import Any, TextIO
 
 from ..storage import RunStorage
+from .ray_private import TOKEN_NOTICE_LOGGER
 
 PROGRESS_FILE = "progress.json"
 LOG_DIR = "logs"
-
-
-#: Ray's logger of the notice that a new local cluster turned token authentication on
-#: by default (printed on every start; the cluster stays as secure without it).
-TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def ray_init_options(verbose: bool) -> dict[str, Any]:

@@ -15,11 +15,10 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pyarrow.fs as pafs
 
-from ..config import ConfigError, ExperimentConfig
+from ..config import ConfigError, ExperimentConfig, parse_meta_category
 from ..data.manifest import INDEX_PARQUET, Manifest, ManifestError, MetaCategoryError
 from ..data.metadata import MetadataError
 from ..engine.train import NonFiniteLossError
@@ -79,7 +78,7 @@ def _check_manifest(config: ExperimentConfig, problems: list[str]) -> Manifest |
 def _check_meta_category(config: ExperimentConfig, manifest: Manifest, problems: list[str]) -> list[int] | None:
     if not config.data.meta_category:
         return list(range(manifest.num_classes))
-    system, _, value = config.data.meta_category.partition("=")
+    system, value = parse_meta_category(config.data.meta_category)
     try:
         return manifest.classes_of(system, value)
     except MetaCategoryError as err:
@@ -188,36 +187,3 @@ def first_not_retryable(worker_failures: dict[int, BaseException]) -> BaseExcept
         if isinstance(error, NOT_RETRYABLE):
             return error
     return None
-
-
-def fail_fast_policy(failure_config: Any):
-    """Ray Train's default failure policy, except that :data:`NOT_RETRYABLE` worker errors
-    are raised at once.
-
-    Ray Train 2.60 has no public hook for this: the policy classes live in
-    ``ray.train.v2._internal`` and the trainer builds its policy in ``fit``. This function
-    and :func:`fail_fast_trainer` are the only places that touch those internals.
-    """
-    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
-    from ray.train.v2.api.exceptions import WorkerGroupError
-
-    class FailFastPolicy(DefaultFailurePolicy):
-        def make_decision(self, training_failed_error):
-            if isinstance(training_failed_error, WorkerGroupError) and first_not_retryable(
-                    training_failed_error.worker_failures) is not None:
-                return FailureDecision.RAISE
-            return super().make_decision(training_failed_error)
-
-    return FailFastPolicy(failure_config)
-
-
-def fail_fast_trainer(trainer_cls: type) -> type:
-    """``trainer_cls`` (TorchTrainer) whose controller uses :func:`fail_fast_policy`."""
-
-    class FailFastTrainer(trainer_cls):
-        def _initialize_and_run_controller(self, **controller_init_kwargs):
-            controller_init_kwargs["failure_policy"] = fail_fast_policy(self.run_config.failure_config)
-            return super()._initialize_and_run_controller(**controller_init_kwargs)
-
-    FailFastTrainer.__name__ = FailFastTrainer.__qualname__ = trainer_cls.__name__
-    return FailFastTrainer

@@ -33,7 +33,6 @@ Choices (each documented where it is made):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -48,6 +47,9 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, TextIO
 
+from ..config import RUN_FLAGS, flag_overrides, is_sweep_preset, load_config, resolve_preset
+from .ray_private import PACKAGING_LOGGERS, working_dir_matchers
+
 if TYPE_CHECKING:  # ray is imported lazily: `rp2k --help` stays fast
     from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
@@ -61,10 +63,7 @@ EXCLUDES: list[str] = [
 DEFAULT_LAUNCHER: tuple[str, ...] = ("python", "-m", "rp2k_dist.cli")
 
 #: ``rp2k train`` flags forwarded by ``rp2k submit`` (argparse dest -> command-line flag).
-FORWARDED_FLAGS: dict[str, str] = {
-    "workers": "--workers", "gpus_per_worker": "--gpus-per-worker", "name": "--name",
-    "storage_path": "--storage-path", "shards": "--shards",
-}
+FORWARDED_FLAGS: dict[str, str] = {dest: "--" + dest.replace("_", "-") for dest in RUN_FLAGS}
 
 #: What a job can run: ``rp2k train`` or ``rp2k tune`` (a sweep preset, one with ``search_space:``).
 COMMANDS = ("train", "tune")
@@ -103,21 +102,14 @@ def find_root(start: str | Path | None = None) -> Path | None:
 def is_excluded(root: str | Path, path: str | Path, excludes: Sequence[str] = EXCLUDES) -> bool:
     """Whether Ray's working_dir packaging drops ``path`` (or a folder above it) under ``excludes``.
 
-    Uses Ray's own matchers (``ray._private.runtime_env.packaging``): ``excludes``, Ray's default
-    excludes, and the ``.gitignore`` / ``.rayignore`` at the root (Ray also reads those of
-    sub-folders; not checked here). Ray walks the tree top-down and skips an excluded folder with
+    Uses Ray's own matchers (:func:`.ray_private.working_dir_matchers`): ``excludes``, Ray's
+    default excludes, and the ``.gitignore`` / ``.rayignore`` at the root (Ray also reads those
+    of sub-folders; not checked here). Ray walks the tree top-down and skips an excluded folder with
     everything below it, so every folder on the way is checked.
     """
-    from ray._private import ray_constants
-    from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
-
     root = Path(os.path.abspath(root))
     path = Path(os.path.abspath(path if Path(path).is_absolute() else root / path))  # no symlink resolving
-    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
-    matchers = [_get_excludes(root, ray_constants.get_runtime_env_default_excludes() + list(excludes))]
-    quiet = logging.getLogger(f"{__name__}.ignore_files")
-    quiet.setLevel(logging.WARNING)
-    matchers += get_excludes_from_ignore_files(root, include_gitignore=include_gitignore, logger=quiet)
+    matchers = working_dir_matchers(root, excludes)
     relative = path.relative_to(root)
     steps = [root.joinpath(*relative.parts[: n + 1]) for n in range(len(relative.parts))]
     return any(match(step) for step in steps for match in matchers)
@@ -300,7 +292,7 @@ def submit(
     out = out or sys.stdout
     if client is None:
         resolve_address(address)  # no address: fail before any work
-    path = Path(preset).expanduser()
+    path = resolve_preset(preset)
     if not path.is_file():
         raise FileNotFoundError(f"preset {preset} not found (presets live in jobs/)")
     path = path.resolve()
@@ -318,19 +310,18 @@ def submit(
                           "move it, e.g. into jobs/")
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
 
-    from ..cli import load_experiment  # the exact precedence `rp2k train` applies
-    from ..config import read_yaml
-
-    command = command or ("tune" if "search_space" in read_yaml(path) else "train")
+    unknown = sorted(set(flags) - set(RUN_FLAGS))
+    if unknown:
+        raise ValueError(f"unknown rp2k train flag(s) {', '.join(unknown)}; known: {sorted(RUN_FLAGS)}")
+    command = command or ("tune" if is_sweep_preset(path) else "train")
+    # the exact precedence `rp2k train` applies: preset < --set < flags
+    resolved = list(overrides) + flag_overrides(flags)
     if command == "tune":
-        from .tuner import RUN_FLAGS, load_sweep
+        from .tuner import load_sweep
 
-        sweep_overrides = list(overrides) + [f"{key}={flags[flag]}" for flag, key in RUN_FLAGS if flag in flags]
-        if flags.get("gpus_per_worker"):
-            sweep_overrides.append("run.use_gpu=true")
-        config = load_sweep(path, sweep_overrides).config  # the space is checked on the cluster
+        config = load_sweep(path, resolved).config  # the space is checked on the cluster
     else:
-        config = load_experiment(argparse.Namespace(config=str(path), set=list(overrides), **flags))
+        config = load_config(path, resolved)
     for key, value in (("run.storage_path", config.run.storage_path), ("data.shards", config.data.shards)):
         if "://" not in value and not Path(value).is_absolute():
             print(f"warning: {key}={value} is relative: on the cluster it resolves inside the job's "
@@ -355,11 +346,11 @@ def submit(
 def _quiet_packaging_logs() -> Iterator[None]:
     """Ray logs every ignore file it reads (per folder, twice) and warns that .git/.venv are now
     excluded by default (we exclude them anyway): keep its warnings about large files only."""
-    loggers = {name: logging.getLogger(name) for name in
-               ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir")}
+    packaging, working_dir = (logging.getLogger(name) for name in PACKAGING_LOGGERS)
+    loggers = {logger.name: logger for logger in (packaging, working_dir)}
     levels = {name: logger.level for name, logger in loggers.items()}
-    loggers["ray._private.runtime_env.packaging"].setLevel(logging.WARNING)
-    loggers["ray._private.runtime_env.working_dir"].setLevel(logging.ERROR)
+    packaging.setLevel(logging.WARNING)
+    working_dir.setLevel(logging.ERROR)
     try:
         yield
     finally:
@@ -448,106 +439,3 @@ def jobs_list(address: str | None = None, *, auth_token_file: str | Path | None 
     with friendly_errors(_client_address(client)):
         jobs = client.list_jobs()
     return sorted(jobs, key=lambda job: job.start_time or 0)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _stop_hint(address: str | None, job_id: str) -> str:
-    return f"rp2k jobs stop --address {shlex.quote(resolve_address(address))} {shlex.quote(job_id)}"
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    """``rp2k submit``: 0 when the job SUCCEEDED (or was submitted with --no-wait), 1 otherwise."""
-    flags = {key: getattr(args, key, None) for key in FORWARDED_FLAGS}
-    job_id = submit(args.config, address=args.address, overrides=args.set or [], flags=flags, pip=args.pip,
-                    submission_id=args.submission_id, auth_token_file=args.auth_token_file, command=args.command)
-    address = resolve_address(args.address)
-    print(f"submitted job {job_id} to {address}", flush=True)
-    if args.no_wait:
-        print(f"follow it:  rp2k jobs logs --follow --address {shlex.quote(address)} {shlex.quote(job_id)}\n"
-              f"stop it:    {_stop_hint(args.address, job_id)}")
-        return 0
-    try:
-        client = connect(args.address, args.auth_token_file)
-        status = follow(client, job_id)
-    except KeyboardInterrupt:
-        print(f"\nstopped following; job {job_id} keeps running. Stop it with: {_stop_hint(args.address, job_id)}",
-              file=sys.stderr)
-        return 130
-    info = jobs_status(job_id, client=client)
-    message = f": {info.message}" if info.message else ""
-    print(f"job {job_id} {status}{message}")
-    return 0 if str(status) == "SUCCEEDED" else 1
-
-
-def cmd_jobs(args: argparse.Namespace) -> int:
-    """``rp2k jobs status|logs|stop|list``."""
-    kwargs = {"address": args.address, "auth_token_file": args.auth_token_file}
-    if args.jobs_command == "list":
-        for job in jobs_list(**kwargs):
-            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) if job.start_time else "-"
-            run = (job.metadata or {}).get("rp2k_run", "")
-            print(f"{job.submission_id or job.job_id}\t{job.status}\t{started}\t{run}\t{job.entrypoint}")
-        return 0
-    if args.jobs_command == "status":
-        info = jobs_status(args.job_id, **kwargs)
-        print(f"{args.job_id}: {info.status}" + (f": {info.message}" if info.message else ""))
-        return 1 if str(info.status) in ("FAILED", "STOPPED") else 0
-    if args.jobs_command == "logs":
-        logs = jobs_logs(args.job_id, follow_logs=args.follow, **kwargs)
-        if logs is not None:
-            sys.stdout.write(logs)
-        return 0
-    if args.jobs_command == "stop":
-        stopped = jobs_stop(args.job_id, **kwargs)
-        print(f"{args.job_id}: " + ("stop requested" if stopped else "already ended"))
-        return 0
-    raise ValueError(f"unknown jobs command {args.jobs_command!r}")
-
-
-def _add_connection_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", help="Ray dashboard / Jobs API address, e.g. http://127.0.0.1:8265 "
-                   "(default: $RAY_ADDRESS)")
-    p.add_argument("--auth-token-file", help="send this file's Ray auth token (default: Ray's own lookup, "
-                   "active with RAY_AUTH_MODE=token: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
-
-
-def add_submit_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``rp2k submit`` to the ``rp2k`` subcommands."""
-    p = sub.add_parser("submit", help="run `rp2k train` as a job on a Ray cluster (Job Submission API)",
-                       description="Upload the repository (minus .venv, shards, runs, data, ...) and run "
-                       "`python -m rp2k_dist.cli train PRESET ...` as a Ray job; follows its logs "
-                       "unless --no-wait. Exit status 0 when the job SUCCEEDED, 1 when it FAILED or was STOPPED.")
-    p.add_argument("config", help="YAML preset inside the repository (see jobs/)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=0.05")
-    _add_connection_options(p)
-    p.add_argument("--workers", type=int, help="Ray Train workers (run.workers)")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; implies run.use_gpu=true")
-    p.add_argument("--name", help="run name (run.name); the same name resumes")
-    p.add_argument("--storage-path", help="run storage on the cluster: s3://, gs:// or a shared path (run.storage_path)")
-    p.add_argument("--shards", help="packed dataset as the cluster sees it (data.shards)")
-    p.add_argument("--no-wait", action="store_true", help="print the job id and return without following the logs")
-    p.add_argument("--pip", action="store_true", help="install pyproject's dependencies (except ray) in the job's "
-                   "runtime env; default: use what the cluster image has")
-    p.add_argument("--submission-id", help="job id to use (default: rp2k-<run name>-<UTC time>-<hex>)")
-    p.add_argument("--command", choices=COMMANDS, help="what the job runs: rp2k train or rp2k tune "
-                   "(default: tune for a sweep preset, one with search_space:, else train)")
-    p.set_defaults(func=cmd_submit)
-    return p
-
-
-def add_jobs_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``rp2k jobs status|logs|stop|list`` to the ``rp2k`` subcommands."""
-    p = sub.add_parser("jobs", help="status, logs, stop and list of Ray jobs")
-    jobs = p.add_subparsers(dest="jobs_command", required=True)
-    for name, text in (("status", "a job's status and message (exit 1 if FAILED/STOPPED)"),
-                       ("logs", "a job's logs"), ("stop", "stop a job"), ("list", "every job of the cluster")):
-        q = jobs.add_parser(name, help=text)
-        _add_connection_options(q)
-        if name != "list":
-            q.add_argument("job_id", help="submission id printed by rp2k submit")
-        if name == "logs":
-            q.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
-    p.set_defaults(func=cmd_jobs)
-    return p

@@ -24,15 +24,15 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from .. import run_folder, storage
 from ..config import ExperimentConfig, config_from_dict
-from ..data.epoch_state import checkpoint_name
-from ..engine.checkpoint import FILENAME, load_checkpoint, to_bytes
 from ..engine.train import train_worker
-from .. import storage
+from ..run_folder import CHECKPOINT, checkpoint_dir_of, load_checkpoint, to_bytes
 from ..storage import RunStorage
 from .console import EpochPrinter, StepProgress, ray_init_options, worker_log
 from .tracking import MlflowRun
-from .preflight import check_resources, fail_fast_trainer, first_not_retryable, local_resources, preflight
+from .preflight import check_resources, first_not_retryable, local_resources, preflight
+from .ray_private import fail_fast_trainer
 
 
 class RayContext:
@@ -53,16 +53,16 @@ class RayContext:
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            return load_checkpoint(Path(folder) / FILENAME)
+            return load_checkpoint(Path(folder) / CHECKPOINT)
 
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
         if checkpoint is None:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
-            (Path(folder) / FILENAME).write_bytes(to_bytes(checkpoint))
+            (Path(folder) / CHECKPOINT).write_bytes(to_bytes(checkpoint))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=checkpoint_name(checkpoint))
+                             checkpoint_dir_name=checkpoint_dir_of(checkpoint))
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
@@ -79,13 +79,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker."""
     config = config_from_dict(loop_config["config"])
     context = RayContext(config)
+
+    def record_rank(model: torch.nn.Module) -> None:
+        context.storage.write_text(f"{run_folder.RANKS}/rank-{context.rank}.json", json.dumps({
+            "rank": context.rank, "world_size": context.world_size,
+            "node_id": ray.get_runtime_context().get_node_id(), "parameters_sha256": parameter_digest(model)}))
+
     on_step = StepProgress(context.storage) if loop_config.get("progress") and context.rank == 0 else None
     with worker_log(context.storage, context.rank):
-        train_worker(config, context, on_step=on_step, on_finish=lambda model: context.storage.write_text(
-            f"ranks/rank-{context.rank}.json",
-            json.dumps({"rank": context.rank, "world_size": context.world_size, "node_id": ray.get_runtime_context().get_node_id(),
-                        "parameters_sha256": parameter_digest(model)}),
-        ))
+        train_worker(config, context, on_step=on_step, on_finish=record_rank if config.run.rank_digests else None)
 
 
 def storage_uri(path: str) -> str:
@@ -111,7 +113,7 @@ def build_trainer(config: ExperimentConfig, run_callbacks: list | None = None, p
     if r.use_gpu:
         resources["GPU"] = r.gpus_per_worker
     backend = r.backend or ("nccl" if r.use_gpu else "gloo")
-    return fail_fast_trainer(TorchTrainer)(
+    return fail_fast_trainer(TorchTrainer, lambda failures: first_not_retryable(failures) is not None)(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "progress": progress},
         torch_config=TorchConfig(backend=backend),
@@ -150,10 +152,10 @@ def run_training(config: ExperimentConfig, address: str | None = None, verbose: 
             check_resources(config, ray.cluster_resources())
         if console:  # Ray's own start-up lines are quiet: say which cluster the run is on
             print(cluster_line(local), flush=True)
-    storage = RunStorage(config.run.storage_path, config.run.name)
-    tracking = MlflowRun(mlflow_uri, config, storage.uri) if mlflow_uri else None
+    folder = RunStorage(config.run.storage_path, config.run.name)
+    tracking = MlflowRun(mlflow_uri, config, folder.uri) if mlflow_uri else None
     bar = console and sys.stderr.isatty()
-    printer = EpochPrinter(storage, config.optim.epochs, bar=bar, quiet=not console,
+    printer = EpochPrinter(folder, config.optim.epochs, bar=bar, quiet=not console,
                            on_epoch=[tracking.log] if tracking else [])
     try:
         with printer, tracking or contextlib.nullcontext():
@@ -186,7 +188,5 @@ def ray_address(address: str | None) -> str | None:
 
 
 def read_metrics(config: ExperimentConfig) -> list[dict[str, Any]]:
-    storage = RunStorage(config.run.storage_path, config.run.name)
-    if not storage.exists("metrics.jsonl"):
-        return []
-    return [json.loads(line) for line in storage.read_bytes("metrics.jsonl").decode().splitlines() if line]
+    """The metrics history of the run ``config`` names."""
+    return run_folder.read_metrics(RunStorage(config.run.storage_path, config.run.name))

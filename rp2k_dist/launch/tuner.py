@@ -50,8 +50,8 @@ Choices (each made where it is used):
   (``RAY_ADDRESS``, else the last ``ray start`` cluster of the machine). Without a dashboard
   it never answers (the group leaks and the cleaner process stays forever); with several
   Ray clusters on one machine it may ask another cluster, read "not found" as dead and
-  remove the placement group of a *running* trial (seen here: the trial failed with
-  "Destroying worker since its placement group was removed"). So sweep trials run without
+  remove the placement group of a *running* trial (which then fails with "Destroying worker
+  since its placement group was removed"). So sweep trials run without
   that cleaner, and the sweep driver itself removes every placement group of its job whose
   creating actor (a Train controller) is dead (:func:`free_orphaned_placement_groups`),
   asking its own cluster's GCS: the groups the cleaner is meant to remove, and only those.
@@ -64,13 +64,12 @@ Choices (each made where it is used):
 
 from __future__ import annotations
 
-import argparse
 import copy
 import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable
@@ -78,12 +77,22 @@ from typing import Any, Callable
 import pandas as pd
 import ray
 from ray import tune
-from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.sample import Categorical, Float, Integer
 
-from ..config import ConfigError, ExperimentConfig, config_from_dict, load_config, merge, read_yaml
+from ..config import (
+    ConfigError,
+    ExperimentConfig,
+    SweepConfig,
+    config_from_dict,
+    load_config,
+    merge,
+    read_yaml,
+    resolve_preset,
+    sweep_config,
+)
 from ..storage import RunStorage
+from .ray_private import drop_placement_group_cleaner, orphaned_placement_groups
 from .trainer import build_trainer, ray_address, ray_storage, read_metrics, storage_uri
 
 #: What a trial's driver function reserves (see "Driver resources" above).
@@ -93,7 +102,6 @@ DRIVER_RESOURCES: dict[str, float] = {"node:__internal_head__": 0.01}
 SWEEP_KEYS = ("run.name", "run.storage_path", "run.eval_every")
 
 METRIC = "val_top1"
-SCHEDULERS = ("asha", "none")
 TRIAL_RECORD = "trial.json"
 DEFAULT_RANDOM_SAMPLES = 16
 
@@ -225,57 +233,31 @@ def is_grid(space: dict[str, Any]) -> bool:
 
 
 @dataclass
-class SweepSettings:
-    """The ``tune:`` section of a sweep preset (command-line flags override it)."""
-
-    samples: int | None = None  # per grid point; None: 1 for a pure grid, else 16
-    scheduler: str = "asha"  # asha | none (FIFO: every trial runs all epochs)
-    max_concurrent: int | None = None  # None: from the cluster's GPUs (or CPUs)
-    grace_period: int = 1  # ASHA: epochs before a trial can be stopped
-    reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
-
-    def __post_init__(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"tune.scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        for name in ("samples", "max_concurrent"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"tune.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.grace_period, int) or self.grace_period < 1:
-            raise ConfigError(f"tune.grace_period must be an integer >= 1, got {self.grace_period!r}")
-        if not isinstance(self.reduction_factor, int) or self.reduction_factor < 2:
-            raise ConfigError(f"tune.reduction_factor must be an integer >= 2, got {self.reduction_factor!r}")
-
-
-@dataclass
 class Sweep:
     """A sweep preset resolved: base config, Tune param space, settings."""
 
     config: ExperimentConfig
     space: dict[str, Any]
-    settings: SweepSettings
+    settings: SweepConfig
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None, search_space: str | Path | None = None) -> Sweep:
     """A training preset or a sweep preset, with its search space.
 
     A sweep preset is a training preset (sections, ``base: other.yaml``) plus ``search_space:``
-    (a mapping as in ``jobs/search_space.yaml``) and optionally ``tune:`` (:class:`SweepSettings`).
+    (a mapping as in ``jobs/search_space.yaml``) and optionally ``tune:`` (:class:`SweepConfig`).
     The space is ``search_space`` (a file) if given, else the preset's ``search_space:``, else
     ``search_space.yaml`` next to the preset (``jobs/search_space.yaml`` for the presets in jobs/).
     """
-    path = Path(path)
+    path = resolve_preset(path)
     data = read_yaml(path)
     inline = data.pop("search_space", None)
-    tune_section = data.pop("tune", None) or {}
+    tune_section = data.pop("tune", None)
     config = load_config(None, overrides, base=data)
-    if not isinstance(tune_section, dict):
-        raise ConfigError(f"{path}: tune must be a mapping of sweep settings")
-    known = SweepSettings.__dataclass_fields__
-    unknown = sorted(set(tune_section) - set(known))
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join('tune.' + k for k in unknown)}; known: {sorted(known)}")
-    settings = SweepSettings(**tune_section)
+    try:
+        settings = sweep_config(tune_section)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     if search_space is not None:
         space = load_search_space(search_space)
     elif inline is not None:
@@ -286,11 +268,6 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, search_spac
         raise ConfigError(f"{path} has no search_space: and no search_space.yaml lies next to it; "
                           "pass --search-space FILE (e.g. jobs/search_space.yaml)")
     return Sweep(config, space, settings)
-
-
-def is_sweep_preset(path: str | Path) -> bool:
-    """Whether the preset (or a preset it extends) holds a ``search_space:``."""
-    return "search_space" in read_yaml(path)
 
 
 # --------------------------------------------------------------------------- one trial
@@ -320,18 +297,8 @@ def rp2k_trial(params: dict[str, Any], base: dict[str, Any], trials_uri: str) ->
             tune.report(history[-1])
         return
     trainer = build_trainer(config, run_callbacks=[TuneReportCallback()])
-    without_placement_group_cleaner(trainer)
+    drop_placement_group_cleaner(trainer)
     trainer.fit()
-
-
-def without_placement_group_cleaner(trainer: TorchTrainer) -> None:
-    """Leave Ray's ``PlacementGroupCleaner`` out of this Train run (see the module doc: the
-    sweep driver frees the placement groups of stopped trials instead)."""
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-    defaults = trainer._create_default_callbacks  # fails loudly if Ray renames it
-    trainer._create_default_callbacks = lambda: [
-        c for c in defaults() if not isinstance(c, PlacementGroupCleanerCallback)]
 
 
 def read_trial_record(trials_uri: str, trial_id: str) -> dict[str, Any] | None:
@@ -352,26 +319,6 @@ def _error_text(trial: Any) -> str:
 # --------------------------------------------------------------------------- leaked placement groups
 
 
-def _orphaned_placement_groups() -> tuple[list[bytes], int]:
-    """(ids of this job's live placement groups whose creating actor is dead, number of this
-    job's live placement groups created by any actor)."""
-    from ray._private.state import state
-    from ray.core.generated.gcs_pb2 import PlacementGroupTableData
-
-    job = bytes.fromhex(ray.get_runtime_context().get_job_id())
-    orphans, by_actors = [], 0
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        group = PlacementGroupTableData.FromString(raw)
-        created_by_actor = group.creator_actor_id.strip(b"\xff") != b""  # nil ids are all 0xff
-        if (group.creator_job_id != job or not created_by_actor or group.is_detached
-                or group.state == PlacementGroupTableData.REMOVED):
-            continue
-        by_actors += 1
-        if group.creator_actor_dead:
-            orphans.append(group.placement_group_id)
-    return orphans, by_actors
-
-
 def free_orphaned_placement_groups() -> int:
     """Remove this job's placement groups whose creating actor (a Train controller) is dead.
 
@@ -379,7 +326,7 @@ def free_orphaned_placement_groups() -> int:
     nothing can use it, and Ray would keep it until the sweep's job ends. Returns how many."""
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    orphans, _ = _orphaned_placement_groups()
+    orphans, _ = orphaned_placement_groups()
     for group_id in orphans:
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(group_id)))
     return len(orphans)
@@ -390,7 +337,7 @@ def wait_for_trial_placement_groups(timeout_s: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while True:
         free_orphaned_placement_groups()
-        if _orphaned_placement_groups()[1] == 0:
+        if orphaned_placement_groups()[1] == 0:
             return True
         if time.monotonic() > deadline:
             return False
@@ -535,24 +482,20 @@ def _claim_sweep_folder(sweep: RunStorage, config: ExperimentConfig) -> None:
 def run_sweep(
     config: ExperimentConfig,
     space: dict[str, Any],
-    samples: int,
-    scheduler: str,
-    max_concurrent: int | None,
-    address: str | None,
-    mlflow_uri: str | None = None,
+    settings: SweepConfig,
     *,
-    grace_period: int = 1,
-    reduction_factor: int = 2,
+    address: str | None = None,
+    mlflow_uri: str | None = None,
 ) -> SweepResult:
     """Run (or resume) the sweep ``run.name`` under ``run.storage_path``; see the module doc.
 
     ``space``: Tune param space keyed by dotted config keys (:func:`load_search_space`);
-    ``samples``: Tune's ``num_samples`` (per grid point); ``scheduler``: ``asha`` or ``none``;
-    ``max_concurrent``: trials at once (None: :func:`default_max_concurrent`); ``mlflow_uri``:
-    also log every trial to MLflow. A resumed sweep keeps the space and settings it started with.
+    ``settings``: samples per grid point (None: 1 for a pure grid, else
+    :data:`DEFAULT_RANDOM_SAMPLES`), scheduler, concurrency (None:
+    :func:`default_max_concurrent`) and ASHA's rungs; ``mlflow_uri``: also log every trial to
+    MLflow. A resumed sweep keeps the space and settings it started with.
     """
-    SweepSettings(samples=samples, scheduler=scheduler, max_concurrent=max_concurrent,
-                  grace_period=grace_period, reduction_factor=reduction_factor)  # validates
+    samples = settings.samples or (1 if is_grid(space) else DEFAULT_RANDOM_SAMPLES)
     config = _resolve_paths(config)
     check_search_space(config, space)
     callbacks: list[tune.Callback] = [_mlflow_callback(mlflow_uri, config.run.name)] if mlflow_uri else []
@@ -571,17 +514,18 @@ def run_sweep(
     else:
         # stop_last_trials=False: a trial that reaches max_t ends on its own (Train shuts down
         # cleanly, the last epoch's artefacts are complete) instead of being stopped by Tune.
-        asha = tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=config.optim.epochs, grace_period=grace_period,
-                                             reduction_factor=reduction_factor, stop_last_trials=False)
+        asha = tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=config.optim.epochs,
+                                             grace_period=settings.grace_period,
+                                             reduction_factor=settings.reduction_factor, stop_last_trials=False)
         # The concurrency limit goes into the generator: Tune ignores max_concurrent_trials
         # (with a warning) when a BasicVariantGenerator is passed.
         searcher = tune.search.BasicVariantGenerator(
-            max_concurrent=max_concurrent or default_max_concurrent(config), random_state=config.run.seed)
+            max_concurrent=settings.max_concurrent or default_max_concurrent(config), random_state=config.run.seed)
         tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=samples, search_alg=searcher,
-                                        scheduler=asha if scheduler == "asha" else None),
+                                        scheduler=asha if settings.scheduler == "asha" else None),
             run_config=tune.RunConfig(
                 name=config.run.name, **ray_storage(config.run.storage_path),
                 failure_config=tune.FailureConfig(max_failures=0),
@@ -604,39 +548,3 @@ def run_sweep(
         sweep.write_text("best.yaml", best.to_yaml())
         best_yaml = f"{sweep.uri}/best.yaml"
     return SweepResult(sweep.uri, table, best, best_yaml)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-#: ``rp2k train`` flags that ``rp2k tune`` takes too (argparse dest -> config key), as in
-#: ``cli.load_experiment``.
-RUN_FLAGS = (("workers", "run.workers"), ("gpus_per_worker", "run.gpus_per_worker"), ("name", "run.name"),
-             ("storage_path", "run.storage_path"), ("shards", "data.shards"))
-
-
-def cmd_tune(args: argparse.Namespace) -> int:
-    """``rp2k tune PRESET [--search-space FILE] [--samples N] [--scheduler asha|none]
-    [--max-concurrent K] [--grace-period G] [--reduction-factor R] [--mlflow-uri URI]`` plus the
-    options of ``rp2k train`` (``--set``, ``--address``, ``--workers``, ``--name``, ...)."""
-    overrides = list(args.set or [])
-    for flag, key in RUN_FLAGS:
-        if getattr(args, flag, None) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
-    if getattr(args, "gpus_per_worker", None):
-        overrides.append("run.use_gpu=true")
-    sweep = load_sweep(args.config, overrides, args.search_space)
-    flags = {name: getattr(args, name, None) for name in SweepSettings.__dataclass_fields__}
-    s = SweepSettings(**{**asdict(sweep.settings), **{k: v for k, v in flags.items() if v is not None}})
-    samples = s.samples or (1 if is_grid(sweep.space) else DEFAULT_RANDOM_SAMPLES)
-    result = run_sweep(sweep.config, sweep.space, samples, s.scheduler, s.max_concurrent, args.address,
-                       args.mlflow_uri, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
-    print(format_table(result.table))
-    print(f"sweep {result.path}: {len(result.table)} trials "
-          f"({', '.join(f'{n} {status}' for status, n in result.table['status'].value_counts().items())}); "
-          "trials.parquet, trials.csv")
-    if result.best_yaml is None:
-        print("no trial finished without error: no best.yaml")
-        return 1
-    print(f"best config: {result.best_yaml}  (train it: rp2k train {result.best_yaml})")
-    return 0

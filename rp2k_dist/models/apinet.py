@@ -33,21 +33,11 @@ def resnet_trunk(net: ResNet) -> nn.Sequential:
     return nn.Sequential(OrderedDict((name, m) for name, m in net.named_children() if name not in ("avgpool", "fc")))
 
 
-def pair_indices(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Nearest partners inside a batch, as the official ``get_pairs``.
-
-    features: [N, D] (detached here); labels: [N]. Returns ``intra`` [N], the index of the
-    nearest OTHER image with the same label, and ``inter`` [N], the index of the nearest
-    image with a different label (squared Euclidean distance, computed in float32 with the
-    official ``|a|^2 + |b|^2 - 2 a.b`` expansion; ties go to the lower index).
-    Raises ValueError when an image has no same-class partner or no other-class partner.
-    """
-    if features.ndim != 2 or labels.shape != features.shape[:1]:
-        raise ValueError(f"need features [N, D] and labels [N], got {tuple(features.shape)} and {tuple(labels.shape)}")
+def check_pairable(labels: Tensor) -> None:
+    """Raise ValueError unless every image of the batch has a same-class partner (another
+    image of its class) and an other-class partner."""
     same = labels[:, None] == labels[None, :]
-    intra_mask = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    inter_mask = ~same
-    paired = intra_mask.any(dim=1) & inter_mask.any(dim=1)
+    paired = (same.sum(dim=1) > 1) & (~same).any(dim=1)
     if not bool(paired.all()):
         lonely = sorted(set(labels[~paired].tolist()))
         raise ValueError(
@@ -55,6 +45,27 @@ def pair_indices(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
             f"labels without a partner: {lonely} (batch labels: {labels.tolist()}). "
             f"Use a P classes x K images sampler with K >= 2 and P >= 2."
         )
+
+
+def pair_indices(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Nearest partners inside a batch, as the official ``get_pairs``.
+
+    features: [N, D] (detached here); labels: [N]. Returns ``intra`` [N], the index of the
+    nearest OTHER image with the same label, and ``inter`` [N], the index of the nearest
+    image with a different label (squared Euclidean distance, computed in float32 with the
+    official ``|a|^2 + |b|^2 - 2 a.b`` expansion; ties go to the lower index).
+
+    Labels on the CPU are checked here (:func:`check_pairable`). On an accelerator the
+    check would make the host wait for the device every step, so it is left to the
+    sampler: the loader's P x K batches always pair (``tests/test_loader.py``).
+    """
+    if features.ndim != 2 or labels.shape != features.shape[:1]:
+        raise ValueError(f"need features [N, D] and labels [N], got {tuple(features.shape)} and {tuple(labels.shape)}")
+    if labels.device.type == "cpu":
+        check_pairable(labels)
+    same = labels[:, None] == labels[None, :]
+    intra_mask = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    inter_mask = ~same
     with torch.autocast(features.device.type, enabled=False):
         x = features.detach().float()
         squared = x.pow(2).sum(dim=1)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torchvision.models import Inception3, ResNet, inception_v3, resnet34
 from torchvision.models.inception import InceptionOutputs
 
-from ..data.transforms import InputSpec
+from ..input_spec import InputSpec
 from .apinet import ApiNet, Criterion, resnet_trunk
 from .weights import imagenet_state_dict, load_weights_file
 

@@ -1,9 +1,14 @@
-"""Use a trained checkpoint: rebuild its model and predict shards or images (one process)."""
+"""Use a trained checkpoint: rebuild its model and predict shards or images (one process).
+
+:func:`predict_batches` is the one prediction loop: training-time evaluation, ``rp2k
+ensemble`` (:func:`predict_shards`) and, batch by batch, ``rp2k predict`` and ``rp2k umap``
+(:func:`logits_of`, :func:`features_of`) all run the model under the same :func:`autocast`.
+"""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,13 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data.loader import LoaderConfig, ShardLoader
-from .data.manifest import Manifest
-from .data.transforms import EvalTransform, InputSpec, normalize
-from . import storage
-from .engine.checkpoint import FILENAME, load_checkpoint
-from .evaluation.predictions import Predictions
-from .models import create_model
+from .. import storage
+from ..config import DataConfig
+from ..data.loader import LoaderConfig, ShardLoader
+from ..data.manifest import Manifest
+from ..data.transforms import EvalTransform, normalize
+from ..input_spec import InputSpec
+from ..models import create_model
+from ..run_folder import find_checkpoint, load_checkpoint
+from .predictions import Predictions
 
 
 @dataclass
@@ -36,23 +43,6 @@ class TrainedModel:
         return self.checkpoint["model_name"]
 
 
-def find_checkpoint(path: str | Path) -> str:
-    """A checkpoint file, a checkpoint folder, or a run folder (its latest ``epoch_*``);
-    local or a URI (``s3://bucket/runs/NAME``). Returns the checkpoint file's location."""
-    info = storage.file_info(path)
-    if info.type == storage.pafs.FileType.File:
-        return str(path)
-    if storage.exists(storage.join(path, FILENAME)):
-        return storage.join(path, FILENAME)
-    for folder in (str(path), storage.join(path, "checkpoints")):
-        epochs = [n for n in storage.listdir(folder) if n.startswith("epoch_")]
-        for name in reversed(epochs):
-            if storage.exists(storage.join(folder, name, FILENAME)):
-                return storage.join(folder, name, FILENAME)
-    raise FileNotFoundError(f"no checkpoint at {storage.display(path)}: give a checkpoint.pt, its folder, "
-                            "or a run folder with epoch_*/")
-
-
 def load_trained(path: str | Path, device: str | torch.device | None = None) -> TrainedModel:
     """Rebuild the model of a checkpoint (local or a URI) in eval mode on ``device``
     (default: cuda if present)."""
@@ -61,16 +51,38 @@ def load_trained(path: str | Path, device: str | torch.device | None = None) -> 
     model = create_model(checkpoint["model_name"], **checkpoint["model_args"])
     model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
-    s = checkpoint["input_spec"]
-    spec = InputSpec(s["crop_size"], s["resize_size"], tuple(s["mean"]), tuple(s["std"]))
+    spec = InputSpec.from_dict(checkpoint["input_spec"])
     return TrainedModel(model, spec, checkpoint["classes"], checkpoint["class_subset"], checkpoint, device)
+
+
+def autocast(device: torch.device, enabled: bool = True) -> AbstractContextManager:
+    """bf16 autocast on CUDA (the precision the engine trains in), nothing elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def predict_batches(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]], device: torch.device,
+    *, amp: bool = True, columns: Sequence[int] | None = None,
+) -> Predictions | None:
+    """Top-5 predictions of ``(normalised images on device, labels, keys)`` batches, in eval
+    mode; None when there was no batch (a rank with no evaluation samples). ``columns``:
+    score among these logits only (top-k are then positions in ``columns``)."""
+    model.eval()
+    parts = []
+    for images, labels, keys in batches:
+        with autocast(device, amp):
+            logits = model(images)
+        if columns is not None:
+            logits = logits[:, list(columns)]
+        parts.append(Predictions.from_logits(keys, labels.cpu().numpy(), logits.float().cpu()))
+    return Predictions.concat(parts) if parts else None
 
 
 @torch.no_grad()
 def logits_of(trained: TrainedModel, images: torch.Tensor) -> torch.Tensor:
     """uint8 NCHW batch -> float logits [N, C] on the CPU."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if trained.device.type == "cuda" else nullcontext()
-    with autocast:
+    with autocast(trained.device):
         return trained.model(normalize(images.to(trained.device), trained.spec)).float().cpu()
 
 
@@ -102,10 +114,11 @@ def predict_shards(
         if unknown:
             raise ValueError(f"{trained.name} does not predict global classes {unknown[:10]}")
         subset, columns = list(classes), [position[int(g)] for g in classes]
-    loader = ShardLoader(manifest, split, EvalTransform(trained.spec), LoaderConfig(batch_size=batch_size, workers=workers),
-                         train=False, classes=subset)
-    parts = []
-    for b in loader:
-        logits = logits_of(trained, b["image"])
-        parts.append(Predictions.from_logits(b["key"], b["label"].numpy(), logits if columns is None else logits[:, columns]))
-    return Predictions.concat(parts)
+    settings = LoaderConfig(DataConfig(batch_size=batch_size, loader_workers=workers))
+    loader = ShardLoader(manifest, split, EvalTransform(trained.spec), settings, train=False, classes=subset)
+    device = trained.device
+    batches = ((normalize(b["image"].to(device), trained.spec), b["label"], b["key"]) for b in loader)
+    predictions = predict_batches(trained.model, batches, device, columns=columns)
+    if predictions is None:
+        raise ValueError(f"{storage.display(shards)} has no {split} samples for this model")
+    return predictions

@@ -3,7 +3,7 @@ routed as in Table 3) applied with exactly the evaluation's preprocessing.
 
 Each file goes through :class:`rp2k_dist.data.transforms.EvalTransform` on its raw bytes:
 the same decode (any PIL format, transparency composited on white), resize and centre
-crop as evaluation on the shards, and the same :func:`rp2k_dist.inference.logits_of`.
+crop as evaluation on the shards, and the same :func:`rp2k_dist.evaluation.inference.logits_of`.
 Files that are not images (by suffix), cannot be read or cannot be decoded are returned in
 ``rejected`` with a reason; they never stop the run. Shard images were re-encoded and
 resized at pack time, so an original photo and its shard copy give slightly different
@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 from ..data.images import DECODE_ERRORS, IMAGE_SUFFIXES
 from ..data.transforms import EvalTransform
-from ..ensemble_eval import specialist_of
-from ..evaluation.ensemble import Specialist, combine, route
-from ..evaluation.predictions import Predictions
-from ..inference import TrainedModel, load_trained, logits_of
+from .ensemble import Specialist, combine, route
+from .ensemble_eval import specialist_of
+from .inference import TrainedModel, load_trained, logits_of
+from .predictions import Predictions
 
 Checkpoint = str | Path | TrainedModel
 #: Output formats of :func:`predict_folder`, by the output file's suffix.

@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data.manifest import Manifest
-from .evaluation.ensemble import Specialist, combine, in_global_classes, route, table3, table3_markdown, within_category
-from .evaluation.metrics import accuracy_table
-from .evaluation.predictions import Predictions
+from .. import run_folder
+from ..config import parse_meta_category
+from ..data.manifest import Manifest
+from ..run_folder import find_run_dir
+from .ensemble import Specialist, combine, in_global_classes, route, table3, table3_markdown, within_category
 from .inference import load_trained, predict_shards
+from .metrics import accuracy_table
+from .predictions import Predictions
 
 
 @dataclass
@@ -33,7 +36,7 @@ def specialist_of(trained) -> Specialist:
     category = trained.checkpoint["config"]["data"]["meta_category"]
     if not category or trained.class_subset is None:
         raise ValueError(f"checkpoint of {trained.name} was not trained on one meta-category (data.meta_category)")
-    system, _, value = category.partition("=")
+    system, value = parse_meta_category(category)
     return Specialist(value, system, tuple(trained.class_subset))
 
 
@@ -73,13 +76,13 @@ def evaluate_ensemble(
     out = Path(out or find_run_dir(general_run))
     out.mkdir(parents=True, exist_ok=True)
     routed = {s.meta_category: int((routes == i).sum()) for i, s in enumerate(specialists)}
-    (out / "ensemble.json").write_text(json.dumps(
+    (out / run_folder.ENSEMBLE).write_text(json.dumps(
         {"rule": rule, "specialists": [str(r) for r in specialist_runs], "routed": routed,
          "table3": rows, "table2": table2.to_dict()}, indent=1, ensure_ascii=False, default=float), encoding="utf-8")
-    (out / "table3.md").write_text(markdown + "\n", encoding="utf-8")
-    (out / "ensemble_table2.md").write_text(table2.to_markdown() + "\n", encoding="utf-8")
+    (out / run_folder.TABLE3).write_text(markdown + "\n", encoding="utf-8")
+    (out / run_folder.ENSEMBLE_TABLE2).write_text(table2.to_markdown() + "\n", encoding="utf-8")
     # every column of Table 3 can be recomputed from these files (global class ids)
-    files = {"ensemble_predictions.parquet": ensemble, "ensemble_general_predictions.parquet": general}
+    files = {run_folder.ENSEMBLE_PREDICTIONS: ensemble, "ensemble_general_predictions.parquet": general}
     for index, specialist in enumerate(specialists):
         inside = within_category(general, classes, specialist)
         for part, preds in (("specialist", predictions[index]), ("restricted", restricted[index])):
@@ -89,11 +92,3 @@ def evaluate_ensemble(
     return EnsembleResult(rows, general, ensemble, markdown)
 
 
-def find_run_dir(path: str | Path) -> Path:
-    """The run folder of a run folder, checkpoint folder or checkpoint file."""
-    path = Path(path)
-    if path.is_file():
-        path = path.parent
-    while path.name.startswith("epoch_") or path.name == "checkpoints":
-        path = path.parent
-    return path

@@ -1,0 +1,157 @@
+"""The run folder: the name of every artefact a run leaves, and how each is read back.
+
+One training run is ``<run.storage_path>/<run.name>/`` (a local folder, or s3:// / gs://
+through :class:`~rp2k_dist.storage.RunStorage`)::
+
+    config.yaml                  the resolved ExperimentConfig (written at start)
+    metrics.jsonl                one JSON object per epoch, rewritten whole (a resume never duplicates)
+    epoch_NNNN/checkpoint.pt     checkpoints, the same layout for local and Ray Train runs
+    epoch_NNNN_step_SSSSSSS/     mid-epoch checkpoints (run.checkpoint_every_steps)
+    predictions.parquet          top-5 of every test sample at the last epoch
+    evaluation.json, table2.md   Table 2, the most-confused pairs and the final metrics
+    ranks/rank-N.json            per-rank parameter digests (only with run.rank_digests)
+    ensemble.json, table3.md, ensemble_table2.md, ensemble_predictions.parquet   ``rp2k ensemble``
+    umap.png, umap.parquet       ``rp2k umap``;  report/  ``rp2k report``
+
+Runs written before the layouts were unified keep their local checkpoints under
+``checkpoints/epoch_NNNN/``; every reader here still finds them.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+``torch.load(..., weights_only=True)`` (no pickled code runs on load).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import storage
+from .storage import RunStorage
+
+if TYPE_CHECKING:  # torch is imported when a checkpoint is: naming artefacts stays light
+    import torch
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint.pt"
+PREDICTIONS = "predictions.parquet"
+EVALUATION = "evaluation.json"
+TABLE2 = "table2.md"
+RANKS = "ranks"
+ENSEMBLE = "ensemble.json"
+TABLE3 = "table3.md"
+ENSEMBLE_TABLE2 = "ensemble_table2.md"
+ENSEMBLE_PREDICTIONS = "ensemble_predictions.parquet"
+UMAP_PNG = "umap.png"
+#: Where local runs kept their checkpoints before Ray's layout became the only one.
+LEGACY_CHECKPOINTS = "checkpoints"
+
+FORMAT = "rp2k-dist-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint of this project (or of an unknown version)."""
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(epoch: int, global_step: int | None = None) -> str:
+    """The folder of a checkpoint: ``epoch_NNNN`` after ``epoch`` epochs, or
+    ``epoch_NNNN_step_SSSSSSS`` at ``global_step`` inside epoch NNNN+1 (sorted by name =
+    sorted by progress)."""
+    name = f"epoch_{epoch:04d}"
+    return name if global_step is None else f"{name}_step_{global_step:07d}"
+
+
+def checkpoint_dir_of(checkpoint: dict[str, Any]) -> str:
+    """The folder a checkpoint is written to: mid-epoch ones carry an ``epoch_state``."""
+    state = checkpoint.get("epoch_state")
+    return checkpoint_dir(checkpoint["epoch"], state["global_step"] if state else None)
+
+
+def checkpoint_dirs(run: RunStorage | str | Path) -> list[str]:
+    """The run's checkpoint folders (relative to the run), oldest first; old layout included.
+    ``run``: its :class:`RunStorage`, or its location (a local path or a URI)."""
+    location = run.uri if isinstance(run, RunStorage) else str(run)
+    current = [n for n in storage.listdir(location) if n.startswith("epoch_")]
+    legacy = [f"{LEGACY_CHECKPOINTS}/{n}" for n in storage.listdir(storage.join(location, LEGACY_CHECKPOINTS))
+              if n.startswith("epoch_")]
+    return sorted(current + legacy, key=lambda name: name.rsplit("/", 1)[-1])
+
+
+def to_bytes(checkpoint: dict[str, Any]) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getvalue()
+
+
+def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a checkpoint file, its folder, or its bytes, with ``weights_only=True``."""
+    import torch
+
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir():
+            path = path / CHECKPOINT
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {path} not found")
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    else:
+        data = torch.load(io.BytesIO(source), map_location=map_location, weights_only=True)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{source if not isinstance(source, bytes) else 'data'} is not an rp2k-dist checkpoint")
+    if data.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint version {data.get('version')} is not {VERSION}")
+    return data
+
+
+def find_checkpoint(path: str | Path) -> str:
+    """A checkpoint file, a checkpoint folder, or a run folder (its latest checkpoint folder
+    that holds a checkpoint); local or a URI (``s3://bucket/runs/NAME``). Returns the
+    checkpoint file's location."""
+    path = str(path)
+    if storage.file_info(path).type == storage.pafs.FileType.File:
+        return path
+    if storage.exists(storage.join(path, CHECKPOINT)):
+        return storage.join(path, CHECKPOINT)
+    for folder in reversed(checkpoint_dirs(path)):
+        if storage.exists(storage.join(path, folder, CHECKPOINT)):
+            return storage.join(path, folder, CHECKPOINT)
+    raise FileNotFoundError(f"no checkpoint at {storage.display(path)}: give a {CHECKPOINT}, its folder, "
+                            "or a run folder with epoch_*/")
+
+
+def find_run_dir(path: str | Path) -> Path:
+    """The run folder of a run folder, checkpoint folder or checkpoint file."""
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    while path.name.startswith("epoch_") or path.name == LEGACY_CHECKPOINTS:
+        path = path.parent
+    return path
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def write_metrics(storage: RunStorage, history: list[dict[str, Any]]) -> None:
+    """The run's metrics history as JSON lines (rewritten whole: resumes never duplicate)."""
+    storage.write_text(METRICS, "".join(json.dumps(m, sort_keys=True) + "\n" for m in history))
+
+
+def read_metrics(storage: RunStorage) -> list[dict[str, Any]]:
+    """The run's metrics history, one dict per epoch ([] before the first epoch ends)."""
+    if not storage.exists(METRICS):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(METRICS).decode("utf-8").splitlines() if line.strip()]
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON artefact of a local run folder (``evaluation.json``, ``ensemble.json``), or None."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
