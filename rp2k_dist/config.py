@@ -157,6 +157,10 @@ class OptimConfig:
 
     optimizer: str = "sgd"  # sgd | adamw
     lr: float = 0.1  # for the GLOBAL batch (all workers) of lr_reference_batch images
+    # the experiment's batch over all workers: each optimiser step trains on global_batch
+    # images whatever the live world size (micro-batches of at most data.batch_size per
+    # worker, gradients accumulated); 0 = data.batch_size x run.workers (grows with workers)
+    global_batch: int = 0
     lr_reference_batch: int = 256  # lr scales linearly with global batch / this (Goyal et al.)
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -170,6 +174,7 @@ class OptimConfig:
         _check(self.optimizer in ("sgd", "adamw"), "optim.optimizer must be sgd or adamw")
         _check(self.lr > 0 and math.isfinite(self.lr), "optim.lr must be a positive number")
         _check(self.lr_reference_batch >= 1, "optim.lr_reference_batch must be >= 1")
+        _check(self.global_batch >= 0, "optim.global_batch must be >= 0 (0 = data.batch_size x run.workers)")
         _check(self.epochs >= 1, "optim.epochs must be >= 1")
         _check(0 <= self.warmup_epochs <= self.epochs, "optim.warmup_epochs must be in [0, epochs]")
         _check(self.weight_decay >= 0 and self.grad_clip >= 0, "optim.weight_decay and grad_clip must be >= 0")
@@ -186,7 +191,12 @@ class RunConfig:
     checkpoint_every: int = 1  # epochs
     checkpoint_every_steps: int = 0  # also every N optimiser steps, mid-epoch (exact resume); 0 = off
     keep_checkpoints: int = 2
-    workers: int = 2  # Ray Train workers (one per GPU on a GPU cluster)
+    # Ray Train workers (one per GPU on a GPU cluster); [min, max] = elastic: start with
+    # at least min, grow to max as capacity appears, continue on fewer after a lost node
+    workers: int | list[int] = 2
+    elastic_resize_interval_s: float = 60.0  # elastic runs: seconds between checks for more capacity
+    preemption_check_steps: int = 10  # optimiser steps between checks for a node drain notice; 0 = off
+    max_preemptions: int = -1  # restarts after node preemptions (counted apart from max_failures); -1 = unlimited
     use_gpu: bool = False
     gpus_per_worker: float = 1.0
     cpus_per_worker: float = 1.0
@@ -200,10 +210,29 @@ class RunConfig:
         _check(self.eval_every >= 1 and self.checkpoint_every >= 1, "run.eval_every and checkpoint_every must be >= 1")
         _check(self.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
         _check(self.checkpoint_every_steps >= 0, "run.checkpoint_every_steps must be >= 0 (0 = off)")
-        _check(self.workers >= 1, "run.workers must be >= 1")
+        if isinstance(self.workers, list):
+            _check(len(self.workers) == 2 and all(isinstance(w, int) and not isinstance(w, bool) for w in self.workers)
+                   and 1 <= self.workers[0] <= self.workers[1],
+                   f"run.workers must be a count or [min, max] with 1 <= min <= max, got {self.workers!r}")
+        _check(self.min_workers >= 1, "run.workers must be >= 1")
+        _check(self.elastic_resize_interval_s >= 0, "run.elastic_resize_interval_s must be >= 0")
+        _check(self.preemption_check_steps >= 0, "run.preemption_check_steps must be >= 0 (0 = off)")
+        _check(self.max_preemptions >= -1, "run.max_preemptions must be >= -1 (-1 = unlimited)")
         _check(self.placement_strategy in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"), "run.placement_strategy is invalid")
         _check(self.max_failures >= -1, "run.max_failures must be >= -1 (-1 = unlimited)")
         _check(self.backend in ("", "nccl", "gloo"), "run.backend must be '', nccl or gloo")
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers[0] if isinstance(self.workers, list) else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers[1] if isinstance(self.workers, list) else self.workers
 
 
 @dataclass
@@ -216,6 +245,16 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.optim.global_batch:
+            _check(not self.data.classes_per_batch, "optim.global_batch does not apply to P x K batches "
+                   "(data.classes_per_batch): set optim.global_batch=0")
+            _check(self.optim.global_batch >= self.run.max_workers, f"optim.global_batch {self.optim.global_batch} "
+                   f"is below run.workers' {self.run.max_workers}: every worker needs one image per step")
+        _check(not self.run.elastic or bool(self.optim.global_batch),
+               "elastic run.workers [min, max] needs a fixed optim.global_batch (else the experiment changes with "
+               "the number of live workers)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

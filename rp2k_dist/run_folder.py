@@ -10,6 +10,7 @@ through :class:`~rp2k_dist.storage.RunStorage`)::
     predictions.parquet          top-5 of every test sample at the last epoch
     evaluation.json, table2.md   Table 2, the most-confused pairs and the final metrics
     ranks/rank-N.json            per-rank parameter digests (only with run.rank_digests)
+    preemptions.jsonl            one JSON object per node drain notice: nodes, deadline, the checkpoint saved
     ensemble.json, table3.md, ensemble_table2.md, ensemble_predictions.parquet   ``rp2k ensemble``
     umap.png, umap.parquet       ``rp2k umap``;  report/  ``rp2k report``
 
@@ -40,6 +41,7 @@ PREDICTIONS = "predictions.parquet"
 EVALUATION = "evaluation.json"
 TABLE2 = "table2.md"
 RANKS = "ranks"
+PREEMPTIONS = "preemptions.jsonl"
 ENSEMBLE = "ensemble.json"
 TABLE3 = "table3.md"
 ENSEMBLE_TABLE2 = "ensemble_table2.md"
@@ -150,6 +152,20 @@ def read_metrics(storage: RunStorage) -> list[dict[str, Any]]:
     if not storage.exists(METRICS):
         return []
     return [json.loads(line) for line in storage.read_bytes(METRICS).decode("utf-8").splitlines() if line.strip()]
+
+
+def append_preemption(storage: RunStorage, event: dict[str, Any]) -> None:
+    """Add one drain notice to ``preemptions.jsonl`` (rank 0 only; the file is rewritten
+    whole, as object storage cannot append)."""
+    storage.write_text(PREEMPTIONS, "".join(json.dumps(e, sort_keys=True) + "\n"
+                                           for e in [*read_preemptions(storage), event]))
+
+
+def read_preemptions(storage: RunStorage) -> list[dict[str, Any]]:
+    """The run's drain notices, oldest first ([] for a run never preempted)."""
+    if not storage.exists(PREEMPTIONS):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(PREEMPTIONS).decode("utf-8").splitlines() if line.strip()]
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

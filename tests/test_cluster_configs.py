@@ -434,3 +434,60 @@ def test_readme_commands_name_real_files():
     assert f"svc/{raycluster_name}-head-svc" in text
     job_name = _load_one(KUBERAY / "rayjob.yaml")["metadata"]["name"]
     assert job_name in text
+
+
+def _spot_types(config: dict) -> dict:
+    def is_spot(node: dict) -> bool:
+        nc = node["node_config"]
+        return (nc.get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+                or nc.get("scheduling", {}).get("provisioningModel") == "SPOT")
+
+    return {k: v for k, v in config["available_node_types"].items() if is_spot(v)}
+
+
+def test_launchers_have_a_spot_gpu_group_next_to_the_on_demand_one(launcher):
+    name, config = launcher
+    spot = _spot_types(config)
+    assert len(spot) == 1, f"{name}: one spot/preemptible worker type"
+    (key, node), = spot.items()
+    on_demand = {k: v for k, v in config["available_node_types"].items()
+                 if k not in spot and k != config["head_node_type"]}
+    assert on_demand, f"{name}: the on-demand GPU group stays"
+    machine = lambda n: n["node_config"].get("InstanceType") or n["node_config"].get("machineType")  # noqa: E731
+    assert {machine(n) for n in on_demand.values()} == {machine(node)}  # the same GPUs, cheaper capacity
+    if config["provider"]["type"] == "gcp":
+        assert node["node_config"]["scheduling"]["automaticRestart"] is False  # GCE requires it for Spot VMs
+    # the reclaim notice becomes a Ray drain with a deadline
+    watcher = " ".join(node.get("worker_setup_commands", []))
+    assert f"cluster/spot_drain.py --provider {config['provider']['type']}" in watcher
+    assert (CLUSTER / "spot_drain.py").is_file()
+
+
+def test_kuberay_cluster_has_a_spot_group_that_drains_before_it_goes(raycluster):
+    groups = {g["groupName"]: g for g in raycluster["spec"]["workerGroupSpecs"]}
+    assert {"gpu", "gpu-spot"} <= set(groups)
+    pod = groups["gpu-spot"]["template"]["spec"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    keys = {e["key"] for t in terms for e in t["matchExpressions"]}
+    assert keys == {"cloud.google.com/gke-spot", "eks.amazonaws.com/capacityType"}
+    stop = " ".join(pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"])
+    assert "ray drain-node" in stop and "DRAIN_NODE_REASON_PREEMPTION" in stop
+    deadline = int(re.search(r"--deadline-remaining-seconds (\d+)", stop).group(1))
+    assert deadline < pod["terminationGracePeriodSeconds"] <= 30
+
+
+def test_spot_watcher_reads_the_aws_notice(monkeypatch):
+    import importlib.util
+    from datetime import datetime, timedelta, timezone
+
+    spec = importlib.util.spec_from_file_location("spot_drain", CLUSTER / "spot_drain.py")
+    spot_drain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spot_drain)
+    when = (datetime.now(timezone.utc) + timedelta(seconds=120)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    answers = {spot_drain.AWS_TOKEN: "token", spot_drain.AWS_ACTION: json.dumps({"action": "terminate", "time": when})}
+    monkeypatch.setattr(spot_drain, "_get", lambda url, headers, method="GET": answers.get(url))
+    assert 100 < spot_drain.aws_seconds_left() <= 120
+    answers.pop(spot_drain.AWS_ACTION)
+    assert spot_drain.aws_seconds_left() is None
+    monkeypatch.setattr(spot_drain, "_get", lambda url, headers, method="GET": "TRUE")
+    assert spot_drain.gcp_seconds_left() == spot_drain.GCP_NOTICE_S

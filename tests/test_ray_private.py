@@ -78,3 +78,17 @@ def test_the_failure_policy_hook_exists():
     trainer_cls = ray_private.fail_fast_trainer(TorchTrainer, lambda failures: True)
     assert issubclass(trainer_cls, TorchTrainer) and trainer_cls.__name__ == "TorchTrainer"
     importlib.import_module(ray_private.TOKEN_NOTICE_LOGGER)  # the logger quietened is a real module's
+
+
+def test_the_preemption_poll_interval_variable_is_the_one_ray_train_reads():
+    from ray.train.v2._internal import constants
+    from ray.train.v2._internal.callbacks.preemption_callback import PreemptionCallback
+
+    assert constants.PREEMPTION_POLL_INTERVAL_S_ENV_VAR == ray_private.PREEMPTION_POLL_ENV
+    import os
+
+    os.environ[ray_private.PREEMPTION_POLL_ENV] = "0.25"
+    try:
+        assert PreemptionCallback()._poll_interval_s == 0.25
+    finally:
+        del os.environ[ray_private.PREEMPTION_POLL_ENV]

@@ -131,8 +131,10 @@ def reader_samples(total: int, readers: int) -> np.ndarray:
 
 
 def plan_epoch(table: SampleTable, world_size: int, workers: int, epoch: int = 0, seed: int = 0,
-               shuffle: bool = True, rank: int | None = None) -> list[ReaderPlan]:
-    """Every reader's plan (reader ``rank * max(1, workers) + w``), or only ``rank``'s readers."""
+               shuffle: bool = True, rank: int | None = None, sizes: Sequence[int] | None = None) -> list[ReaderPlan]:
+    """Every reader's plan (reader ``rank * max(1, workers) + w``), or only ``rank``'s readers.
+    ``sizes``: each reader's sample count (their sum at most the table's; the rest of the
+    shuffled chunk sequence is left out of the epoch); default all samples, evenly."""
     per_rank = max(1, workers)
     readers = world_size * per_rank
     order = np.arange(table.num_chunks)
@@ -140,7 +142,13 @@ def plan_epoch(table: SampleTable, world_size: int, workers: int, epoch: int = 0
         order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(table.num_chunks)
     start, stop = table.chunk_start[order], table.chunk_stop[order]
     cum = np.concatenate([[0], np.cumsum(stop - start)])
-    bounds = (np.arange(readers + 1, dtype=np.int64) * int(cum[-1])) // readers
+    if sizes is None:
+        bounds = (np.arange(readers + 1, dtype=np.int64) * int(cum[-1])) // readers
+    else:
+        if len(sizes) != readers or sum(sizes) > int(cum[-1]):
+            raise ValueError(f"{len(sizes)} reader sizes summing to {sum(sizes)} for {readers} readers "
+                             f"of {int(cum[-1])} samples")
+        bounds = np.concatenate([[0], np.cumsum(np.asarray(sizes, np.int64))])
     wanted = range(readers) if rank is None else range(rank * per_rank, (rank + 1) * per_rank)
     plans = []
     for r in wanted:
@@ -174,9 +182,26 @@ def training_steps(total: int, world_size: int, workers: int, batch_size: int) -
     return steps, quotas
 
 
+def fixed_batch_quotas(batches: int, world_size: int, workers: int) -> list[int]:
+    """Each reader's batches when every rank yields exactly ``batches`` (a fixed global
+    batch): a rank's ``batches`` split over its readers, within one."""
+    return reader_samples(batches, max(1, workers)).tolist() * world_size
+
+
 def plan_training_epoch(table: SampleTable, rank: int, world_size: int, workers: int, batch_size: int,
-                        epoch: int = 0, seed: int = 0) -> tuple[int, list[ReaderPlan]]:
-    """Steps of the epoch (the same on every rank) and this rank's readers with quotas."""
-    steps, quotas = training_steps(len(table), world_size, workers, batch_size)
-    readers = plan_epoch(table, world_size, workers, epoch, seed, shuffle=True, rank=rank)
-    return steps, [ReaderPlan(p.pieces, p.samples, q) for p, q in zip(readers, quotas[rank])]
+                        epoch: int = 0, seed: int = 0, batches: int | None = None) -> tuple[int, list[ReaderPlan]]:
+    """Steps of the epoch (the same on every rank) and this rank's readers with quotas.
+    ``batches``: exactly this many batches per rank (a fixed global batch), each reader
+    dealt exactly its quota's samples; the shuffled remainder sits the epoch out."""
+    if batches is None:
+        steps, quotas = training_steps(len(table), world_size, workers, batch_size)
+        readers = plan_epoch(table, world_size, workers, epoch, seed, shuffle=True, rank=rank)
+        return steps, [ReaderPlan(p.pieces, p.samples, q) for p, q in zip(readers, quotas[rank])]
+    quotas = fixed_batch_quotas(batches, world_size, workers)
+    sizes = [q * batch_size for q in quotas]
+    if sum(sizes) > len(table):
+        raise ValueError(f"{batches} batches of {batch_size} on each of {world_size} ranks need {sum(sizes)} "
+                         f"samples; the epoch has {len(table)}")
+    readers = plan_epoch(table, world_size, workers, epoch, seed, shuffle=True, rank=rank, sizes=sizes)
+    per_rank = max(1, workers)
+    return batches, [ReaderPlan(p.pieces, p.samples, q) for p, q in zip(readers, quotas[rank * per_rank:])]

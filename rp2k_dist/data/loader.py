@@ -62,6 +62,12 @@ class LoaderConfig:
     prefetch_factor: int = 4  # batches in flight per worker
     start_method: str = "forkserver"  # fork is unsafe inside Ray actors (threads)
     pin_memory: bool = False  # set when batches go to a CUDA device
+    # a fixed global batch (optim.global_batch, from rp2k_dist.engine.global_batch): the
+    # training epoch has samples // global_batch optimiser steps of step_batches batches
+    # of micro_batch images on every rank, whatever the world size; 0 = off
+    global_batch: int = 0
+    micro_batch: int = 0
+    step_batches: int = 1
 
     def __post_init__(self) -> None:
         if self.start_method not in mp.get_all_start_methods():
@@ -71,7 +77,7 @@ class LoaderConfig:
     def batch_size(self) -> int:
         """Images per rank per step."""
         d = self.data
-        return (d.eval_batch_size or 2 * d.batch_size) if self.evaluation else d.batch_size
+        return (d.eval_batch_size or 2 * d.batch_size) if self.evaluation else (self.micro_batch or d.batch_size)
 
     @property
     def workers(self) -> int:
@@ -122,9 +128,10 @@ class _ShardStream(IterableDataset):
         self.transform = transform
         self.config = config
         self.train = train
-        # (epoch, pass, resumed) shared with the persistent workers, read at each new
-        # iteration; a resumed epoch plans only the samples not in ``consumed``.
-        self.state = context.RawArray("q", 3)
+        # (epoch, pass, resumed, batches per rank with a fixed global batch, else 0) shared
+        # with the persistent workers, read at each new iteration; a resumed epoch plans
+        # only the samples not in ``consumed``.
+        self.state = context.RawArray("q", 4)
         self.consumed = context.RawArray("b", len(table) if train else 0)
         self._rest: tuple[bytes, SampleTable] | None = None
         self.storage_env = storage.environment()
@@ -144,7 +151,8 @@ class _ShardStream(IterableDataset):
         c = self.config
         if self.train:
             table = self.planned_table()
-            return plan_training_epoch(table, self.rank, self.world_size, c.workers, self.batch_size, epoch, c.seed)[1]
+            return plan_training_epoch(table, self.rank, self.world_size, c.workers, self.batch_size, epoch, c.seed,
+                                       batches=int(self.state[3]) if c.global_batch else None)[1]
         return plan_epoch(self.table, self.world_size, c.workers, shuffle=False, rank=self.rank)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -329,6 +337,7 @@ class ShardLoader:
         self.stats = LoaderStats()
         self.consumed = ConsumedSamples(len(table) if train else 0)
         self._positions: dict[str, int] | None = None
+        self._batches: int | None = None  # this epoch's batches with a fixed global batch (set_epoch)
         context = worker_context(config.start_method)
         self.dataset = _ShardStream(table, rank, world_size, transform, config, train, context, classes, class_balanced)
         self.loader = DataLoader(
@@ -340,22 +349,33 @@ class ShardLoader:
             prefetch_factor=config.prefetch_factor if config.workers > 0 else None,
             pin_memory=config.pin_memory,
         )
+        if train and config.global_batch and self.steps_per_epoch == 0:
+            raise ValueError(f"split {split!r} has {len(table)} samples: not one optimiser step of "
+                             f"optim.global_batch {config.global_batch}; lower it")
         if train and len(self) == 0:
             raise ValueError(
                 f"split {split!r} has {len(table)} samples: not one full batch of "
                 f"{self.dataset.batch_size} per rank for world size {world_size}; lower batch_size"
             )
 
-    def set_epoch(self, epoch: int, consumed: ConsumedSamples | None = None) -> None:
+    def set_epoch(self, epoch: int, consumed: ConsumedSamples | None = None, steps_done: int = 0) -> None:
         """Select the epoch's shard order and augmentation seeds. ``consumed``: the samples
         of this epoch already trained on (a mid-epoch checkpoint, summed over all ranks of
         the run that wrote it); the epoch then plans only the rest, dealt over this run's
-        ranks. :attr:`consumed` tracks this rank's samples of the epoch (with ``consumed``)."""
+        ranks. :attr:`consumed` tracks this rank's samples of the epoch (with ``consumed``).
+        ``steps_done``: with a fixed global batch, the optimiser steps of the epoch already
+        done (the epoch keeps ``samples // global_batch`` steps in all)."""
         if consumed is not None and not self.train:
             raise ValueError("only a training loader resumes mid-epoch")
         self.epoch = epoch
         self.dataset.state[0] = epoch
         self.dataset.state[2] = consumed is not None
+        if self.train and self.config.global_batch:
+            steps = self.steps_per_epoch - steps_done
+            if steps < 0:
+                raise ValueError(f"{steps_done} steps done of an epoch of {self.steps_per_epoch}")
+            self._batches = steps * self.config.step_batches
+            self.dataset.state[3] = self._batches
         if self.train:
             self.consumed = ConsumedSamples(len(self.dataset.table), None if consumed is None else consumed.mask)
             self.dataset.consumed[:] = self.consumed.mask.astype(np.int8).tobytes()
@@ -367,9 +387,16 @@ class ShardLoader:
             self._positions = {str(k): int(p) for k, p in zip(table.keys, table.positions)}
         return [self._positions[k] for k in keys]
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps of a whole epoch with a fixed global batch (any world size)."""
+        return len(self.dataset.table) // self.config.global_batch
+
     def __len__(self) -> int:
         """Batches this rank yields in the current epoch."""
         c = self.config
+        if self.train and c.global_batch:
+            return self._batches if self._batches is not None else self.steps_per_epoch * c.step_batches
         if self.train:
             table = self.dataset.planned_table()
             return training_steps(len(table), self.world_size, c.workers, self.dataset.batch_size)[0]

@@ -7,12 +7,23 @@ the same interface on top of ``ray.train`` so the engine runs unchanged under Ra
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from ..run_folder import CHECKPOINT, checkpoint_dir_of, checkpoint_dirs, load_checkpoint, to_bytes
 from ..storage import RunStorage
+
+
+@dataclass(frozen=True)
+class DrainNotice:
+    """A node of the run is being drained (a spot/preemptible instance reclaimed, or
+    ``ray drain-node``): which nodes and ranks go, and by when."""
+
+    deadline_ms: int | None  # UNIX time in ms when the node goes; None = not given
+    node_ids: list[str] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)
 
 
 class WorkerContext(Protocol):
@@ -27,6 +38,10 @@ class WorkerContext(Protocol):
 
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
         """Called by every rank after each epoch; rank 0 passes the checkpoint (or None)."""
+
+    def drain_notice(self) -> DrainNotice | None:
+        """A drain notice for one of the run's nodes, or None. A collective: every rank
+        calls it at the same step and gets the same answer."""
 
 
 class LocalContext:
@@ -46,6 +61,9 @@ class LocalContext:
         if not folders:
             return None
         return load_checkpoint(self.storage.read_bytes(f"{folders[-1]}/{CHECKPOINT}"))
+
+    def drain_notice(self) -> DrainNotice | None:
+        return None  # one process on this machine: nothing drains it
 
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
         if checkpoint is not None:

@@ -9,6 +9,7 @@ loop (train, evaluate, report, checkpoint) and leaves the evaluation artefacts
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -38,6 +39,7 @@ from . import distributed as dist_utils
 from ..data.epoch_state import consumed_of
 from .checkpoint import rng_state, set_rng_state
 from .context import WorkerContext
+from .global_batch import BatchPlan, plan_batch
 from .scalars import ScalarLog
 from .step_checkpoints import StepCheckpoints
 
@@ -88,13 +90,18 @@ def build_batches(
     return CpuBatches(spec, device, channels_last), CpuBatches(spec, device, channels_last)
 
 
-def build_loaders(config: ExperimentConfig, data: RunData, spec: InputSpec, rank: int, world: int, device: torch.device):
+def build_loaders(config: ExperimentConfig, data: RunData, spec: InputSpec, rank: int, world: int, device: torch.device,
+                  batches: BatchPlan | None = None):
+    """(train, eval) loaders of this rank; ``batches``: the global batch's split (training
+    micro-batches and steps per epoch), default ``data.batch_size`` per worker."""
     c = config.data
     raw = uses_device_decode(config, device)
     common = dict(data=c, seed=config.run.seed, pin_memory=device.type == "cuda")
     balanced = (c.classes_per_batch, c.images_per_class) if c.classes_per_batch else None
+    fixed = {} if batches is None or not batches.fixed else dict(
+        global_batch=batches.target, micro_batch=batches.micro_batch, step_batches=batches.accumulation)
     train = ShardLoader(data.manifest, "train", RawJpeg() if raw else TrainTransform(spec, config.augment),
-                        LoaderConfig(**common), rank, world, train=True,
+                        LoaderConfig(**common, **fixed), rank, world, train=True,
                         classes=data.class_subset, class_balanced=balanced)
     evaluation = ShardLoader(data.manifest, "test", RawJpeg() if raw else EvalTransform(spec),
                              LoaderConfig(evaluation=True, **common),
@@ -226,6 +233,7 @@ def train_one_epoch(
     epoch: int,
     on_step: Callable[[int, int, int], None] | None = None,
     after_step: StepHook | None = None,
+    accumulation: int = 1,
 ) -> dict[str, float]:
     """One pass over this rank's batches; returns metrics summed over all ranks.
 
@@ -233,7 +241,10 @@ def train_one_epoch(
     module underneath, whose ``loss``/``logits`` know the model's output (torchvision's name).
     ``on_step(epoch, step, steps)`` (1-based) runs after each step, for progress displays;
     ``after_step(step, keys, check_finite)`` after each optimiser step (mid-epoch
-    checkpoints, which call ``check_finite()`` before saving).
+    checkpoints, which call ``check_finite()`` before saving), with the keys of all its
+    micro-batches. ``accumulation``: micro-batches per optimiser step (a fixed global
+    batch on few workers); their gradients are summed locally and DDP all-reduces only on
+    the last one (``no_sync`` on the others), so a step averages over the global batch.
 
     Nothing in a step reads a device tensor on the host; the metrics are read every
     :data:`CHECK_EVERY_STEPS` steps and at the end of the epoch.
@@ -242,29 +253,38 @@ def train_one_epoch(
     metrics = _StepMetrics(device)
     steps = 0
     start = time.perf_counter()
-    total_steps = len(data_loader) if on_step is not None else 0
-    for step, batch in enumerate(data_loader):
+    total_steps = len(data_loader) // accumulation if on_step is not None else 0
+    step_keys: list[str] = []
+    for micro, batch in enumerate(data_loader):
         images, labels, keys = batch_to_device(batch)
-        with autocast(device, config.optim.amp):
-            output = model(images, labels)  # API-Net pairs images by label; others ignore it
-            loss = model_without_ddp.loss(output, labels, criterion)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        last_micro = (micro + 1) % accumulation == 0
+        if micro % accumulation == 0:
+            optimizer.zero_grad(set_to_none=True)
+        # DDP all-reduces on the step's last micro-batch only; the others accumulate locally
+        with contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast(device, config.optim.amp):
+                output = model(images, labels)  # API-Net pairs images by label; others ignore it
+                loss = model_without_ddp.loss(output, labels, criterion)
+            (loss / accumulation if accumulation > 1 else loss).backward()
+        with torch.no_grad():
+            metrics.add(micro, loss, model_without_ddp.logits(output), labels)
+        step_keys.extend(keys)
+        if not last_micro:
+            continue
         if config.optim.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
         _drop_frozen_grads(optimizer)
         optimizer.step()
         lr_scheduler.step()
-        with torch.no_grad():
-            metrics.add(step, loss, model_without_ddp.logits(output), labels)
-        steps = step + 1
+        step, steps = steps, steps + 1
         if steps % CHECK_EVERY_STEPS == 0:
-            metrics.check_finite(steps, epoch)
+            metrics.check_finite(micro + 1, epoch)
         if after_step is not None:
-            after_step(step, keys, lambda: metrics.check_finite(steps, epoch))
+            after_step(step, step_keys, lambda: metrics.check_finite(micro + 1, epoch))
+        step_keys = []
         if on_step is not None:
             on_step(epoch + 1, steps, total_steps)
-    metrics.check_finite(steps, epoch)
+    metrics.check_finite(micro + 1 if steps else 0, epoch)
     elapsed = time.perf_counter() - start
     skipped = data_loader.stats.skipped + getattr(batch_to_device, "skipped", 0)
     loss_sum, correct, seen, skipped = dist_utils.all_reduce_sum(
@@ -353,7 +373,10 @@ def train_worker(
     cuda = device.type == "cuda"
     data = select_data(config)
     spec = input_spec(config.model.name, config.model.crop_size or None)
-    train_loader, eval_loader = build_loaders(config, data, spec, context.rank, context.world_size, device)
+    c = config.data
+    batches = plan_batch(config.optim.global_batch, context.world_size,
+                         c.classes_per_batch * c.images_per_class if c.classes_per_batch else c.batch_size)
+    train_loader, eval_loader = build_loaders(config, data, spec, context.rank, context.world_size, device, batches)
     train_to_device, eval_to_device = build_batches(config, spec, device, context.rank)
 
     model_without_ddp = create_model(config.model.name, len(data.classes), pretrained=config.model.pretrained or None)
@@ -376,9 +399,10 @@ def train_worker(
         model = torch.compile(model)
     criterion = build_criterion(config, data).to(device)
 
-    global_batch = train_loader.dataset.batch_size * context.world_size
-    optimizer, base_lr = build_optimizer(model_without_ddp, config, global_batch, cuda)
-    steps_per_epoch = len(train_loader)
+    # the learning rate and the schedule's steps come from the global batch alone, so with
+    # optim.global_batch they are the same at any world size (rp2k_dist.engine.global_batch)
+    optimizer, base_lr = build_optimizer(model_without_ddp, config, batches.target, cuda)
+    steps_per_epoch = train_loader.steps_per_epoch if batches.fixed else len(train_loader)
     total = steps_per_epoch * config.optim.epochs
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         total, round(config.optim.warmup_epochs * steps_per_epoch), config.model.freeze_backbone_epochs * steps_per_epoch))
@@ -401,17 +425,18 @@ def train_worker(
     metrics: dict[str, Any] = history[-1] if history else {}
     step_hook = StepCheckpoints(config.run.checkpoint_every_steps, train_loader, lr_scheduler, context, lambda epoch: build_checkpoint(
         model_without_ddp=model_without_ddp, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config,
-        data=data, spec=spec, epoch=epoch, history=history), config.run.name)
+        data=data, spec=spec, epoch=epoch, history=history), config.run.name, config.run.preemption_check_steps)
     for epoch in range(start_epoch, config.optim.epochs):
         resumed = partial is not None and epoch == start_epoch
-        train_loader.set_epoch(epoch, consumed_of(partial) if resumed else None)
-        step_hook.start_epoch(epoch)
+        steps_done = int(partial["global_step"]) - epoch * steps_per_epoch if resumed and batches.fixed else 0
+        train_loader.set_epoch(epoch, consumed_of(partial) if resumed else None, steps_done)
+        step_hook.start_epoch(epoch, len(train_loader) // batches.accumulation)
         set_backbone_frozen(optimizer, epoch < config.model.freeze_backbone_epochs)
-        metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], "global_batch": global_batch,
+        metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], **batches.to_metrics(),
                    **train_one_epoch(model=model, model_without_ddp=model_without_ddp, criterion=criterion,
                                      optimizer=optimizer, lr_scheduler=lr_scheduler, data_loader=train_loader,
                                      batch_to_device=train_to_device, device=device, config=config, epoch=epoch,
-                                     on_step=on_step, after_step=step_hook)}
+                                     on_step=on_step, after_step=step_hook, accumulation=batches.accumulation)}
         last = epoch + 1 == config.optim.epochs
         predictions = None
         if (epoch + 1) % config.run.eval_every == 0 or last:

@@ -119,11 +119,17 @@ def _check_batches(config: ExperimentConfig, manifest: Manifest, classes: list[i
     """Every rank needs one full batch; P x K batches need P classes with >= 2 train
     images (an intra-class pair)."""
     counts = manifest.class_counts("train")
-    per_rank = sum(counts[c] for c in classes) // config.run.workers
+    train = sum(counts[c] for c in classes)
+    workers = config.run.max_workers
+    per_rank = train // workers
     p, k = config.data.classes_per_batch, config.data.images_per_class
     batch, key = (p * k, "data.classes_per_batch x data.images_per_class") if p else (config.data.batch_size, "data.batch_size")
-    if per_rank < batch:
-        problems.append(f"{key}: batches of {batch} images, but each of the {config.run.workers} workers gets about "
+    if config.optim.global_batch:
+        if train < config.optim.global_batch:
+            problems.append(f"optim.global_batch: {config.optim.global_batch} images per step, but the run has "
+                            f"{train} train images; lower it")
+    elif per_rank < batch:
+        problems.append(f"{key}: batches of {batch} images, but each of the {workers} workers gets about "
                         f"{per_rank} train images; lower it or run.workers")
     pairable = sum(counts[c] >= 2 for c in classes)
     if p and pairable < p:
@@ -143,14 +149,15 @@ def _resource_problems(config: ExperimentConfig, resources: dict[str, float]) ->
     otherwise wait for it forever)."""
     r = config.run
     problems = []
-    wanted_cpus = r.workers * r.cpus_per_worker
+    workers = r.min_workers  # an elastic run starts once its minimum fits (and grows as nodes join)
+    wanted_cpus = workers * r.cpus_per_worker
     if wanted_cpus > resources.get("CPU", 0):
-        problems.append(f"run.workers x run.cpus_per_worker: {r.workers} x {r.cpus_per_worker:g} = {wanted_cpus:g} CPUs, "
+        problems.append(f"run.workers x run.cpus_per_worker: {workers} x {r.cpus_per_worker:g} = {wanted_cpus:g} CPUs, "
                         f"the cluster has {resources.get('CPU', 0):g}; lower run.workers or run.cpus_per_worker")
     if r.use_gpu:
-        wanted_gpus = r.workers * r.gpus_per_worker
+        wanted_gpus = workers * r.gpus_per_worker
         if wanted_gpus > resources.get("GPU", 0):
-            problems.append(f"run.workers x run.gpus_per_worker: {r.workers} x {r.gpus_per_worker:g} = {wanted_gpus:g} GPUs, "
+            problems.append(f"run.workers x run.gpus_per_worker: {workers} x {r.gpus_per_worker:g} = {wanted_gpus:g} GPUs, "
                             f"the cluster has {resources.get('GPU', 0):g}; lower run.workers, or run.use_gpu=false")
     return problems
 

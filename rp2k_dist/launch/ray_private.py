@@ -109,3 +109,11 @@ def working_dir_matchers(root: Path, excludes: Sequence[str]) -> list[Callable[[
     quiet.setLevel(logging.WARNING)
     matchers += get_excludes_from_ignore_files(root, include_gitignore=include_gitignore, logger=quiet)
     return matchers
+
+
+#: Ray Train's environment variable for how often its ``PreemptionWatcher`` polls Ray Core
+#: for drained nodes (5 s by default). There is no public setting; it is read by the
+#: controller from its environment, i.e. that of the raylet that started it. The tests
+#: set 0.5 s so a drain is seen within a step or two; 5 s is fine for real spot notices
+#: (30 s on GCP, 2 min on AWS).
+PREEMPTION_POLL_ENV = "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"

@@ -26,6 +26,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from .. import run_folder, storage
 from ..config import ExperimentConfig, config_from_dict
+from ..engine.context import DrainNotice
 from ..engine.train import train_worker
 from ..run_folder import CHECKPOINT, checkpoint_dir_of, load_checkpoint, to_bytes
 from ..storage import RunStorage
@@ -54,6 +55,13 @@ class RayContext:
             return None
         with checkpoint.as_directory() as folder:
             return load_checkpoint(Path(folder) / CHECKPOINT)
+
+    def drain_notice(self) -> DrainNotice | None:
+        # a barrier: Ray Train broadcasts rank 0's answer, so all ranks act at the same step
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return None
+        return DrainNotice(info.deadline_ms, list(info.preempted_node_ids), list(info.preempted_ranks))
 
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
         if checkpoint is None:
@@ -117,12 +125,17 @@ def build_trainer(config: ExperimentConfig, run_callbacks: list | None = None, p
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "progress": progress},
         torch_config=TorchConfig(backend=backend),
-        scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.use_gpu, resources_per_worker=resources,
-                                     placement_strategy=r.placement_strategy),
+        # run.workers [min, max]: Ray Train's elastic scaling (start with >= min, resize
+        # towards max as nodes come and go); the engine re-plans the epoch for each size
+        scaling_config=ScalingConfig(num_workers=(r.min_workers, r.max_workers) if r.elastic else r.workers,
+                                     use_gpu=r.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=r.placement_strategy,
+                                     elastic_resize_monitor_interval_s=r.elastic_resize_interval_s),
         run_config=RunConfig(
             name=r.name,
             **ray_storage(r.storage_path),
-            failure_config=FailureConfig(max_failures=r.max_failures),
+            # preemptions (a drained node) have their own budget: spot capacity is expected to go
+            failure_config=FailureConfig(max_failures=r.max_failures, max_preemption_failures=r.max_preemptions),
             checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints),
             callbacks=run_callbacks,
         ),

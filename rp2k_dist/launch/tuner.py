@@ -446,9 +446,9 @@ def default_max_concurrent(config: ExperimentConfig) -> int:
     resources = ray.cluster_resources()
     r = config.run
     if r.use_gpu:
-        total, per_trial = resources.get("GPU", 0.0), r.workers * r.gpus_per_worker
+        total, per_trial = resources.get("GPU", 0.0), r.max_workers * r.gpus_per_worker
     else:
-        total, per_trial = resources.get("CPU", 0.0), r.workers * r.cpus_per_worker
+        total, per_trial = resources.get("CPU", 0.0), r.max_workers * r.cpus_per_worker
     return max(1, int(total // per_trial))
 
 
