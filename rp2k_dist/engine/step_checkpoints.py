@@ -87,7 +87,8 @@ class StepCheckpoints:
         checkpoint (at an epoch's last step the epoch-end one, next), then rank 0 logs the
         event and adds it to ``preemptions.jsonl``."""
         detected = time.time()
-        consumed = self.checkpoint({"drain_deadline_ms": notice.deadline_ms}) if not last else None
+        extra = {} if notice.deadline_ms is None else {"drain_deadline_ms": notice.deadline_ms}
+        consumed = self.checkpoint(extra) if not last else None
         if self.context.rank != 0:
             return
         saved = time.time()
