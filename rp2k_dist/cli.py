@@ -472,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", help="packed RP2K as the cluster sees it (data.shards of every run)")
     p.add_argument("--storage-path", default="runs/reproduce", help="where every run's folder, reproduce.json "
                    "and reproduce.md go (a shared path or s3://, gs://)")
-    p.add_argument("--only", help="comma-separated parts: table2,table3,table4,cbl,fig3 (runs they need are added)")
+    p.add_argument("--only", help="comma-separated parts (table2,table3,table4,cbl,fig3) or run names; the runs they need are added")
     p.add_argument("--set", action="append", metavar="[SCOPE:]KEY=VALUE",
                    help="override for every run, or for one part or run: table3:optim.epochs=50")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray); with --submit the "

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -92,12 +93,15 @@ PAPER_COUNTS = {"train": 344_854, "test": 39_457,
 
 
 def select(only: Iterable[str] | None) -> list[Experiment]:
-    """The runs of the chosen parts of the paper (all by default), with what they need."""
-    parts = set(only or PARTS)
-    unknown = parts - set(PARTS)
+    """The runs of the chosen parts of the paper or the chosen runs (all by default), with
+    the runs they need."""
+    wanted = set(only or PARTS)
+    names = {e.name for e in PAPER}
+    unknown = wanted - set(PARTS) - names
     if unknown:
-        raise ConfigError(f"--only: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
-    chosen = {e.name for e in PAPER if parts & set(e.parts)}
+        raise ConfigError(f"--only: unknown part(s) or run(s) {sorted(unknown)}; choose from the parts "
+                          f"{', '.join(PARTS)} or the runs {', '.join(sorted(names))}")
+    chosen = {e.name for e in PAPER if e.name in wanted or wanted & set(e.parts)}
     chosen |= {e.needs for e in PAPER if e.name in chosen and e.needs}
     return [e for e in PAPER if e.name in chosen]
 
@@ -320,6 +324,16 @@ class Reproduction:
         return json.loads(storage.read_bytes(location)) if storage.exists(location) else {}
 
 
+def error_line(err: BaseException) -> str:
+    """One line for the summary: the exception a run's task raised (not Ray's wrapper) and,
+    of a failed worker group, the workers' last error line."""
+    cause = getattr(err, "cause", None) or err  # a RayTaskError carries the task's own exception
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(cause).splitlines()]
+    lines = [line for line in lines if line]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b[^:]*:", line)]
+    return f"{type(cause).__name__}: {(errors[-1] if errors else lines[0] if lines else '')[:300]}"
+
+
 def _train_task(config_dict: dict[str, Any]) -> dict[str, Any]:
     """Inside a Ray task: fit one run (resuming it when its folder has a checkpoint)."""
     from ..config import config_from_dict
@@ -360,6 +374,10 @@ def run_graph(experiments: Sequence[Experiment], configs: dict[str, ExperimentCo
     state.save()
 
     running: dict[Any, str] = {}
+
+    def config_of(name: str) -> str:
+        return RunStorage(configs[name].run.storage_path, name).uri
+
     while True:
         held = {"GPU": 0.0, "CPU": 0.0}
         for name in running.values():
@@ -397,9 +415,8 @@ def run_graph(experiments: Sequence[Experiment], configs: dict[str, ExperimentCo
             try:
                 result = ray.get(ref)
             except Exception as err:  # one failed run stops only the runs that need it
-                record.state, record.finished = "failed", time.time()
-                record.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-                say(f"FAILED {name}: {record.error}")
+                record.state, record.finished, record.error = "failed", time.time(), error_line(err)
+                say(f"FAILED {name}: {record.error} (its logs: {storage.join(config_of(name), 'logs')})")
             else:
                 record.state, record.started, record.finished = "finished", result["started"], result["finished"]
                 final = result["final"]
@@ -445,7 +462,7 @@ def evaluate(state: Reproduction, shards: str, umap_samples: int = 20_000, say: 
     try:
         done = ray.get(task.remote(state.storage_path, shards, GENERAL, specialists, umap_samples))
     except Exception as err:
-        state.steps["evaluate"] = {"state": "failed", "error": f"{type(err).__name__}: {err}".splitlines()[0]}
+        state.steps["evaluate"] = {"state": "failed", "error": error_line(err)}
         say(f"FAILED ensemble / UMAP: {state.steps['evaluate']['error']}")
     else:
         state.steps["evaluate"] = {"state": "finished", "seconds": time.time() - started, **done}
