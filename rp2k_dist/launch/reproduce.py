@@ -174,6 +174,18 @@ def is_finished(config: ExperimentConfig) -> bool:
     return int(final.get("epoch", 0)) >= config.optim.epochs
 
 
+def folder_times(config: ExperimentConfig) -> tuple[float | None, float | None]:
+    """(start, end) unix times of a run from its folder: when rank 0 wrote ``config.yaml``
+    (at the start of its last attempt) and its final ``evaluation.json``."""
+    folder = RunStorage(config.run.storage_path, config.run.name)
+
+    def mtime(name: str) -> float | None:
+        info = storage.file_info(folder.location(name))
+        return info.mtime.timestamp() if info.mtime is not None else None
+
+    return mtime(run_folder.CONFIG), mtime(run_folder.EVALUATION)
+
+
 # --------------------------------------------------------------------------- the plan
 
 
@@ -370,6 +382,8 @@ def run_graph(experiments: Sequence[Experiment], configs: dict[str, ExperimentCo
             old = previous.get(e.name, {})
             record.state, record.note = "finished", "finished before this command (not trained again)"
             record.started, record.finished = old.get("started"), old.get("finished")
+            if record.finished is None:  # it ended after its driver died: the run folder's own times
+                record.started, record.finished = folder_times(configs[e.name])
         state.records[e.name] = record
     state.save()
 
