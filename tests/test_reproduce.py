@@ -255,4 +255,5 @@ def test_reproduce_runs_the_graph_survives_a_killed_driver_and_reports_every_tab
         row = next(line for line in table4.splitlines() if line.startswith(f"| {name} "))
         assert f"| {format_percent(top1)} |" in row
     assert (runs / rep.GENERAL / "umap.png").stat().st_size > 10_000 and "![UMAP]" in report
-    assert "GPU-hours" in report and state["steps"]["evaluate"]["state"] == "finished"
+    hours = sum((r["finished"] - r["started"]) / 3600 * 2 for r in records.values())  # 2 CPUs per run
+    assert f"Cost spent: {hours:.2f} CPU-hours" in report and state["steps"]["evaluate"]["state"] == "finished"

@@ -515,13 +515,14 @@ def write_report(state: Reproduction, configs: dict[str, ExperimentConfig]) -> P
         train_s = sum(m.get("epoch_seconds", 0.0) for m in run.metrics) if run else math.nan
         rows.append([name, config.model.name, record.state, f"{record.gpus:g} {record.unit}",
                      f"{_hours(record) * 60:.1f}", f"{train_s / 60:.1f}",
-                     f"{_hours(record) * record.gpus:.2f}" if record.unit == "GPU" else "-",
-                     record.error or record.note or ""])
-    out.append(_markdown_rows(["run", "model", "state", "workers hold", "wall min", "train min", "GPU-hours", "note"],
+                     f"{_hours(record) * record.gpus:.2f} {record.unit}-h", record.error or record.note or ""])
+    out.append(_markdown_rows(["run", "model", "state", "workers hold", "wall min", "train min", "cost", "note"],
                               rows, text_columns=4))
-    gpu_hours = sum(_hours(r) * r.gpus for r in state.records.values() if r.unit == "GPU" and r.state == "finished")
-    out.append(f"Cost spent: {gpu_hours:.2f} GPU-hours (each finished run's wall time x its GPUs; "
-               "'train min' is the runs' own per-epoch timings summed).")
+    spent = {unit: sum(_hours(r) * r.gpus for r in state.records.values() if r.unit == unit and r.state == "finished")
+             for unit in sorted({r.unit for r in state.records.values()})}
+    out.append("Cost spent: " + ", ".join(f"{hours:.2f} {unit}-hours" for unit, hours in spent.items())
+               + " (each finished run's wall time x the GPUs, or CPUs, its workers hold; 'train min' is the runs' "
+               "own per-epoch timings summed).")
 
     out += ["", "## Table 2: top-1 / top-5 per meta-category", ""]
     for name in (GENERAL, "table2-inception-v3"):
