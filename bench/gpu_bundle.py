@@ -164,7 +164,8 @@ def project_wheel(folder: Path) -> Path:
     for name in ("pyproject.toml", "README.md"):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, source / name)
-    shutil.copytree(ROOT / "rp2k_dist", source / "rp2k_dist", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("rp2k_dist", "jobs"):  # jobs/ ships as rp2k_dist.presets (pyproject's package-dir)
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "--wheel-dir", str(folder), str(source)], check=True, cwd=folder)
     return next(folder.glob("rp2k_dist-*.whl"))

@@ -248,11 +248,18 @@ def _stop_hint(address: str | None, job_id: str) -> str:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """``rp2k submit``: 0 when the job SUCCEEDED (or was submitted with --no-wait), 1 otherwise."""
-    from .launch.submit import connect, follow, jobs_status, resolve_address, submit
+    from .launch.submit import submit
 
     flags = {key: getattr(args, key, None) for key in RUN_FLAGS}
     job_id = submit(args.config, address=args.address, overrides=args.set or [], flags=flags, pip=args.pip,
                     submission_id=args.submission_id, auth_token_file=args.auth_token_file, command=args.command)
+    return _follow_job(job_id, args)
+
+
+def _follow_job(job_id: str, args: argparse.Namespace) -> int:
+    """After a submission: print how to follow the job, or follow it to its end."""
+    from .launch.submit import connect, follow, jobs_status, resolve_address
+
     address = resolve_address(args.address)
     print(f"submitted job {job_id} to {address}", flush=True)
     if args.no_wait:
@@ -270,6 +277,55 @@ def cmd_submit(args: argparse.Namespace) -> int:
     message = f": {info.message}" if info.message else ""
     print(f"job {job_id} {status}{message}")
     return 0 if str(status) == "SUCCEEDED" else 1
+
+
+def _img_per_s(pairs: list[str] | None) -> dict[str, float]:
+    rates = {}
+    for pair in pairs or []:
+        model, sep, value = pair.partition("=")
+        try:
+            rates[model.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"--img-per-s wants MODEL=IMAGES_PER_SECOND, got {pair!r}") from None
+        if not sep or rates[model.strip()] <= 0:
+            raise SystemExit(f"--img-per-s wants MODEL=IMAGES_PER_SECOND > 0, got {pair!r}")
+    return rates
+
+
+def submit_reproduce(args: argparse.Namespace) -> str:
+    """``rp2k reproduce --submit``: the same command (without the submission flags) as one
+    Ray job, its driver on the cluster; returns the job id."""
+    from .launch.submit import DEFAULT_LAUNCHER, SubmitError, find_root, resolve_address, submit_entrypoint
+
+    resolve_address(args.address)  # no address: fail before any work
+    root = find_root()
+    if root is None:
+        raise SubmitError("no rp2k-dist repository (pyproject.toml + rp2k_dist/) above the current directory: "
+                          "run rp2k reproduce --submit from the repository")
+    words = [*DEFAULT_LAUNCHER, "reproduce", "--shards", args.shards, "--storage-path", args.storage_path,
+             "--umap-samples", str(args.umap_samples)]
+    words += ["--only", args.only] if args.only else []
+    words += [w for item in args.set or [] for w in ("--set", item)]
+    return submit_entrypoint(" ".join(shlex.quote(w) for w in words), root, name="reproduce",
+                             metadata={"rp2k_command": "reproduce"}, address=args.address, pip=args.pip,
+                             auth_token_file=args.auth_token_file)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """``rp2k reproduce``: 0 when every run finished (with --plan: after printing the plan)."""
+    from .launch.reproduce import plan, reproduce
+
+    only = [part.strip() for part in args.only.split(",") if part.strip()] if args.only else None
+    if args.plan:
+        print(plan(args.shards, only, args.set or [], args.gpus, _img_per_s(args.img_per_s), address=args.address))
+        return 0
+    if not args.shards:
+        raise SystemExit("rp2k reproduce: --shards is required (the packed RP2K, e.g. s3://bucket/rp2k or "
+                         "/mnt/shared/shards/rp2k; pack it with `rp2k pack`)")
+    if args.submit:
+        return _follow_job(submit_reproduce(args), args)
+    return reproduce(args.shards, args.storage_path, only, args.set or [], address=args.address,
+                     verbose=args.verbose, umap_samples=args.umap_samples)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -408,6 +464,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduction-factor", type=int, help="ASHA: keep the best 1/R of the trials at each rung (default 2)")
     p.add_argument("--mlflow-uri", help="also log every trial to this MLflow tracking URI (needs mlflow)")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("reproduce", help="every experiment of the paper as one graph of runs, then the report",
+                       description="Train the paper's runs (Tables 2, 3, 4, the CBL ablation, Fig. 3) on a Ray "
+                       "cluster, independent ones side by side, the specialists after the general ResNet-34; the "
+                       "same command again skips finished runs and resumes interrupted ones.")
+    p.add_argument("--shards", help="packed RP2K as the cluster sees it (data.shards of every run)")
+    p.add_argument("--storage-path", default="runs/reproduce", help="where every run's folder, reproduce.json "
+                   "and reproduce.md go (a shared path or s3://, gs://)")
+    p.add_argument("--only", help="comma-separated parts (table2,table3,table4,cbl,fig3) or run names; the runs they need are added")
+    p.add_argument("--set", action="append", metavar="[SCOPE:]KEY=VALUE",
+                   help="override for every run, or for one part or run: table3:optim.epochs=50")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray); with --submit the "
+                   "dashboard / Jobs API address, e.g. http://127.0.0.1:8265")
+    p.add_argument("--submit", action="store_true", help="run this same command as one Ray job on the cluster "
+                   "at --address (its driver on the head node) and follow its logs")
+    p.add_argument("--auth-token-file", help="with --submit: send this file's Ray auth token")
+    p.add_argument("--pip", action="store_true", help="with --submit: install the dependencies in the job's env")
+    p.add_argument("--no-wait", action="store_true", help="with --submit: print the job id and return")
+    p.add_argument("--plan", action="store_true", help="print the graph, epochs x images, GPU-hours and wall "
+                   "time; train nothing (image counts from --shards, else the paper's Table 1)")
+    p.add_argument("--gpus", type=float, help="--plan for this many GPUs (default: the cluster's)")
+    p.add_argument("--img-per-s", action="append", metavar="MODEL=N",
+                   help="--plan: measured training img/s per GPU of a model (resnet34, inception_v3, apinet)")
+    p.add_argument("--umap-samples", type=int, default=20000, help="test images in the UMAP figure; 0 = all")
+    p.add_argument("--verbose", action="store_true", help="Ray's own console output too")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("ensemble", help="route test images to API-Net specialists; write Table 3")
     p.add_argument("general", help="run folder (or checkpoint) of the general ResNet-34")

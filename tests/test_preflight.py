@@ -86,6 +86,12 @@ def test_more_cpus_than_the_cluster_has_is_named(synth_shards, tmp_path):
         preflight(config, {"CPU": 2.0})
 
 
+def test_a_crop_too_small_for_the_model_fails_in_the_driver(capsys, synth_shards, tmp_path):
+    code, lines = _train(capsys, synth_shards.root, tmp_path, "model.name=inception_v3", "model.crop_size=80")
+    line = _assert_failed_before_ray(code, lines, tmp_path, "model.crop_size")
+    assert "inception_v3 cannot train on 80px crops (minimum 299)" in line
+
+
 def test_infeasible_p_x_k_names_the_classes_that_can_pair(synth_shards, tmp_path):
     config = load_config(None, tiny_run_overrides(synth_shards.root, tmp_path, "pk")
                          + ["data.classes_per_batch=100", "data.images_per_class=2"])

@@ -349,6 +349,26 @@ def test_no_wait_then_stop(ray_head, tiny_shards, smoke_preset, tmp_path):
         assert str(follow(client, job_id, out=sink)) == "STOPPED"
 
 
+def test_reproduce_submits_itself_as_one_job(ray_head, tiny_shards, tmp_path, capsys):
+    """`rp2k reproduce --submit`: the same command runs as the job's driver on the cluster,
+    whose pre-flight then names every run that wants GPUs the head does not have."""
+    connection = ["--address", ray_head["url"], "--auth-token-file", str(ray_head["token_file"])]
+    code = main(["reproduce", "--submit", "--no-wait", *connection, "--shards", str(tiny_shards),
+                 "--storage-path", str(tmp_path / "runs"), "--only", "table2", "--set", "optim.epochs=1"])
+    assert code == 0
+    job_id = re.search(r"^submitted job (\S+) to ", capsys.readouterr().out, re.M).group(1)
+    assert job_id.startswith("rp2k-reproduce-")
+    client = connect(ray_head["url"], auth_token_file=ray_head["token_file"])
+    info = jobs_status(job_id, client=client)
+    assert shlex.split(info.entrypoint)[3:] == [
+        "reproduce", "--shards", str(tiny_shards), "--storage-path", str(tmp_path / "runs"), "--umap-samples", "20000",
+        "--only", "table2", "--set", "optim.epochs=1"]
+    assert str(wait(client, job_id, timeout_s=180)) == "FAILED"
+    logs = client.get_job_logs(job_id)
+    for run in ("table2-resnet34", "table2-inception-v3"):
+        assert f"{run} (table2_" in logs and "GPUs, the cluster has 0" in logs
+
+
 def test_auth_errors_say_what_to_do(ray_head, tmp_path):
     wrong = tmp_path / "wrong_token"
     wrong.write_text(secrets.token_hex(32))

@@ -2,7 +2,7 @@
 
 A wrong path or value should cost seconds, not a worker-group start, a restart and a
 page of tracebacks. :func:`preflight` runs every check that needs no worker (manifest,
-meta-category, weights, P x K batches, cluster resources, storage) and raises one
+crop size, meta-category, weights, P x K batches, cluster resources, storage) and raises one
 :class:`PreflightError` listing every problem, one line each, naming the key and the fix.
 
 Errors raised inside a worker that a restart would only repeat (:data:`NOT_RETRYABLE`)
@@ -44,6 +44,7 @@ def preflight(config: ExperimentConfig, resources: dict[str, float] | None) -> N
     from the driver. ``resources``: the cluster's total ``{"CPU": n, "GPU": m}`` (None skips
     the resource check)."""
     problems: list[str] = []
+    _check_crop_size(config, problems)
     manifest = _check_manifest(config, problems)
     classes = _check_meta_category(config, manifest, problems) if manifest is not None else None
     _check_weights(config, len(classes) if classes is not None else None, problems)
@@ -73,6 +74,15 @@ def _check_manifest(config: ExperimentConfig, problems: list[str]) -> Manifest |
             problems.append(f"data.shards: {len(missing)} file(s) of the manifest are missing in {shards} "
                             f"(e.g. {missing[0]}); finish or redo `rp2k pack`")
     return manifest
+
+
+def _check_crop_size(config: ExperimentConfig, problems: list[str]) -> None:
+    from ..models import input_spec
+
+    try:
+        input_spec(config.model.name, config.model.crop_size or None)
+    except ValueError as err:
+        problems.append(f"model.crop_size: {err}; raise it or set 0 for the model's own size")
 
 
 def _check_meta_category(config: ExperimentConfig, manifest: Manifest, problems: list[str]) -> list[int] | None:

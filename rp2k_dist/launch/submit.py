@@ -328,18 +328,37 @@ def submit(
                   "temporary working dir (shards are not uploaded, runs are lost); use shared storage "
                   "(s3://, gs://, /mnt/shared/...)", file=out)
 
-    entrypoint = build_entrypoint(relative, overrides, flags, command=command)
+    return submit_entrypoint(
+        build_entrypoint(relative, overrides, flags, command=command), root, name=config.run.name,
+        metadata={"rp2k_preset": relative, "rp2k_command": command}, address=address, pip=pip,
+        submission_id=submission_id, auth_token_file=auth_token_file, client=client, out=out)
+
+
+def submit_entrypoint(
+    entrypoint: str,
+    root: Path,
+    *,
+    name: str,
+    metadata: Mapping[str, str] | None = None,
+    address: str | None = None,
+    pip: bool = False,
+    submission_id: str | None = None,
+    auth_token_file: str | Path | None = None,
+    client: JobSubmissionClient | None = None,
+    out: TextIO | None = None,
+) -> str:
+    """Upload ``root`` as the working dir and run ``entrypoint`` there as a Ray job named
+    after ``name``; returns the job id."""
+    out = out or sys.stdout
     runtime_env = build_runtime_env(root, pip=pip)
-    submission_id = submission_id or default_submission_id(config.run.name)
+    submission_id = submission_id or default_submission_id(name)
     if client is None:
         client = connect(address, auth_token_file)
     print(f"uploading {root} as the job's working_dir (without {', '.join(EXCLUDES)} and .gitignored files)",
           file=out, flush=True)
     with friendly_errors(_client_address(client)), _quiet_packaging_logs():
-        return client.submit_job(
-            entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
-            metadata={"rp2k_run": config.run.name, "rp2k_preset": relative, "rp2k_command": command},
-        )
+        return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
+                                 metadata={"rp2k_run": name, **(metadata or {})})
 
 
 @contextlib.contextmanager

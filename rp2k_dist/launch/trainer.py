@@ -170,14 +170,20 @@ def run_training(config: ExperimentConfig, address: str | None = None, verbose: 
     bar = console and sys.stderr.isatty()
     printer = EpochPrinter(folder, config.optim.epochs, bar=bar, quiet=not console,
                            on_epoch=[tracking.log] if tracking else [])
+    with printer, tracking or contextlib.nullcontext():
+        return fit(build_trainer(config, progress=bar), config)
+
+
+def fit(trainer: TorchTrainer, config: ExperimentConfig) -> dict[str, Any]:
+    """Run ``trainer`` (of ``config``'s run) to its end; returns the final metrics. A worker
+    error that a restart would repeat is raised as itself (one line for the user)."""
     try:
-        with printer, tracking or contextlib.nullcontext():
-            result = build_trainer(config, progress=bar).fit()
+        result = trainer.fit()
     except ray.train.WorkerGroupError as err:
         cause = first_not_retryable(err.worker_failures)
         if cause is None:
             raise
-        raise cause from err  # the config/data error itself: one line for the user
+        raise cause from err
     if result.error is not None:
         raise result.error
     history = read_metrics(config)
