@@ -51,6 +51,26 @@ def test_epoch_printer_prints_each_new_epoch_once_and_skips_a_resumed_history(tm
     assert LINE.match(lines[1]).group(9) == "0:00:00"  # then the pace between summaries (polls: ~0 s)
 
 
+def test_epoch_printer_prints_each_drain_notice_once(tmp_path):
+    from rp2k_dist.run_folder import append_preemption
+
+    storage = RunStorage(str(tmp_path), "run")
+    event = {"node_ids": ["1e23ac81a7281d4c"], "ranks": [2], "seconds_left": 85.3, "saved": "mid-epoch checkpoint",
+             "checkpoint": "epoch_0000_step_0000002", "consumed": 96, "epoch": 1, "saved_before_deadline": True}
+    out = io.StringIO()
+    printer = EpochPrinter(storage, 4, out=out)
+    append_preemption(storage, event)
+    printer.poll()
+    printer.poll()
+    assert out.getvalue() == ("preemption: node 1e23ac81 (ranks [2]) drained, 85 s before its deadline; "
+                              "saved epoch_0000_step_0000002 (96 samples of epoch 1) before it\n")
+    late = {**event, "seconds_left": None, "saved": "epoch-end checkpoint (after evaluation)", "checkpoint": "epoch_0001"}
+    append_preemption(storage, late)
+    printer.poll()
+    assert out.getvalue().splitlines()[1].endswith("no deadline given; epoch_0001 follows at the end of epoch 1")
+    assert EpochPrinter(storage, 4, out=io.StringIO()).preemptions == 2  # a resumed driver does not repeat them
+
+
 @pytest.mark.slow
 def test_rp2k_train_prints_one_line_per_epoch_and_no_ray_report_lines(synth_shards, tmp_path, monkeypatch):
     sets = [a for o in tiny_run_overrides(synth_shards.root, tmp_path, "console", epochs=2) for a in ("--set", o)]

@@ -107,7 +107,8 @@ def _preempt_then_add_a_node(cluster, nodes, joined, config, trace: Path, log: d
     return thread
 
 
-def test_elastic_run_checkpoints_on_a_drain_continues_on_fewer_workers_and_grows_back(spot_cluster, synth_shards, tmp_path):
+def test_elastic_run_checkpoints_on_a_drain_continues_on_fewer_workers_and_grows_back(spot_cluster, synth_shards, tmp_path,
+                                                                                      capsys):
     cluster, nodes, trace, joined = spot_cluster
     config = load_config(None, tiny_run_overrides(synth_shards.root, tmp_path / "runs", "spot", epochs=2) + [
         "run.workers=[2, 3]", f"optim.global_batch={GLOBAL_BATCH}", "run.cpus_per_worker=2",
@@ -126,6 +127,7 @@ def test_elastic_run_checkpoints_on_a_drain_continues_on_fewer_workers_and_grows
     assert event["checkpoint"] == f"epoch_{event['epoch'] - 1:04d}_step_{event['global_step']:07d}"
     steps_per_epoch = synth_shards.num_samples("train") // GLOBAL_BATCH
     assert event["consumed"] == (event["global_step"] - (event["epoch"] - 1) * steps_per_epoch) * GLOBAL_BATCH
+    assert f"saved {event['checkpoint']} ({event['consumed']} samples of epoch 1) before it" in capsys.readouterr().out
 
     lines = read_trace(trace / config.run.name)
     attempts = sorted({(line["origin"], line["attempt"], line["world_size"]) for line in lines})

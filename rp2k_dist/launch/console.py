@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, TextIO
 
+from ..run_folder import read_preemptions
 from ..storage import RunStorage
 from .ray_private import TOKEN_NOTICE_LOGGER
 
@@ -54,6 +55,19 @@ def format_epoch(metrics: dict[str, Any], epochs: int, elapsed: float, eta: floa
             f"elapsed {_clock(elapsed)}  ETA {_clock(eta) if eta is not None else '-'}")
 
 
+def format_preemption(event: dict[str, Any]) -> str:
+    """``preemption: node 1e23ac81 (ranks [2]) drained, 86 s before its deadline; saved
+    epoch_0000_step_0000002 (96 samples of epoch 1) before it`` (one ``preemptions.jsonl`` row)."""
+    nodes = ", ".join(n[:8] for n in event["node_ids"]) or "?"
+    left = "no deadline given" if event["seconds_left"] is None else f"{event['seconds_left']:.0f} s before its deadline"
+    if event["saved"] != "mid-epoch checkpoint":
+        saved = f"{event['checkpoint']} follows at the end of epoch {event['epoch']}"
+    else:
+        before = {True: " before it", False: " AFTER it", None: ""}[event["saved_before_deadline"]]
+        saved = f"saved {event['checkpoint']} ({event['consumed']} samples of epoch {event['epoch']}){before}"
+    return f"preemption: node {nodes} (ranks {event['ranks']}) drained, {left}; {saved}"
+
+
 def _clock(seconds: float) -> str:
     return str(timedelta(seconds=round(seconds)))
 
@@ -70,6 +84,7 @@ class EpochPrinter:
         self.bar, self.quiet = bar and not quiet, quiet
         self.on_epoch = on_epoch or []
         self.printed = len(self._history())  # a resumed run: its earlier epochs are not news
+        self.preemptions = len(self._preemption_events())  # drain notices printed (or from before)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._start = time.monotonic()
@@ -99,6 +114,12 @@ class EpochPrinter:
                 break
         return rows
 
+    def _preemption_events(self) -> list[dict[str, Any]]:
+        try:
+            return read_preemptions(self.storage)
+        except (OSError, json.JSONDecodeError):  # being written: read it next time
+            return []
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self.poll()
@@ -116,6 +137,12 @@ class EpochPrinter:
             for callback in self.on_epoch:
                 callback(metrics)
         self.printed = max(self.printed, len(history))
+        events = self._preemption_events()
+        for event in events[self.preemptions:]:
+            self._close_bar()
+            if not self.quiet:
+                print(format_preemption(event), file=self.out, flush=True)
+        self.preemptions = max(self.preemptions, len(events))
         if self.bar:
             self._update_bar()
 
