@@ -82,7 +82,7 @@ class DataConfig:
     """Where the shards are and how they are streamed (per worker = per GPU)."""
 
     shards: str = "runs/demo/shards"  # folder with dataset.json (a shared mount on clusters)
-    batch_size: int = 64  # images per worker per step
+    batch_size: int = 64  # images per worker per step (with optim.global_batch: the largest micro-batch)
     eval_batch_size: int = 0  # 0 = 2 x batch_size
     loader_workers: int = 2  # decoding processes per training worker
     shuffle_buffer: int = 2000
