@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import run_folder, storage
-from ..config import ConfigError, ExperimentConfig, load_config
+from ..config import ConfigError, ExperimentConfig, load_config, parse_meta_category
 from ..storage import RunStorage
 
 STATE_FILE = "reproduce.json"
@@ -223,9 +223,10 @@ def plan_runs(experiments: Sequence[Experiment], configs: dict[str, ExperimentCo
             raise ConfigError(f"--img-per-s has no figure for {model} (give {model}=IMG_PER_S)")
         evaluations = len([epoch for epoch in range(1, config.optim.epochs + 1)
                            if epoch % config.run.eval_every == 0 or epoch == config.optim.epochs])
-        r = config.run
-        planned.append(PlannedRun(e.name, model, config.optim.epochs, train, test, evaluations,
-                                  r.max_workers * (r.gpus_per_worker if r.use_gpu else 1), img_per_s[model], e.needs))
+        unit, amount = demand(config)
+        gpus = amount if unit == "GPU" else config.run.max_workers  # a CPU preset planned as 1 GPU per worker
+        planned.append(PlannedRun(e.name, model, config.optim.epochs, train, test, evaluations, gpus,
+                                  img_per_s[model], e.needs))
     return planned
 
 
@@ -236,17 +237,17 @@ def simulate(planned: Sequence[PlannedRun], gpus: float) -> dict[str, tuple[floa
         if run.gpus > gpus:
             raise ConfigError(f"{run.name} needs {run.gpus:g} GPUs, the plan has {gpus:g}")
     times: dict[str, tuple[float, float]] = {}
-    running: list[tuple[float, str]] = []  # (end, name)
+    running: list[tuple[float, float]] = []  # (end, GPUs) of the runs started
     waiting = list(planned)
     now = 0.0
     while waiting:
-        free = gpus - sum(next(p.gpus for p in planned if p.name == n) for end, n in running if end > now)
+        free = gpus - sum(held for end, held in running if end > now)
         started = False
         for run in list(waiting):
             ready = run.needs is None or (run.needs in times and times[run.needs][1] <= now)
             if ready and run.gpus <= free + 1e-9:
                 times[run.name] = (now, now + run.wall_seconds)
-                running.append((now + run.wall_seconds, run.name))
+                running.append((now + run.wall_seconds, run.gpus))
                 free -= run.gpus
                 waiting.remove(run)
                 started = True
@@ -276,7 +277,6 @@ def format_plan(planned: Sequence[PlannedRun], gpus: float, source: str) -> str:
 
 def manifest_counts(config: ExperimentConfig) -> tuple[int, int]:
     """(train, test) images of the run's classes in its packed dataset."""
-    from ..config import parse_meta_category
     from ..data.manifest import Manifest
 
     manifest = Manifest.load(config.data.shards)
@@ -291,8 +291,6 @@ def paper_counts(config: ExperimentConfig) -> tuple[int, int]:
     """(train, test) images of the run's classes in RP2K as the paper counts them."""
     if not config.data.meta_category:
         return PAPER_COUNTS["train"], PAPER_COUNTS["test"]
-    from ..config import parse_meta_category
-
     _, value = parse_meta_category(config.data.meta_category)
     if value not in PAPER_COUNTS:
         raise ConfigError(f"the paper's Table 1 counts have no {value!r}; plan from a packed dataset (--shards)")
@@ -308,7 +306,7 @@ class RunRecord:
 
     name: str
     state: str = "waiting"  # waiting | running | finished | failed | skipped
-    gpus: float = 0.0
+    amount: float = 0.0  # GPUs (or CPUs, ``unit``) its workers hold
     unit: str = "GPU"
     started: float | None = None  # unix time
     finished: float | None = None
@@ -378,7 +376,7 @@ def run_graph(experiments: Sequence[Experiment], configs: dict[str, ExperimentCo
     by_name = {e.name: e for e in experiments}
     for e in experiments:
         unit, amount = demand(configs[e.name])
-        record = RunRecord(e.name, gpus=amount, unit=unit)
+        record = RunRecord(e.name, amount=amount, unit=unit)
         if is_finished(configs[e.name]):
             old = previous.get(e.name, {})
             record.state, record.note = "finished", "finished before this command (not trained again)"
@@ -396,7 +394,7 @@ def run_graph(experiments: Sequence[Experiment], configs: dict[str, ExperimentCo
     while True:
         held = {"GPU": 0.0, "CPU": 0.0}
         for name in running.values():
-            held[state.records[name].unit] += state.records[name].gpus
+            held[state.records[name].unit] += state.records[name].amount
         for e in experiments:
             record = state.records[e.name]
             if record.state != "waiting":
@@ -408,7 +406,7 @@ def run_graph(experiments: Sequence[Experiment], configs: dict[str, ExperimentCo
                 continue
             if e.needs and state.records[e.needs].state != "finished":
                 continue
-            if held[record.unit] + record.gpus > capacity.get(record.unit, 0) + 1e-9:
+            if held[record.unit] + record.amount > capacity.get(record.unit, 0) + 1e-9:
                 continue
             config = configs[e.name]
             if e.needs:
@@ -416,10 +414,10 @@ def run_graph(experiments: Sequence[Experiment], configs: dict[str, ExperimentCo
                 config.model.weights = storage_uri(run_folder.find_checkpoint(general))
             resumed = RunStorage(config.run.storage_path, config.run.name).exists(run_folder.METRICS)
             running[task.remote(config.to_dict())] = e.name
-            held[record.unit] += record.gpus
+            held[record.unit] += record.amount
             record.state, record.started = "running", time.time()
             say(f"{'resume' if resumed else 'start'} {e.name} ({config.model.name}, {config.optim.epochs} epochs, "
-                f"{config.run.max_workers} workers, {record.gpus:g} {record.unit}s)")
+                f"{config.run.max_workers} workers, {record.amount:g} {record.unit}s)")
             state.save()
         if not running:
             break
@@ -514,12 +512,12 @@ def write_report(state: Reproduction, configs: dict[str, ExperimentConfig]) -> P
         config = configs[name]
         run = runs.get(name)
         train_s = sum(m.get("epoch_seconds", 0.0) for m in run.metrics) if run else math.nan
-        rows.append([name, config.model.name, record.state, f"{record.gpus:g} {record.unit}",
+        rows.append([name, config.model.name, record.state, f"{record.amount:g} {record.unit}",
                      f"{_hours(record) * 60:.1f}", f"{train_s / 60:.1f}",
-                     f"{_hours(record) * record.gpus:.2f} {record.unit}-h", record.error or record.note or ""])
+                     f"{_hours(record) * record.amount:.2f} {record.unit}-h", record.error or record.note or ""])
     out.append(_markdown_rows(["run", "model", "state", "workers hold", "wall min", "train min", "cost", "note"],
                               rows, text_columns=4))
-    spent = {unit: sum(_hours(r) * r.gpus for r in state.records.values() if r.unit == unit and r.state == "finished")
+    spent = {unit: sum(_hours(r) * r.amount for r in state.records.values() if r.unit == unit and r.state == "finished")
              for unit in sorted({r.unit for r in state.records.values()})}
     out.append("Cost spent: " + ", ".join(f"{hours:.2f} {unit}-hours" for unit, hours in spent.items())
                + " (each finished run's wall time x the GPUs, or CPUs, its workers hold; 'train min' is the runs' "
