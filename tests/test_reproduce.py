@@ -7,6 +7,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,6 +163,7 @@ def ray_cluster(tmp_path_factory):
     finally:
         _kill_tree(head.pid, str(base))
         log.close()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 #: The paper's runs at a size two CPU cores train in seconds (1 epoch, tiny crops, P x K 2 x 2).
