@@ -265,8 +265,11 @@ def test_a_specialist_from_a_general_checkpoint_starts_as_the_general_model_on_i
     assert f"2 sliced by class ({fc}weight, {fc}bias)" in report.summary()
     assert report.new == ([] if name == "resnet34" else ["map1.weight", "map1.bias", "map2.weight", "map2.bias"])
     images = torch.randn(5, 3, 64, 64)
+    state, general_state = specialist.state_dict(), general.state_dict()
+    assert torch.equal(state[f"{fc}weight"], general_state["net.fc.weight"][subset])
     with torch.no_grad():
-        assert torch.equal(specialist.eval()(images), general(images)[:, subset])
+        # the same weights; a 3-row matmul may round differently from an 8-row one, so not bit-equal
+        torch.testing.assert_close(specialist.eval()(images), general(images)[:, subset], rtol=1e-5, atol=1e-5)
 
 
 def test_inception_specialist_slices_both_classifiers(tmp_path):
