@@ -28,6 +28,16 @@ def _step(title: str) -> float:
     return time.perf_counter()
 
 
+def training_line(done_before: int, final: dict, seconds: float) -> str:
+    """What this call trained: all epochs, the rest of a resumed run, or nothing."""
+    epochs = final["epoch"]
+    if done_before >= epochs:
+        return f"the run had finished its {epochs} epochs before: nothing to train (remove its folder to retrain)"
+    resumed = f", resumed after epoch {done_before}" if done_before else ""
+    return (f"trained {epochs - done_before} of {epochs} epochs in {seconds:.0f} s{resumed} "
+            f"({final['images_per_second']:.0f} img/s in the last epoch)")
+
+
 def run_demo(out: Path, size: str = "default", address: str | None = None) -> int:
     from .data.pack import PackConfig, pack_dataset
     from .data.rp2k import scan_rp2k
@@ -37,7 +47,7 @@ def run_demo(out: Path, size: str = "default", address: str | None = None) -> in
     from .analysis.umap_plot import embed_and_project, plot_umap
     from .evaluation.ensemble_eval import evaluate_ensemble
     from .run_folder import find_checkpoint
-    from .launch.trainer import run_training
+    from .launch.trainer import read_metrics, run_training
 
     classes, per_class, image_size, epochs, specialist_epochs = SIZES[size]
     out = out.resolve()
@@ -65,10 +75,10 @@ def run_demo(out: Path, size: str = "default", address: str | None = None) -> in
 
     t = _step("3/6 distributed training: ResNet-34, 2 Ray Train workers (DDP, gloo)")
     config = load_config(PRESET, [f"data.shards={shards}", f"run.storage_path={out / 'runs'}", f"optim.epochs={epochs}"])
+    done_before = len(read_metrics(config))  # a rerun resumes the run folder it left
     final = run_training(config, address=address)
     run_dir = out / "runs" / config.run.name
-    print(f"trained {final['epoch']} epochs in {time.perf_counter() - t:.0f} s "
-          f"({final['images_per_second']:.0f} img/s in the last epoch)")
+    print(training_line(done_before, final, time.perf_counter() - t))
 
     chance = 100.0 / manifest.num_classes
     print(f"test top-1 {final['val_top1']:.1f} % (chance {chance:.1f} %), top-5 {final['val_top5']:.1f} %")

@@ -113,6 +113,19 @@ def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device
     return data
 
 
+def resume_mismatch(checkpoint: dict[str, Any], model_name: str, class_names: list[str]) -> str | None:
+    """Why the run's latest ``checkpoint`` cannot be resumed by a run of ``model_name`` on
+    classes ``class_names`` (a run folder reused for another model or dataset), or None."""
+    if checkpoint.get("model_name") != model_name:
+        return f"its checkpoint holds a {checkpoint.get('model_name')}, this run trains {model_name}"
+    before = [c["name"] for c in checkpoint.get("classes", [])]
+    if before != class_names:
+        changed = sum(a != b for a, b in zip(before, class_names)) + abs(len(before) - len(class_names))
+        return (f"its checkpoint has {len(before)} classes, this run's data {len(class_names)} "
+                f"({changed} differ in name or order): the shards or meta-category changed")
+    return None
+
+
 def find_checkpoint(path: str | Path) -> str:
     """A checkpoint file, a checkpoint folder, or a run folder (its latest checkpoint folder
     that holds a checkpoint); local or a URI (``s3://bucket/runs/NAME``). Returns the

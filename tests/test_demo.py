@@ -65,3 +65,12 @@ def test_tiny_demo_runs_end_to_end_from_an_installed_wheel(tmp_path):
     assert (run / "predictions.parquet").exists()
     assert (run / "umap.png").exists() and (run / "report" / "report.html").exists()
     assert "report: " in done.stdout
+
+
+def test_the_training_line_says_what_this_call_trained():
+    from rp2k_dist.demo import training_line
+
+    final = {"epoch": 12, "images_per_second": 41.6}
+    assert training_line(0, final, 95.2) == "trained 12 of 12 epochs in 95 s (42 img/s in the last epoch)"
+    assert training_line(5, final, 40) == "trained 7 of 12 epochs in 40 s, resumed after epoch 5 (42 img/s in the last epoch)"
+    assert training_line(12, final, 9) == "the run had finished its 12 epochs before: nothing to train (remove its folder to retrain)"

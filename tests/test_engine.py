@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from rp2k_dist.config import load_config
-from rp2k_dist.run_folder import CHECKPOINT, checkpoint_dir, load_checkpoint
+from rp2k_dist.config import ConfigError, load_config
+from rp2k_dist.run_folder import CHECKPOINT, checkpoint_dir, load_checkpoint, resume_mismatch
 from rp2k_dist.engine.context import LocalContext
 from rp2k_dist.engine.train import NonFiniteLossError, train_worker, warmup_cosine
 from rp2k_dist.storage import RunStorage
@@ -123,6 +123,14 @@ def test_specialist_run_sees_only_its_meta_category(synth_shards, tmp_path):
     assert checkpoint["model_args"]["num_classes"] == types.count(chosen)
     expected = sum(c["counts"]["test"] for c in synth_shards.classes if c["type"] == chosen)
     assert final["val_samples"] == expected
+    # the same run folder for all classes: a clear error, not a state-dict size mismatch
+    with pytest.raises(ConfigError, match=rf"spec cannot be resumed: its checkpoint has {types.count(chosen)} "
+                                          rf"classes, this run's data {len(types)} .*give another run.name"):
+        _run(synth_shards, tmp_path, "spec", epochs=2)
+    names = [c["name"] for c in checkpoint["classes"]]
+    assert resume_mismatch(checkpoint, "resnet34", names) is None
+    assert resume_mismatch(checkpoint, "apinet", names) == "its checkpoint holds a resnet34, this run trains apinet"
+    assert "1 differ in name or order" in resume_mismatch(checkpoint, "resnet34", [*names[:-1], "other"])
 
 
 def test_apinet_specialist_and_routed_ensemble(synth_shards, tmp_path):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import ExperimentConfig, parse_meta_category
+from ..config import ConfigError, ExperimentConfig, parse_meta_category
 from ..data.loader import LoaderConfig, ShardLoader
 from ..data.manifest import Manifest
 from ..data.transforms import EvalTransform, RawJpeg, TrainTransform
@@ -34,7 +34,7 @@ from .. import run_folder
 from ..input_spec import InputSpec
 from ..models import create_model, input_spec, load_weights_file
 from ..run_folder import FORMAT, VERSION, write_metrics
-from ..storage import RunStorage
+from ..storage import RunStorage, display
 from . import distributed as dist_utils
 from ..data.epoch_state import consumed_of
 from .checkpoint import rng_state, set_rng_state
@@ -412,6 +412,10 @@ def train_worker(
     partial = None  # the consumed samples of an epoch interrupted after a mid-epoch checkpoint
     checkpoint = context.latest_checkpoint()
     if checkpoint is not None:
+        mismatch = run_folder.resume_mismatch(checkpoint, config.model.name, [c["name"] for c in data.classes])
+        if mismatch:
+            raise ConfigError(f"run folder {display(context.storage.uri)} cannot be resumed: {mismatch}; "
+                              "give another run.name, or remove that run folder to start afresh")
         model_without_ddp.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         lr_scheduler.load_state_dict(checkpoint["scheduler"])
