@@ -3,6 +3,7 @@ prediction on files, export."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -130,8 +131,9 @@ def test_report_table2_matches_predictions_and_html_is_self_contained(run_dir, t
     page = html_path.read_text(encoding="utf-8")
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
     assert len(sources) >= 4 and all(s.startswith("data:image/png;base64,") for s in sources)
-    # ':' is outside base64's alphabet, so no "://" can hide inside an embedded image by chance
-    assert "<link" not in page and "<script" not in page and not any("://" in s for s in sources)
+    assert "<link" not in page and "<script" not in page
+    # every embedded image is a whole PNG in strict base64 (no URL can hide in one)
+    assert all(base64.b64decode(s.split(",", 1)[1], validate=True).startswith(b"\x89PNG\r\n") for s in sources)
     assert page.count("<table>") == len(re.findall(r"(?m)^\|---", md))
 
 
