@@ -16,8 +16,9 @@ from pathlib import Path
 
 from .config import RUN_FLAGS, ExperimentConfig, SweepConfig, flag_overrides, load_config
 from .data.metadata import MetadataColumns
-from .storage import StorageError, display
+from .errors import ConfigError, Rp2kError
 from .run_folder import TABLE2
+from .storage import display
 
 
 def _metadata_columns(pairs: list[str] | None) -> MetadataColumns:
@@ -25,7 +26,7 @@ def _metadata_columns(pairs: list[str] | None) -> MetadataColumns:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--metadata-column wants FACT=COLUMN, got {pair!r}")
+            raise ConfigError(f"--metadata-column wants FACT=COLUMN, got {pair!r}")
         mapping[key.strip()] = value.strip() or None
     return MetadataColumns.from_mapping(mapping)
 
@@ -286,9 +287,9 @@ def _img_per_s(pairs: list[str] | None) -> dict[str, float]:
         try:
             rates[model.strip()] = float(value)
         except ValueError:
-            raise SystemExit(f"--img-per-s wants MODEL=IMAGES_PER_SECOND, got {pair!r}") from None
+            raise ConfigError(f"--img-per-s wants MODEL=IMAGES_PER_SECOND, got {pair!r}") from None
         if not sep or rates[model.strip()] <= 0:
-            raise SystemExit(f"--img-per-s wants MODEL=IMAGES_PER_SECOND > 0, got {pair!r}")
+            raise ConfigError(f"--img-per-s wants MODEL=IMAGES_PER_SECOND > 0, got {pair!r}")
     return rates
 
 
@@ -320,8 +321,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(plan(args.shards, only, args.set or [], args.gpus, _img_per_s(args.img_per_s), address=args.address))
         return 0
     if not args.shards:
-        raise SystemExit("rp2k reproduce: --shards is required (the packed RP2K, e.g. s3://bucket/rp2k or "
-                         "/mnt/shared/shards/rp2k; pack it with `rp2k pack`)")
+        raise ConfigError("--shards is required (the packed RP2K, e.g. s3://bucket/rp2k or "
+                          "/mnt/shared/shards/rp2k; pack it with `rp2k pack`)")
     if args.submit:
         return _follow_job(submit_reproduce(args), args)
     return reproduce(args.shards, args.storage_path, only, args.set or [], address=args.address,
@@ -556,17 +557,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_lines(command: str, err: Rp2kError) -> str:
+    """An :class:`~rp2k_dist.errors.Rp2kError` as the user sees it: ``rp2k CMD: error: ...``
+    (a message of several lines keeps them, indented) and the hint on its own line."""
+    message = str(err).strip().replace("\n", "\n  ")
+    lines = [f"rp2k {command}: error: {message}"]
+    if err.hint:
+        lines.append(f"  hint: {err.hint}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: the command's own (0 on success), 2 for an Rp2kError (printed as its
+    message and hint; ``--traceback`` raises it instead), 130 after Ctrl-C. Any other
+    exception is a bug and propagates with its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError, ArithmeticError, StorageError) as err:
-        # Errors of ours carry a message meant for the user: no traceback unless asked.
+    except Rp2kError as err:
         if args.traceback:
             raise
-        print(f"rp2k {args.command}: error: {err}", file=sys.stderr)
+        print(error_lines(args.command, err), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"rp2k {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -25,9 +25,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file, key or value is wrong."""
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -46,18 +44,13 @@ class AugmentConfig:
     brightness_max: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.border_max < 0 or self.crop_max < 0:
-            raise ValueError("border_max and crop_max must be >= 0 px")
-        if not 0.0 <= self.perspective_scale < 1.0:
-            raise ValueError(f"perspective_scale must be in [0, 1), got {self.perspective_scale}")
-        if not 0.0 <= self.perspective_p <= 1.0:
-            raise ValueError(f"perspective_p must be in [0, 1], got {self.perspective_p}")
-        if not 0.0 <= self.brightness_max < 1.0:
-            raise ValueError(f"brightness_max must be in [0, 1), got {self.brightness_max}")
-        if self.border_fill != "random" and not (
-            isinstance(self.border_fill, int) and 0 <= self.border_fill <= 255
-        ):
-            raise ValueError(f"border_fill must be 'random' or a grey level 0..255, got {self.border_fill!r}")
+        _check(self.border_max >= 0 and self.crop_max >= 0, "augment.border_max and augment.crop_max must be >= 0 px")
+        _check(0.0 <= self.perspective_scale < 1.0,
+               f"augment.perspective_scale must be in [0, 1), got {self.perspective_scale}")
+        _check(0.0 <= self.perspective_p <= 1.0, f"augment.perspective_p must be in [0, 1], got {self.perspective_p}")
+        _check(0.0 <= self.brightness_max < 1.0, f"augment.brightness_max must be in [0, 1), got {self.brightness_max}")
+        _check(self.border_fill == "random" or (isinstance(self.border_fill, int) and 0 <= self.border_fill <= 255),
+               f"augment.border_fill must be 'random' or a grey level 0..255, got {self.border_fill!r}")
 
     @classmethod
     def off(cls) -> "AugmentConfig":

@@ -54,8 +54,9 @@ class PreflightError(ConfigError):
 
     hint = f"each line names a key and its fix; {TROUBLESHOOTING}#preflighterror"
 
-    def __init__(self, problems: list[str], *, hint: str | None = None):
-        self.problems = list(problems)
+    def __init__(self, problems: list[str] | str, *, hint: str | None = None):
+        # a str: the joined message, as unpickling passes it back
+        self.problems = problems.splitlines() if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems), hint=hint)
 
 
@@ -135,7 +136,7 @@ class RunFolderError(Rp2kError):
 class NonFiniteLossError(Rp2kError):
     """The loss became NaN or infinite: the run stops instead of saving a broken model."""
 
-    hint = f"lower optim.lr, or set optim.grad_clip; {TROUBLESHOOTING}#nonfinitelosserror"
+    hint = f"{TROUBLESHOOTING}#nonfinitelosserror"
 
 
 class ExportCheckError(Rp2kError):
@@ -150,6 +151,13 @@ class StorageError(Rp2kError):
 
     retryable = True  # a bucket or network hiccup may pass; a restart resumes from the checkpoint
     hint = f"check the path, the bucket and the credential variables; {TROUBLESHOOTING}#storageerror"
+
+
+class NotFoundError(StorageError, FileNotFoundError):
+    """A file or object that is not there (also a :class:`FileNotFoundError`)."""
+
+    retryable = False
+    hint = f"check the path; {TROUBLESHOOTING}#notfounderror"
 
 
 class SubmitError(Rp2kError):

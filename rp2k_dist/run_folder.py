@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import storage
+from .errors import CheckpointError
 from .storage import RunStorage
 
 if TYPE_CHECKING:  # torch is imported when a checkpoint is: naming artefacts stays light
@@ -52,10 +53,6 @@ LEGACY_CHECKPOINTS = "checkpoints"
 
 FORMAT = "rp2k-dist-checkpoint"
 VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A file that is not a checkpoint of this project (or of an unknown version)."""
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -102,7 +99,7 @@ def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device
         if path.is_dir():
             path = path / CHECKPOINT
         if not path.exists():
-            raise FileNotFoundError(f"checkpoint {path} not found")
+            raise CheckpointError(f"checkpoint {path} not found")
         data = torch.load(path, map_location=map_location, weights_only=True)
     else:
         data = torch.load(io.BytesIO(source), map_location=map_location, weights_only=True)
@@ -138,8 +135,8 @@ def find_checkpoint(path: str | Path) -> str:
     for folder in reversed(checkpoint_dirs(path)):
         if storage.exists(storage.join(path, folder, CHECKPOINT)):
             return storage.join(path, folder, CHECKPOINT)
-    raise FileNotFoundError(f"no checkpoint at {storage.display(path)}: give a {CHECKPOINT}, its folder, "
-                            "or a run folder with epoch_*/")
+    raise CheckpointError(f"no checkpoint at {storage.display(path)}: give a {CHECKPOINT}, its folder, "
+                          "or a run folder with epoch_*/")
 
 
 def find_run_dir(path: str | Path) -> Path:

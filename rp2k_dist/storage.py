@@ -29,16 +29,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
+from .errors import NotFoundError, StorageError  # noqa: F401  (storage.NotFoundError for callers)
+
 #: Environment variables that configure pyarrow's filesystems (endpoints, credentials).
 ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "HADOOP_", "ARROW_")
 CREDENTIALS = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (endpoint: AWS_ENDPOINT_URL or ?endpoint_override=)"
 
 _read_lock = threading.Lock()
 _bytes_read = 0
-
-
-class StorageError(OSError):
-    """A read or write of a local file or object failed; the message says where and why."""
 
 
 def is_uri(path: str | Path) -> bool:
@@ -115,8 +113,8 @@ def open_input(location: str | Path):
     fs, path = resolve(location)
     try:
         return fs.open_input_stream(path)
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError as err:
+        raise NotFoundError(f"{display(location)} does not exist") from err
     except OSError as err:
         raise _error("read", location, err) from err
 
@@ -132,8 +130,8 @@ def read_range(location: str | Path, offset: int, length: int) -> bytes:
     try:
         with fs.open_input_file(path) as handle:
             data = handle.read_at(length, offset)
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError as err:
+        raise NotFoundError(f"{display(location)} does not exist") from err
     except OSError as err:
         raise _error("read", location, err) from err
     global _bytes_read

@@ -27,6 +27,7 @@ from rp2k_dist.config import load_config
 from rp2k_dist.engine.context import LocalContext
 from rp2k_dist.engine.train import train_worker
 from rp2k_dist.evaluation.inference import load_trained, logits_of, predict_shards
+from rp2k_dist.errors import DataError
 from rp2k_dist.storage import RunStorage
 from tests.conftest import tiny_run_overrides
 
@@ -92,7 +93,7 @@ def test_umap_subsample_is_deterministic_and_bounded(synth_shards):
 def test_umap_projects_a_handful_of_points():
     features = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
     assert project(features).shape == (5, 2)
-    with pytest.raises(ValueError, match="at least 3"):
+    with pytest.raises(DataError, match="at least 3"):
         project(features[:2])
 
 

@@ -8,6 +8,7 @@ from PIL import Image
 
 from rp2k_dist.data.augment import AugmentConfig, AugmentParams, apply, homography, sample_params
 from rp2k_dist.data.transforms import EvalTransform, InputSpec, TrainTransform, normalize
+from rp2k_dist.errors import ConfigError
 
 W, H = 60, 80
 
@@ -112,9 +113,9 @@ def test_train_and_eval_transforms_give_model_sized_uint8():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="augment.perspective_scale"):
         AugmentConfig(perspective_scale=1.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="augment.brightness_max"):
         AugmentConfig(brightness_max=-0.1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="augment.border_fill"):
         AugmentConfig(border_fill="purple")

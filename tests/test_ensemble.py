@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from rp2k_dist.errors import ConfigError
 from rp2k_dist.evaluation import (
     PAPER_TABLE3,
     Predictions,
@@ -75,9 +76,9 @@ def test_route_top5_majority_breaks_ties_by_rank():
 
 
 def test_route_rejects_an_unknown_rule_and_duplicate_specialists():
-    with pytest.raises(ValueError, match="rule"):
+    with pytest.raises(ConfigError, match="rule"):
         route(GENERAL_TOPK, CLASSES, SPECIALISTS, rule="oracle")
-    with pytest.raises(ValueError, match="same meta-category"):
+    with pytest.raises(ConfigError, match="same meta-category"):
         route(GENERAL_TOPK, CLASSES, [LIQUOR, Specialist("liquor", classes=(1, 0))])
 
 

@@ -11,6 +11,7 @@ import torchvision
 from torch import nn
 
 from rp2k_dist.data.transforms import InputSpec
+from rp2k_dist.errors import ConfigError, WeightsMismatchError
 from rp2k_dist.models import (
     MODELS,
     ApiNet,
@@ -77,14 +78,14 @@ def test_input_specs():
     assert input_spec("inception_v3") == InputSpec(299, 342)
     assert input_spec("apinet") == InputSpec(224, 256)
     assert input_spec("apinet", crop_size=448) == InputSpec(448, 512)
-    with pytest.raises(ValueError, match="299"):
+    with pytest.raises(ConfigError, match="299"):
         input_spec("inception_v3", crop_size=224)
 
 
 def test_unknown_names_and_sources_are_errors():
-    with pytest.raises(ValueError, match="apinet, inception_v3, resnet34"):
+    with pytest.raises(ConfigError, match="apinet, inception_v3, resnet34"):
         create_model("resnet50", num_classes=3)
-    with pytest.raises(ValueError, match="known"):
+    with pytest.raises(ConfigError, match="known"):
         input_spec("vit")
     with pytest.raises(ValueError, match="imagenet"):
         create_model("resnet34", num_classes=3, pretrained="imagenet21k")
@@ -225,19 +226,19 @@ def test_weights_file_errors(tmp_path):
         load_weights_file(model, tmp_path / "nowhere.pt")
 
     torch.save({"encoder.weight": torch.zeros(3)}, tmp_path / "alien.pt")
-    with pytest.raises(ValueError, match="nothing matched"):
+    with pytest.raises(WeightsMismatchError, match="nothing matched"):
         load_weights_file(model, tmp_path / "alien.pt")
 
     partial = {k: v for k, v in model.state_dict().items() if not k.startswith("net.layer4.")}
     torch.save(partial, tmp_path / "partial.pt")
-    with pytest.raises(ValueError, match=r"net\.layer4\.0\.conv1\.weight \(missing\).*partial"):
+    with pytest.raises(WeightsMismatchError, match=r"net\.layer4\.0\.conv1\.weight \(missing\).*partial"):
         load_weights_file(model, tmp_path / "partial.pt")
     report = load_weights_file(model, tmp_path / "partial.pt", partial=True)
     assert report.new and all(key.startswith("net.layer4.") for key in report.new)
 
     reshaped = dict(model.state_dict(), **{"net.conv1.weight": torch.zeros(64, 3, 3, 3)})
     torch.save(reshaped, tmp_path / "reshaped.pt")
-    with pytest.raises(ValueError, match=r"net\.conv1\.weight \(file \(64, 3, 3, 3\), model \(64, 3, 7, 7\)\)"):
+    with pytest.raises(WeightsMismatchError, match=r"net\.conv1\.weight \(file \(64, 3, 3, 3\), model \(64, 3, 7, 7\)\)"):
         load_weights_file(model, tmp_path / "reshaped.pt")
 
 
@@ -290,7 +291,7 @@ def test_classes_the_checkpoint_does_not_know_are_an_error_unless_partial(tmp_pa
     identity = load_weights_file(same_count, tmp_path / "general.pt", classes=[0, 1, 2, 3])
     assert identity.sliced == [] and identity.new == []
     model = create_model("resnet34", num_classes=2)
-    with pytest.raises(ValueError, match=r"net\.fc\.weight \(general\.pt has no row for global classes \[9\]\)"):
+    with pytest.raises(WeightsMismatchError, match=r"net\.fc\.weight \(general\.pt has no row for global classes \[9\]\)"):
         load_weights_file(model, tmp_path / "general.pt", classes=[1, 9])
     report = load_weights_file(model, tmp_path / "general.pt", classes=[1, 9], partial=True)
     assert report.new == ["net.fc.weight", "net.fc.bias"] and report.sliced == []

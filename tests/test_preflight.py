@@ -21,7 +21,7 @@ def _train(capsys, shards, tmp_path, *extra: str) -> tuple[int, list[str]]:
 
 def _assert_failed_before_ray(code, lines, tmp_path, key: str) -> str:
     assert code == 2
-    assert len(lines) == 1, lines
+    assert len(lines) == 2 and lines[1].startswith("  hint: "), lines  # the error, then what to do
     assert f"error: {key}" in lines[0]
     assert not ray.is_initialized()  # no Ray, so no Ray worker
     assert not (tmp_path / "runs" / "pre").exists()  # and no run folder
@@ -104,7 +104,8 @@ def test_unwritable_storage_and_every_problem_at_once(capsys, tmp_path):
     (tmp_path / "file").write_text("not a folder")
     code, lines = _train(capsys, tmp_path / "nowhere", tmp_path, f"run.storage_path={tmp_path / 'file' / 'runs'}")
     assert code == 2
-    assert len(lines) == 2 and "error: data.shards:" in lines[0] and lines[1].startswith("run.storage_path: cannot write")
+    assert len(lines) == 3 and "error: data.shards:" in lines[0] and lines[1].startswith("  run.storage_path: cannot write")
+    assert lines[2].startswith("  hint: ")
     assert not ray.is_initialized()
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from rp2k_dist.launch import reproduce as rep
 from rp2k_dist.launch.preflight import PreflightError
+from rp2k_dist.errors import ConfigError
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -30,7 +31,7 @@ def test_a_part_brings_the_runs_it_needs():
     assert len(rep.select(None)) == len(rep.PAPER) == 8  # Table 4's first row is Table 2's ResNet-34
     assert [e.name for e in rep.select(["table3-apinet-cosmetics", "cbl"])] == [
         rep.GENERAL, "table3-apinet-cosmetics", "cbl-off"]
-    with pytest.raises(ValueError, match="unknown part.*table9"):
+    with pytest.raises(ConfigError, match="unknown part.*table9"):
         rep.select(["table9"])
 
 
@@ -56,7 +57,7 @@ def test_sets_apply_to_every_run_or_to_one_part_or_run():
     assert configs["table3-apinet-cosmetics"].optim.epochs == 5 and configs["table2-inception-v3"].optim.epochs == 2
     assert configs["table3-apinet-liquor"].model.weights == ""  # filled in once the general model exists
     assert configs["table3-apinet-liquor"].data.meta_category == "type=liquor"
-    with pytest.raises(ValueError, match="neither a part"):
+    with pytest.raises(ConfigError, match="neither a part"):
         rep.split_sets(["table7:optim.lr=1"], names)
 
 
@@ -71,7 +72,7 @@ def test_schedule_starts_runs_when_inputs_exist_and_gpus_are_free():
     assert times == {"general": (0, 2), "other": (0, 1), "third": (1, 2), "specialist": (2, 2.5)}
     for t in (0.5, 1.5, 2.2):  # never more GPUs than the plan has
         assert sum(4 for s, e in times.values() if s <= t < e) <= 8
-    with pytest.raises(ValueError, match="needs 16 GPUs"):
+    with pytest.raises(ConfigError, match="needs 16 GPUs"):
         rep.simulate([_planned("big", 16, 1.0)], gpus=8)
 
 

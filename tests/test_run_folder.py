@@ -59,7 +59,7 @@ def test_a_foreign_file_is_not_a_checkpoint(tmp_path):
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not an rp2k-dist checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
         find_checkpoint(tmp_path)
 
 

@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rp2k_dist"
 
 #: Layers, lowest first: a module may import its own layer's package or a lower layer.
 LAYERS: list[set[str]] = [
+    {"errors"},
     {"input_spec", "storage"},
     {"models", "losses"},
     {"config"},  # validates model.name against the registry

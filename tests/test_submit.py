@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from rp2k_dist.cli import main
+from rp2k_dist.errors import ConfigError
 from rp2k_dist.launch.submit import (
     EXCLUDES,
     SubmitError,
@@ -131,7 +132,7 @@ def test_auth_mode_is_passed_through_but_never_the_token(monkeypatch):
 
 def test_preset_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")  # never reached: the checks come first
-    with pytest.raises(FileNotFoundError, match="no_such_preset.yaml not found"):
+    with pytest.raises(ConfigError, match="no_such_preset.yaml not found"):
         submit(REPO / "jobs" / "no_such_preset.yaml")
     outside = tmp_path / "elsewhere" / "preset.yaml"
     _write(outside, "run: {name: x}\n")

@@ -15,6 +15,7 @@ from rp2k_dist.data import synth
 from rp2k_dist.data.metadata import SHAPES, TYPES, load_metadata
 from rp2k_dist.data.rp2k import scan_rp2k
 from rp2k_dist.data.synth import SynthConfig, SynthSummary, make_synthetic_rp2k
+from rp2k_dist.errors import ConfigError, DataError
 
 SMALL = SynthConfig(classes=12, images_per_class=8, image_size=64, workers=1)
 HEADER = ["class", "sku", "name", "brand", "type", "shape", "size", "flavour"]
@@ -240,7 +241,7 @@ def test_class_sizes_are_long_tailed_and_every_meta_category_occurs(tmp_path: Pa
 )
 def test_invalid_config_is_refused(bad: dict):
     field = next(iter(bad))
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ConfigError, match=field):
         SynthConfig(**bad)
 
 
@@ -248,7 +249,7 @@ def test_refuses_to_overwrite_a_folder_it_did_not_write(tmp_path: Path):
     root = tmp_path / "precious"
     root.mkdir()
     (root / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="refusing"):
+    with pytest.raises(DataError, match="refusing"):
         make_synthetic_rp2k(root, SMALL)
     assert [p.name for p in root.iterdir()] == ["notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]

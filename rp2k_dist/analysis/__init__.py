@@ -17,12 +17,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..data.manifest import Manifest
+from ..errors import DataError
 
 
 def iter_shard_images(shards: str | Path | Manifest, keys: Iterable[str]) -> Iterator[tuple[str, bytes]]:
     """``(key, jpeg bytes)`` of every sample in ``keys``, read shard by shard (the
     manifest's ``index.parquet`` says which shard holds a key; other members are skipped
-    without decoding). Order: shard order, then position in the shard. Raises KeyError for
+    without decoding). Order: shard order, then position in the shard. Raises DataError for
     keys that are not in the index."""
     manifest = shards if isinstance(shards, Manifest) else Manifest.load(shards)
     wanted = set(keys)
@@ -30,7 +31,7 @@ def iter_shard_images(shards: str | Path | Manifest, keys: Iterable[str]) -> Ite
     index = index.filter(pc.is_in(index.column("key"), value_set=pa.array(sorted(wanted), pa.string())))
     missing = wanted - set(index.column("key").to_pylist())
     if missing:
-        raise KeyError(f"{len(missing)} keys not in {manifest.root / 'index.parquet'}, e.g. {sorted(missing)[:3]}")
+        raise DataError(f"{len(missing)} keys not in {manifest.root / 'index.parquet'}, e.g. {sorted(missing)[:3]}")
     for shard in sorted(set(index.column("shard").to_pylist())):
         with tarfile.open(manifest.root / shard) as tar:
             for member in tar:

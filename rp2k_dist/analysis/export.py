@@ -23,14 +23,11 @@ from torch import nn
 
 from ..data.transforms import normalize
 from ..evaluation.inference import TrainedModel, load_trained
+from ..errors import ExportCheckError
 
 Checkpoint = str | Path | TrainedModel
 #: Class facts copied into the model card.
 CARD_CLASS_FIELDS = ("index", "global_index", "name", "product_name", "sku", "brand", "type", "shape")
-
-
-class ExportCheckError(RuntimeError):
-    """The exported model does not reproduce the PyTorch model's outputs."""
 
 
 @dataclass

@@ -28,6 +28,7 @@ from .. import run_folder
 from ..data.manifest import Manifest, ManifestError
 from ..evaluation.ensemble import table3_markdown
 from ..evaluation.metrics import PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE4, AccuracyRow, AccuracyTable, format_percent
+from ..errors import RunFolderError
 from ..storage import RunStorage
 from . import iter_shard_images
 from .figures import MAX_VERTICAL_BARS, bar_chart_height, bar_panel, bars_shown, class_label, readable_fonts, short
@@ -67,7 +68,8 @@ class Run:
     def read(cls, run_dir: str | Path) -> "Run":
         path = Path(run_dir)
         if not (path / run_folder.CONFIG).exists():
-            raise FileNotFoundError(f"{path} is not a run folder (no {run_folder.CONFIG})")
+            raise RunFolderError(f"{path} is not a run folder (no {run_folder.CONFIG})",
+                                 hint="give the folder `rp2k train` printed (<run.storage_path>/<run.name>)")
         config = yaml.safe_load((path / run_folder.CONFIG).read_text(encoding="utf-8"))
         metrics = run_folder.read_metrics(RunStorage(str(path.parent), path.name))
         return cls(path, config, metrics, run_folder.read_json(path / run_folder.EVALUATION),

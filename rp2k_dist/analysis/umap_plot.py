@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..data.manifest import Manifest
 from ..data.metadata import SHAPES, TYPES
 from ..data.transforms import EvalTransform
+from ..errors import DataError
 from ..evaluation.inference import TrainedModel, features_of, load_trained
 from . import iter_shard_images
 from .figures import GREY, category_colours, legend_outside, readable_fonts
@@ -73,7 +74,7 @@ def project(features: np.ndarray, seed: int = 0) -> np.ndarray:
     N - 1 and the layout starts at random (the spectral start needs more points)."""
     n = len(features)
     if n < MIN_SAMPLES:
-        raise ValueError(f"UMAP needs at least {MIN_SAMPLES} samples, got {n}")
+        raise DataError(f"UMAP needs at least {MIN_SAMPLES} samples, got {n}")
     import umap
 
     reducer = umap.UMAP(
@@ -103,7 +104,7 @@ def embed_and_project(
     manifest = Manifest.load(shards or trained.checkpoint["config"]["data"]["shards"])
     samples = select_samples(manifest, split, trained.class_subset, max_samples, seed)
     if len(samples) < MIN_SAMPLES:
-        raise ValueError(f"split {split!r} of {manifest.root} has {len(samples)} samples; UMAP needs {MIN_SAMPLES}")
+        raise DataError(f"split {split!r} of {manifest.root} has {len(samples)} samples; UMAP needs {MIN_SAMPLES}")
     features = extract_features(trained, manifest, samples["key"].tolist(), batch_size, workers)
     matrix = np.stack([features[key] for key in samples["key"]])
     xy = project(matrix, seed)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import ManifestError
 from .manifest import Manifest
 
 DEFAULT_CHUNK_MB = 4.0
@@ -88,8 +89,8 @@ class SampleTable:
         """``split``'s samples (only labels in ``classes`` when given) from ``index.parquet``."""
         index = manifest.index()
         if "offset" not in index.column_names:
-            raise ValueError(f"{manifest.root}/index.parquet has no byte ranges (packed by an older rp2k-dist): "
-                             f"run `rp2k index {manifest.root}` once to add them")
+            raise ManifestError(f"{manifest.root}/index.parquet has no byte ranges (packed by an older rp2k-dist)",
+                                hint="repack the dataset with `rp2k pack`")
         rows = index.select(["split", "shard", "key", "label", "offset", "length"]).to_pydict()
         names = [s.name for s in manifest.shards(split)]
         position = {name: i for i, name in enumerate(names)}

@@ -8,15 +8,13 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import CorruptImageError
+
 #: File endings the RP2K reader treats as images (RP2K ships .jpg and .png).
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 
 #: Errors that mean "this file is not a usable image" (never a bug in our code).
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-class CorruptImageError(ValueError):
-    """A file that should hold an image cannot be decoded."""
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:

@@ -42,12 +42,9 @@ from .tar_index import samples_of
 from .manifest import Manifest
 from .transforms import stack_images
 from .workers import worker_context
+from ..errors import ConfigError, CorruptDataError, DataError
 
 Transform = Callable[[bytes, np.random.Generator], torch.Tensor]
-
-
-class CorruptDataError(RuntimeError):
-    """More samples failed to decode than ``max_corrupt_fraction`` allows."""
 
 
 @dataclass(frozen=True)
@@ -214,9 +211,9 @@ class _ShardStream(IterableDataset):
                     sample["cls"] = self.remap[label]
                 got += 1
                 yield sample
-        except storage.StorageError:
-            raise  # storage that cannot be read (credentials, endpoint) is not bad data
-        except (OSError, EOFError, tarfile.TarError) as err:  # a missing, truncated or garbled shard
+        # a missing, truncated or garbled shard is bad data; any other StorageError (credentials,
+        # endpoint) is not, and propagates
+        except (storage.NotFoundError, OSError, EOFError, tarfile.TarError) as err:
             errors.append(f"{where}: {type(err).__name__}: {err}"[:300])
         if got < piece.samples:
             counter["skipped"] += piece.samples - got
@@ -326,7 +323,8 @@ class ShardLoader:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         table = SampleTable.from_manifest(manifest, split, classes, int(config.chunk_mb * 1e6))
         if len(table) == 0:
-            raise ValueError(f"split {split!r} of {manifest.root} has no samples")
+            raise DataError(f"split {split!r} of {manifest.root} has no samples"
+                            + (" of the run's classes (data.meta_category)" if classes is not None else ""))
         self.split = split
         self.root = manifest.root
         self.config = config
@@ -350,12 +348,12 @@ class ShardLoader:
             pin_memory=config.pin_memory,
         )
         if train and config.global_batch and self.steps_per_epoch == 0:
-            raise ValueError(f"split {split!r} has {len(table)} samples: not one optimiser step of "
-                             f"optim.global_batch {config.global_batch}; lower it")
+            raise ConfigError(f"optim.global_batch: split {split!r} has {len(table)} samples, not one optimiser "
+                              f"step of {config.global_batch}; lower it")
         if train and len(self) == 0:
-            raise ValueError(
-                f"split {split!r} has {len(table)} samples: not one full batch of "
-                f"{self.dataset.batch_size} per rank for world size {world_size}; lower batch_size"
+            raise ConfigError(
+                f"data.batch_size: split {split!r} has {len(table)} samples, not one full batch of "
+                f"{self.dataset.batch_size} per rank for world size {world_size}; lower data.batch_size"
             )
 
     def set_epoch(self, epoch: int, consumed: ConsumedSamples | None = None, steps_done: int = 0) -> None:
@@ -423,7 +421,7 @@ class ShardLoader:
         self._check_corrupt(final=True)
         if steps is not None and emitted < steps:
             if self.dataset.pk and not self.stats.skipped:
-                raise ValueError(
+                raise ConfigError(
                     f"{self.split}: the class-balanced sampler formed only {emitted} of {steps} batches of "
                     f"{self.dataset.pk[0]} classes x {self.dataset.pk[1]} images on rank {self.rank}: too few "
                     "classes with >= 2 images per loader stream; lower data.classes_per_batch or data.loader_workers"

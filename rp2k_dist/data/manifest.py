@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from ..storage import is_uri, join, read_bytes
+from ..errors import ManifestError, MetaCategoryError, StorageError
 
 FORMAT_VERSION = 1
 DATASET_JSON = "dataset.json"
@@ -44,14 +45,6 @@ INDEX_SCHEMA = pa.schema(
     ]
 )
 RANGE_COLUMNS = ("offset", "length")
-
-
-class ManifestError(FileNotFoundError):
-    """A shard folder without a (readable) manifest."""
-
-
-class MetaCategoryError(ValueError):
-    """No class of the dataset has the requested meta-category."""
 
 
 def same_category(a: str, b: str) -> bool:
@@ -94,7 +87,7 @@ class Manifest:
         path = join(root, DATASET_JSON)
         try:
             raw = read_bytes(path)
-        except (FileNotFoundError, OSError) as err:
+        except StorageError as err:
             raise ManifestError(
                 f"{storage.display(path)} not readable ({err}): {storage.display(root)} is not a packed dataset. Pack one with "
                 f"`rp2k pack <RP2K root> {root}` (or `rp2k synth` first for the synthetic set)"
@@ -134,7 +127,8 @@ class Manifest:
     # -- shards ----------------------------------------------------------------------
     def shards(self, split: str) -> list[ShardInfo]:
         if split not in self.data["splits"]:
-            raise KeyError(f"split {split!r} not in {self.root} (has {sorted(self.data['splits'])})")
+            raise ManifestError(f"split {split!r} not in {self.root} (has {sorted(self.data['splits'])})",
+                                hint="pack a tree that has this split")
         return [ShardInfo(split=split, **s) for s in self.data["splits"][split]["shards"]]
 
     def shard_paths(self, split: str) -> list[str]:

@@ -14,6 +14,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import MetadataError
+
 #: The paper's two meta-category systems, seven values each (PAPER.md, Table 1).
 TYPES: tuple[str, ...] = (
     "dairy",
@@ -37,10 +39,6 @@ UNKNOWN = "unknown"
 
 #: Product facts kept per class (besides the class folder name itself).
 FIELDS: tuple[str, ...] = ("sku", "name", "brand", "type", "shape", "size", "flavour")
-
-
-class MetadataError(ValueError):
-    """The metadata table is missing, unreadable, or lacks a mapped column."""
 
 
 @dataclass(frozen=True)

@@ -38,16 +38,13 @@ from ..storage import join
 from .manifest import DATASET_JSON, Manifest, dump_json, write_manifest
 from .rp2k import SPLITS, RP2KIndex
 from .workers import worker_context
+from ..errors import ConfigError, PackError
 
 STATE_DIR = ".pack"
 #: Tar bytes per sample beyond the JPEG: three 512-byte headers, one block each for
 #: the class and JSON members, and half a block of padding after the JPEG on average.
 TAR_OVERHEAD = 5 * 512 + 256
 PILOT_SAMPLES = 32
-
-
-class PackError(RuntimeError):
-    """The output folder cannot take this pack (e.g. it holds a different one)."""
 
 
 @dataclass(frozen=True)
@@ -62,16 +59,17 @@ class PackConfig:
     workers: int = 0  # encoding processes; 0 = all cores
 
     def __post_init__(self) -> None:
-        if self.shorter_side < 32:
-            raise ValueError(f"shorter_side must be >= 32 px, got {self.shorter_side}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
-        if self.shard_size_mb <= 0:
-            raise ValueError(f"shard_size_mb must be > 0, got {self.shard_size_mb}")
-        if self.samples_per_shard is not None and self.samples_per_shard < 1:
-            raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        checks = (
+            (self.shorter_side >= 32, f"--shorter-side must be >= 32 px, got {self.shorter_side}"),
+            (1 <= self.jpeg_quality <= 100, f"--quality must be in 1..100, got {self.jpeg_quality}"),
+            (self.shard_size_mb > 0, f"--shard-size-mb must be > 0, got {self.shard_size_mb}"),
+            (self.samples_per_shard is None or self.samples_per_shard >= 1,
+             f"--samples-per-shard must be >= 1, got {self.samples_per_shard}"),
+            (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+        )
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,9 @@ from pathlib import Path
 
 from .images import IMAGE_SUFFIXES
 from .metadata import MetadataColumns, ProductInfo, load_metadata
+from ..errors import DatasetLayoutError
 
 SPLITS: tuple[str, ...] = ("train", "test")
-
-
-class DatasetLayoutError(FileNotFoundError):
-    """The dataset root does not hold an RP2K-like tree."""
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from ..errors import ConfigError, DataError
 from .metadata import FIELDS, TYPES
 
 T = TypeVar("T")
@@ -100,7 +101,7 @@ class SynthConfig:
         )
         problems = [message for ok, message in checks if not ok]
         if problems:
-            raise ValueError(f"invalid SynthConfig ({self!r}): " + "; ".join(problems))
+            raise ConfigError("rp2k synth: " + "; ".join(problems))
 
 
 def _is_int(value: object) -> bool:
@@ -562,7 +563,7 @@ class _Planter:
             if host != exclude and self.free[host]:
                 self.turn += step + 1
                 return host
-        raise RuntimeError("too few train images to plant the quirks; raise images_per_class")
+        raise ConfigError("too few train images to plant the quirks; raise --images-per-class or pass --no-quirks")
 
     def plant(self, kind: str, name: Callable[[str], str], exclude: int = -1) -> str:
         """Turn a free train image of the next host (not class ``exclude``) into ``kind``,
@@ -1014,9 +1015,9 @@ def _write_metadata(path: Path, classes: list[ClassSpec]) -> None:
 def _check_root(root: Path) -> None:
     """Refuse a root that is a file, or a non-empty folder we did not write."""
     if root.is_symlink() or (root.exists() and not root.is_dir()):
-        raise ValueError(f"{root} exists and is not a folder; pick another dataset root")
+        raise DataError(f"{root} exists and is not a folder; pick another dataset root")
     if root.is_dir() and any(root.iterdir()) and not (root / MARKER).is_file():
-        raise ValueError(
+        raise DataError(
             f"{root} is not empty and is not an earlier synthetic dataset (no {MARKER}); "
             "refusing to overwrite it: pick an empty or new folder"
         )

@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .. import storage
+from ..errors import StorageError
 from .manifest import Manifest, ShardInfo
 
 
@@ -44,7 +45,7 @@ def _diagnose(location: str, shard: ShardInfo, expected: dict[str, str]) -> list
                 key = member.name[: -len(".jpg")]
                 data = tar.extractfile(member).read()  # type: ignore[union-attr]
                 found[key] = hashlib.sha256(data).hexdigest()
-    except (tarfile.TarError, OSError, EOFError) as err:
+    except (tarfile.TarError, OSError, EOFError, StorageError) as err:
         problems.append(f"unreadable past {len(found)} of {shard.samples} samples ({err}): truncated or corrupt")
     for key, digest in expected.items():
         if key not in found:

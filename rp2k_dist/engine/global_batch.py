@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class BatchPlan:
@@ -61,6 +63,7 @@ def plan_batch(global_batch: int, world_size: int, max_micro_batch: int) -> Batc
         return BatchPlan(max_micro_batch * world_size, world_size, max_micro_batch, 1, fixed=False)
     per_worker = global_batch // world_size
     if per_worker < 1:
-        raise ValueError(f"optim.global_batch {global_batch} cannot give each of {world_size} workers an image")
+        raise ConfigError(f"optim.global_batch {global_batch} cannot give each of {world_size} workers an image; "
+                          "raise it or lower run.workers")
     accumulation = math.ceil(per_worker / max_micro_batch)
     return BatchPlan(global_batch, world_size, per_worker // accumulation, accumulation, fixed=True)

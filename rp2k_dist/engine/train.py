@@ -42,10 +42,7 @@ from .context import WorkerContext
 from .global_batch import BatchPlan, plan_batch
 from .scalars import ScalarLog
 from .step_checkpoints import StepCheckpoints
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite: the run stops instead of saving a broken model."""
+from ..errors import NonFiniteLossError
 
 
 @dataclass

@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
 from .metrics import PAPER_TABLE3, format_percent, top_k_accuracy
 from .predictions import Predictions, class_column
 
@@ -108,10 +109,10 @@ def route(
     sample (say type=liquor and shape=bottle), the first one in ``specialists`` wins.
     """
     if rule not in RULES:
-        raise ValueError(f"unknown routing rule {rule!r}; known: {RULES}")
+        raise ConfigError(f"unknown routing rule {rule!r}; known: {RULES}")
     seen = [(s.system, s.meta_category) for s in specialists]
     if len(set(seen)) != len(seen):
-        raise ValueError(f"two specialists for the same meta-category: {seen}")
+        raise ConfigError(f"two specialists for the same meta-category: {seen}; pass one per meta-category")
     general_topk = np.asarray(general_topk)
     decided: dict[str, np.ndarray] = {}
     for system in {s.system for s in specialists}:

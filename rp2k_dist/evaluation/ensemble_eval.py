@@ -17,6 +17,7 @@ from .. import run_folder
 from ..config import parse_meta_category
 from ..data.manifest import Manifest
 from ..run_folder import find_run_dir
+from ..errors import CheckpointError
 from .ensemble import Specialist, combine, in_global_classes, route, table3, table3_markdown, within_category
 from .inference import load_trained, predict_shards
 from .metrics import accuracy_table
@@ -35,7 +36,8 @@ def specialist_of(trained) -> Specialist:
     """The Specialist (meta-category and global classes) a specialist checkpoint was trained on."""
     category = trained.checkpoint["config"]["data"]["meta_category"]
     if not category or trained.class_subset is None:
-        raise ValueError(f"checkpoint of {trained.name} was not trained on one meta-category (data.meta_category)")
+        raise CheckpointError(f"checkpoint of {trained.name} was not trained on one meta-category (data.meta_category)",
+                              hint="pass a specialist's run folder to --specialist")
     system, value = parse_meta_category(category)
     return Specialist(value, system, tuple(trained.class_subset))
 
@@ -54,7 +56,8 @@ def evaluate_ensemble(
     """
     general_model = load_trained(general_run)
     if general_model.class_subset is not None:
-        raise ValueError("the general model must be trained on all classes (no data.meta_category)")
+        raise CheckpointError("the general model must be trained on all classes (no data.meta_category)",
+                              hint="pass the general ResNet-34's run folder first, specialists with --specialist")
     shards = Path(shards or general_model.checkpoint["config"]["data"]["shards"])
     classes = Manifest.load(shards).classes
     general = predict_shards(general_model, shards, workers=workers)

@@ -21,6 +21,7 @@ from ..config import DataConfig
 from ..data.loader import LoaderConfig, ShardLoader
 from ..data.manifest import Manifest
 from ..data.transforms import EvalTransform, normalize
+from ..errors import CheckpointError, DataError
 from ..input_spec import InputSpec
 from ..models import create_model
 from ..run_folder import find_checkpoint, load_checkpoint
@@ -112,7 +113,8 @@ def predict_shards(
         position = {int(c["global_index"]): c["index"] for c in trained.classes}
         unknown = [int(g) for g in classes if int(g) not in position]
         if unknown:
-            raise ValueError(f"{trained.name} does not predict global classes {unknown[:10]}")
+            raise CheckpointError(f"{trained.name} does not predict global classes {unknown[:10]}",
+                                  hint="was it trained on these shards?")
         subset, columns = list(classes), [position[int(g)] for g in classes]
     settings = LoaderConfig(DataConfig(batch_size=batch_size, loader_workers=workers))
     loader = ShardLoader(manifest, split, EvalTransform(trained.spec), settings, train=False, classes=subset)
@@ -120,5 +122,5 @@ def predict_shards(
     batches = ((normalize(b["image"].to(device), trained.spec), b["label"], b["key"]) for b in loader)
     predictions = predict_batches(trained.model, batches, device, columns=columns)
     if predictions is None:
-        raise ValueError(f"{storage.display(shards)} has no {split} samples for this model")
+        raise DataError(f"{storage.display(shards)} has no {split} samples for this model")
     return predictions

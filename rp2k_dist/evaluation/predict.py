@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ..data.images import DECODE_ERRORS, IMAGE_SUFFIXES
 from ..data.transforms import EvalTransform
+from ..errors import CheckpointError, ConfigError, NotFoundError
 from .ensemble import Specialist, combine, route
 from .ensemble_eval import specialist_of
 from .inference import TrainedModel, load_trained, logits_of
@@ -125,7 +126,8 @@ def predict_images(
     experts = [_load(s) for s in specialists]
     routing = [specialist_of(expert) for expert in experts]
     if experts and general.class_subset is not None:
-        raise ValueError("the general model of an ensemble must be trained on all classes (no data.meta_category)")
+        raise CheckpointError("the general model of an ensemble must be trained on all classes (no data.meta_category)",
+                              hint="pass the general model first and specialists with --specialist")
     transform = EvalTransform(general.spec)
     results: list[dict[str, Any]] = []
     rejected: list[dict[str, str]] = []
@@ -183,7 +185,7 @@ def write_table(table: pd.DataFrame, out: Path) -> Path:
 
 def _check_format(out: Path) -> None:
     if out.suffix not in FORMATS:
-        raise ValueError(f"output {out} must end in one of {', '.join(FORMATS)}")
+        raise ConfigError(f"--out {out} must end in one of {', '.join(FORMATS)}")
 
 
 def list_files(folder: str | Path) -> list[Path]:
@@ -191,7 +193,7 @@ def list_files(folder: str | Path) -> list[Path]:
     that non-images are reported rather than silently ignored."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
+        raise NotFoundError(f"{folder} is not a folder", hint="give a folder of image files (searched recursively)")
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 

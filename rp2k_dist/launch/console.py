@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, TextIO
 
+from ..errors import StorageError
 from ..run_folder import read_preemptions
 from ..storage import RunStorage
 from .ray_private import TOKEN_NOTICE_LOGGER
@@ -104,7 +105,7 @@ class EpochPrinter:
     def _history(self) -> list[dict[str, Any]]:
         try:
             text = self.storage.read_bytes("metrics.jsonl").decode()
-        except (FileNotFoundError, OSError):
+        except StorageError:
             return []
         rows = []
         for line in text.splitlines():
@@ -117,7 +118,7 @@ class EpochPrinter:
     def _preemption_events(self) -> list[dict[str, Any]]:
         try:
             return read_preemptions(self.storage)
-        except (OSError, json.JSONDecodeError):  # being written: read it next time
+        except (StorageError, json.JSONDecodeError):  # being written: read it next time
             return []
 
     def _run(self) -> None:
@@ -159,7 +160,7 @@ class EpochPrinter:
     def _update_bar(self) -> None:
         try:
             progress = json.loads(self.storage.read_bytes(PROGRESS_FILE))
-        except (FileNotFoundError, OSError, json.JSONDecodeError):
+        except (StorageError, json.JSONDecodeError):
             return
         if progress["epoch"] <= self.printed:  # an epoch already summarised
             return

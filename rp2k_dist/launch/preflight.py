@@ -5,9 +5,9 @@ page of tracebacks. :func:`preflight` runs every check that needs no worker (man
 crop size, meta-category, weights, P x K batches, cluster resources, storage) and raises one
 :class:`PreflightError` listing every problem, one line each, naming the key and the fix.
 
-Errors raised inside a worker that a restart would only repeat (:data:`NOT_RETRYABLE`)
-end the run at once instead of using ``run.max_failures``; worker and node deaths still
-restart from the last checkpoint (:class:`FailFastPolicy`).
+Errors raised inside a worker that a restart would only repeat (an
+:class:`~rp2k_dist.errors.Rp2kError` that is not ``retryable``) end the run at once instead
+of using ``run.max_failures``; worker and node deaths still restart from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -18,25 +18,9 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from ..config import ConfigError, ExperimentConfig, parse_meta_category
-from ..data.manifest import INDEX_PARQUET, Manifest, ManifestError, MetaCategoryError
-from ..data.metadata import MetadataError
-from ..engine.train import NonFiniteLossError
-from ..models.weights import WeightsNotFoundError
-
-#: Worker errors that come from the config, the data or the weights: the next attempt
-#: would fail the same way, so the run ends after the first.
-NOT_RETRYABLE: tuple[type[BaseException], ...] = (
-    ConfigError, ManifestError, MetaCategoryError, MetadataError, WeightsNotFoundError, NonFiniteLossError,
-)
-
-
-class PreflightError(ConfigError):
-    """One or more problems found before the run started; ``problems`` holds one line each."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
+from ..config import ExperimentConfig, parse_meta_category
+from ..data.manifest import INDEX_PARQUET, Manifest
+from ..errors import ConfigError, ManifestError, MetaCategoryError, PreflightError, Rp2kError, is_retryable
 
 
 def preflight(config: ExperimentConfig, resources: dict[str, float] | None) -> None:
@@ -81,7 +65,7 @@ def _check_crop_size(config: ExperimentConfig, problems: list[str]) -> None:
 
     try:
         input_spec(config.model.name, config.model.crop_size or None)
-    except ValueError as err:
+    except ConfigError as err:
         problems.append(f"model.crop_size: {err}; raise it or set 0 for the model's own size")
 
 
@@ -105,7 +89,7 @@ def _check_weights(config: ExperimentConfig, num_classes: int | None, problems: 
     if m.pretrained == "imagenet":
         try:
             path = imagenet_file(m.name)
-        except ValueError as err:
+        except ConfigError as err:
             problems.append(f"model.pretrained: {err}")
             return
         if not path.is_file():
@@ -121,7 +105,7 @@ def _check_weights(config: ExperimentConfig, num_classes: int | None, problems: 
         return
     try:
         create_model(m.name, num_classes, weights=m.weights)
-    except (ValueError, KeyError, RuntimeError) as err:
+    except (Rp2kError, KeyError, RuntimeError) as err:
         problems.append(f"model.weights: {m.weights} does not fit {m.name}: {err}")
 
 
@@ -197,10 +181,10 @@ def _check_storage(config: ExperimentConfig, problems: list[str]) -> None:
         problems.append(f"run.storage_path: cannot write to {path} ({err}); choose a writable folder or bucket")
 
 
-def first_not_retryable(worker_failures: dict[int, BaseException]) -> BaseException | None:
+def first_not_retryable(worker_failures: dict[int, BaseException]) -> Rp2kError | None:
     """The lowest rank's error that the next attempt would repeat, if any (the driver
     raises it as it is: one line for the user instead of every rank's traceback)."""
     for _, error in sorted(worker_failures.items()):
-        if isinstance(error, NOT_RETRYABLE):
+        if not is_retryable(error):
             return error
     return None

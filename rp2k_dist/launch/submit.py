@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, TextIO
 
 from ..config import RUN_FLAGS, flag_overrides, is_sweep_preset, load_config, resolve_preset
 from .ray_private import PACKAGING_LOGGERS, working_dir_matchers
+from ..errors import ConfigError, SubmitError
 
 if TYPE_CHECKING:  # ray is imported lazily: `rp2k --help` stays fast
     from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
@@ -79,10 +80,6 @@ AUTH_HELP = (
     "  KubeRay:           export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(kubectl get secret rp2k "
     "-o jsonpath='{.data.auth_token}' | base64 -d)"
 )
-
-
-class SubmitError(RuntimeError):
-    """A job could not be submitted or queried; the message says what to do."""
 
 
 # --------------------------------------------------------------------------- building a job
@@ -144,7 +141,8 @@ def project_dependencies(root: str | Path) -> list[str]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"--pip reads the dependencies from {path}, which does not exist") from None
+        raise SubmitError(f"--pip reads the dependencies from {path}, which does not exist",
+                          hint="run rp2k submit from the repository") from None
     deps = data.get("project", {}).get("dependencies", [])
     name = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
     return [d for d in deps if (m := name.match(d)) is None or m.group(1).lower().replace("_", "-") != "ray"]
@@ -194,7 +192,7 @@ def read_token(path: str | Path) -> str:
     try:
         token = token_path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
-        raise FileNotFoundError(f"--auth-token-file {token_path} does not exist") from None
+        raise SubmitError(f"--auth-token-file {token_path} does not exist") from None
     if not token:
         raise SubmitError(f"--auth-token-file {token_path} is empty")
     return token
@@ -294,7 +292,7 @@ def submit(
         resolve_address(address)  # no address: fail before any work
     path = resolve_preset(preset)
     if not path.is_file():
-        raise FileNotFoundError(f"preset {preset} not found (presets live in jobs/)")
+        raise ConfigError(f"preset {preset} not found (presets live in jobs/)")
     path = path.resolve()
     root = find_root(path) or find_root()
     if root is None:

@@ -91,6 +91,7 @@ from ..config import (
     resolve_preset,
     sweep_config,
 )
+from ..errors import Rp2kError
 from ..storage import RunStorage
 from .ray_private import drop_placement_group_cleaner, orphaned_placement_groups
 from .trainer import build_trainer, ray_address, ray_storage, read_metrics, storage_uri
@@ -280,8 +281,8 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], trials_uri: str, 
     return config_from_dict(data)
 
 
-class TrialFailedBefore(RuntimeError):
-    """A trial that had failed before the sweep was resumed."""
+class TrialFailedBefore(Rp2kError):
+    """A trial that had failed before the sweep was resumed (its error is replayed, not retried)."""
 
 
 def rp2k_trial(params: dict[str, Any], base: dict[str, Any], trials_uri: str) -> None:

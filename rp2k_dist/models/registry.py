@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torchvision.models import Inception3, ResNet, inception_v3, resnet34
 from torchvision.models.inception import InceptionOutputs
 
+from ..errors import ConfigError
 from ..input_spec import InputSpec
 from .apinet import ApiNet, Criterion, resnet_trunk
 from .weights import imagenet_state_dict, load_weights_file
@@ -70,7 +71,7 @@ def get_entry(name: str) -> ModelEntry:
     try:
         return MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(model_names())}") from None
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(model_names())}") from None
 
 
 def input_spec(name: str, crop_size: int | None = None) -> InputSpec:
@@ -80,7 +81,7 @@ def input_spec(name: str, crop_size: int | None = None) -> InputSpec:
     if not crop_size:
         return entry.input_spec
     if crop_size < entry.min_crop_size:
-        raise ValueError(f"{name} cannot train on {crop_size}px crops (minimum {entry.min_crop_size})")
+        raise ConfigError(f"{name} cannot train on {crop_size}px crops (minimum {entry.min_crop_size})")
     return entry.input_spec.scaled(crop_size)
 
 

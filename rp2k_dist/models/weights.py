@@ -28,16 +28,14 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import Inception_V3_Weights, ResNet34_Weights, WeightsEnum
 
+from ..errors import ConfigError, WeightsMismatchError, WeightsNotFoundError
+
 IMAGENET_WEIGHTS: dict[str, WeightsEnum] = {
     "resnet34": ResNet34_Weights.IMAGENET1K_V1,
     "inception_v3": Inception_V3_Weights.IMAGENET1K_V1,
 }
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.", "backbone.")
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """A weights file that should be on local disk is not there."""
 
 
 def imagenet_file(name: str) -> Path:
@@ -91,7 +89,7 @@ def load_weights_file(
     (outside the model's ``head_prefixes``) that the file lacks or holds with another
     shape, and a class of ``classes`` that the file's class table lacks. With ``partial``
     these tensors are left new and listed in the report. A file from which no tensor loads
-    at all is always a :class:`ValueError`; a missing file :class:`WeightsNotFoundError`.
+    at all is always a :class:`WeightsMismatchError`; a missing file :class:`WeightsNotFoundError`.
     """
     path = Path(path)
     if not path.is_file():
@@ -102,7 +100,7 @@ def load_weights_file(
         source_classes = _global_indices(state.get("classes"))
         state = state["model"]
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict or a checkpoint dict")
+        raise WeightsMismatchError(f"{path} holds a {type(state).__name__}, not a state dict or a checkpoint dict")
     source = {_canonical(key): value for key, value in state.items() if isinstance(value, Tensor)}
     rows = _class_rows(source_classes, classes, path) if classes is not None and source_classes else None
     head_prefixes = tuple(getattr(model, "head_prefixes", ()))
@@ -138,9 +136,9 @@ def load_weights_file(
             if not key.startswith(head_prefixes):
                 problems.append(f"{key} ({'missing' if tensor is None else f'file {tuple(tensor.shape)}, model {tuple(current.shape)}'})")
     if not loaded:
-        raise ValueError(f"nothing matched: no tensor of {path} fits {type(model).__name__} (by name and shape)")
+        raise WeightsMismatchError(f"nothing matched: no tensor of {path} fits {type(model).__name__} (by name and shape)")
     if problems and not partial:
-        raise ValueError(
+        raise WeightsMismatchError(
             f"{path} cannot fill {len(problems)} tensors of {type(model).__name__}: {'; '.join(problems[:5])}"
             + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
             + "; ask for partial loading (model.partial_weights=true) to leave them at their initial values"
@@ -196,7 +194,7 @@ def _imagenet_weights(name: str) -> WeightsEnum:
     try:
         return IMAGENET_WEIGHTS[name]
     except KeyError:
-        raise ValueError(f"no ImageNet weights for {name!r}; known: {sorted(IMAGENET_WEIGHTS)}") from None
+        raise ConfigError(f"no ImageNet weights for {name!r}; known: {sorted(IMAGENET_WEIGHTS)}") from None
 
 
 def _canonical(key: str) -> str:
