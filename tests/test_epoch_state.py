@@ -10,11 +10,11 @@ import torch
 
 from rp2k_dist.config import AugmentConfig, DataConfig
 from rp2k_dist.data.chunks import plan_training_epoch
-from rp2k_dist.data.epoch_state import (ConsumedSamples, consumed_of, epoch_state, rest_of_epoch,
-                                        trained_steps)
+from rp2k_dist.data.epoch_state import ConsumedSamples, consumed_of, epoch_state, rest_of_epoch
 from rp2k_dist.data.loader import LoaderConfig, ShardLoader
 from rp2k_dist.data.transforms import TrainTransform
 from rp2k_dist.input_spec import InputSpec
+from tests.key_trace import KeyTrace, read_trace, trained_steps
 from tests.test_loader import _table
 
 SPEC = InputSpec(32, 36)
@@ -133,12 +133,10 @@ def test_loader_resumes_an_epoch_at_another_world_size_without_repeating_a_sampl
 
 
 def _trace_by_step(folder):
-    from rp2k_dist.data.epoch_state import read_trace
-
     return {s: [k for line in lines for k in line["keys"]] for s, lines in trained_steps(read_trace(folder)).items()}
 
 
-def test_engine_resumes_from_a_mid_epoch_checkpoint_at_the_exact_step(synth_shards, tmp_path, monkeypatch):
+def test_engine_resumes_from_a_mid_epoch_checkpoint_at_the_exact_step(synth_shards, tmp_path):
     """One process: checkpoints every 3 steps; the run resumes from the one at step 3."""
     from rp2k_dist.config import load_config
     from rp2k_dist.run_folder import CHECKPOINT, checkpoint_dirs, load_checkpoint
@@ -149,9 +147,8 @@ def test_engine_resumes_from_a_mid_epoch_checkpoint_at_the_exact_step(synth_shar
 
     config = load_config(None, tiny_run_overrides(synth_shards.root, tmp_path, "steps", 1) + ["run.checkpoint_every_steps=3"])
     storage = RunStorage(config.run.storage_path, config.run.name)
-    monkeypatch.setenv("RP2K_TRACE_KEYS", str(tmp_path / "trace-full"))
-    train_worker(config, LocalContext(storage, "cpu", keep=100))
-    full = _trace_by_step(tmp_path / "trace-full" / "steps")
+    train_worker(config, LocalContext(storage, "cpu", keep=100), observers=[KeyTrace(tmp_path / "trace-full")])
+    full = _trace_by_step(tmp_path / "trace-full")
     steps = len(full)
     names = checkpoint_dirs(storage)
     assert names == [f"epoch_0000_step_{s:07d}" for s in range(3, steps, 3)] + ["epoch_0001"]
@@ -165,11 +162,8 @@ def test_engine_resumes_from_a_mid_epoch_checkpoint_at_the_exact_step(synth_shar
 
     for name in names[1:]:  # the run stopped right after step 3's checkpoint
         storage.delete_dir(name)
-    monkeypatch.setenv("RP2K_TRACE_KEYS", str(tmp_path / "trace-resumed"))
-    final = train_worker(config, LocalContext(storage, "cpu", keep=100))
-    from rp2k_dist.data.epoch_state import read_trace
-
-    resumed_lines = read_trace(tmp_path / "trace-resumed" / "steps")
+    final = train_worker(config, LocalContext(storage, "cpu", keep=100), observers=[KeyTrace(tmp_path / "trace-resumed")])
+    resumed_lines = read_trace(tmp_path / "trace-resumed")
     assert {line["origin"] for line in resumed_lines} == {3}
     assert [line["step"] for line in resumed_lines] == list(range(4, 4 + len(resumed_lines)))
     rest = [k for line in resumed_lines for k in line["keys"]]

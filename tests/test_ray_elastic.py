@@ -5,8 +5,8 @@ with a fixed global batch. Mid-epoch one node gets a drain with a preemption dea
 (``ray drain-node``, what the autoscaler sends when a spot instance is reclaimed); the
 run checkpoints before the deadline, the node goes, training continues on 2 workers from
 that mid-epoch step, scales back to 3 once a node joins, and finishes. The ranks log the
-keys of every step (``RP2K_TRACE_KEYS``); a step trained again after a restart replaces
-the lost one (:func:`~rp2k_dist.data.epoch_state.trained_steps`).
+keys of every step (a :class:`~tests.key_trace.KeyTrace` step observer); a step trained
+again after a restart replaces the lost one (:func:`~tests.key_trace.trained_steps`).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import ray
 from ray.cluster_utils import Cluster
 
 from rp2k_dist.config import load_config
-from rp2k_dist.data.epoch_state import TRACE_ENV, TRACE_PACE_ENV, read_trace, trained_steps
 from rp2k_dist.launch.ray_private import PREEMPTION_POLL_ENV
 from rp2k_dist.launch.trainer import read_metrics, run_training
 from rp2k_dist.run_folder import read_preemptions
 from rp2k_dist.storage import RunStorage
 from tests.conftest import tiny_run_overrides
+from tests.key_trace import KeyTrace, read_trace, trained_steps
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +40,6 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the check
 def spot_cluster(tmp_path):
     trace = tmp_path / "trace"
     with pytest.MonkeyPatch.context() as patch:  # inherited by every raylet, so by Ray Train's actors
-        patch.setenv(TRACE_ENV, str(trace))
-        patch.setenv(TRACE_PACE_ENV, "0.4")
         patch.setenv(PREEMPTION_POLL_ENV, "0.5")
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
         nodes = [cluster.add_node(num_cpus=2) for _ in range(3)]
@@ -115,7 +113,7 @@ def test_elastic_run_checkpoints_on_a_drain_continues_on_fewer_workers_and_grows
         "run.preemption_check_steps=1", "run.elastic_resize_interval_s=2", "run.max_failures=3"])
     log: dict = {}
     watcher = _preempt_then_add_a_node(cluster, nodes, joined, config, trace, log)
-    final = run_training(config)
+    final = run_training(config, observers=[KeyTrace(trace / config.run.name, pace=0.4)])
     watcher.join(timeout=5)
     assert "error" not in log and log.get("added"), log
 

@@ -1,8 +1,8 @@
 """Exact mid-epoch resume on a real local Ray: a worker SIGKILLed inside an epoch.
 
-The runs log the keys each rank trains at each step (``RP2K_TRACE_KEYS``, set before Ray
-starts so the workers inherit it). A step trained again after the restart replaces the
-lost one (:func:`~rp2k_dist.data.epoch_state.trained_steps`).
+The runs log the keys each rank trains at each step (a :class:`~tests.key_trace.KeyTrace`
+step observer). A step trained again after the restart replaces the lost one
+(:func:`~tests.key_trace.trained_steps`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import time
 import pytest
 import ray
 
-from rp2k_dist.data.epoch_state import TRACE_ENV, read_trace, trained_steps
 from rp2k_dist.launch.trainer import run_training
 from rp2k_dist.storage import RunStorage
+from tests.key_trace import KeyTrace, read_trace, trained_steps
 from tests.test_ray_train import _config, _kill_a_train_worker
 
 pytestmark = pytest.mark.slow
@@ -26,11 +26,13 @@ EVERY = 2  # run.checkpoint_every_steps
 @pytest.fixture(scope="module")
 def traced_ray(tmp_path_factory):
     trace = tmp_path_factory.mktemp("trace")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(TRACE_ENV, str(trace))
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        yield trace
-        ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield trace
+    ray.shutdown()
+
+
+def _train(config, trace):
+    return run_training(config, observers=[KeyTrace(trace / config.run.name)])
 
 
 def _run_config(shards, tmp_path, name, workers=2, failures=2):
@@ -86,7 +88,7 @@ def _check_interrupted_epoch(trace, name, uninterrupted: list[str], global_batch
 @pytest.fixture(scope="module")
 def uninterrupted(traced_ray, synth_shards, tmp_path_factory):
     config = _run_config(synth_shards, tmp_path_factory.mktemp("runs"), "whole")
-    run_training(config)
+    _train(config, traced_ray)
     keys = _epoch_keys(traced_ray, "whole")
     assert len(keys) == len(set(keys))
     return keys
@@ -96,7 +98,7 @@ def test_killed_worker_resumes_mid_epoch_at_the_same_world_size(traced_ray, synt
     config = _run_config(synth_shards, tmp_path, "same")
     killed: list[int] = []
     watcher = _kill_after_a_mid_epoch_checkpoint(config, traced_ray, killed)
-    final = run_training(config)
+    final = _train(config, traced_ray)
     watcher.join(timeout=5)
     assert killed, "no worker was killed"
     lines = _check_interrupted_epoch(traced_ray, "same", uninterrupted, global_batch=2 * 16)
@@ -109,10 +111,10 @@ def test_killed_run_resumes_mid_epoch_at_another_world_size(traced_ray, synth_sh
     killed: list[int] = []
     watcher = _kill_after_a_mid_epoch_checkpoint(config, traced_ray, killed)
     with pytest.raises(Exception):
-        run_training(config)  # no restarts allowed: the run stops
+        _train(config, traced_ray)  # no restarts allowed: the run stops
     watcher.join(timeout=5)
     assert killed, "no worker was killed"
-    final = run_training(_run_config(synth_shards, tmp_path, "grow", workers=3))  # the same run, 3 workers
+    final = _train(_run_config(synth_shards, tmp_path, "grow", workers=3), traced_ray)  # the same run, 3 workers
     lines = _check_interrupted_epoch(traced_ray, "grow", uninterrupted, global_batch=3 * 16)
     assert {line["world_size"] for line in lines if line["origin"] > 0} == {3}
     assert final["world_size"] == 3 and final["resumed_from_step"] == max(line["origin"] for line in lines)

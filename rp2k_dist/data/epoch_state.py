@@ -16,20 +16,13 @@ and the consumed part of it), with the bitmap making it exact under shuffle buff
 
 from __future__ import annotations
 
-import json
-import os
-import time
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 
 from .chunks import SampleTable
-
-TRACE_ENV = "RP2K_TRACE_KEYS"  # a folder: every rank logs the sample keys of each step (tests only)
-TRACE_PACE_ENV = "RP2K_TRACE_STEP_SECONDS"  # with it, each traced step also waits this long (tests of timing)
 
 
 class ConsumedSamples:
@@ -84,56 +77,3 @@ def epoch_state(epoch: int, global_step: int, consumed: ConsumedSamples) -> dict
 
 def consumed_of(state: dict[str, Any]) -> ConsumedSamples:
     return ConsumedSamples.from_tensor(state["consumed"], int(state["samples"]))
-
-
-class KeyTrace:
-    """Test instrumentation: with ``RP2K_TRACE_KEYS=<folder>`` each training process appends
-    one JSON line per step (epoch, global step, the resume step it started from, the
-    attempt's start time on rank 0, keys) to ``<folder>/<run name>/``; with
-    ``RP2K_TRACE_STEP_SECONDS`` each step then waits that long (so a test's events fall
-    inside the run). Unset in production, where :meth:`from_environment` returns None."""
-
-    def __init__(self, folder: str | Path, rank: int, world_size: int, origin: int, attempt: int = 0,
-                 pace: float = 0.0):
-        self.path = Path(folder) / f"rank{rank}-{os.getpid()}-{time.time_ns()}.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.head = {"rank": rank, "world_size": world_size, "origin": origin, "attempt": attempt}
-        self.pace = pace
-
-    @classmethod
-    def from_environment(cls, run: str, rank: int, world_size: int, origin: int,
-                         attempt: Callable[[], int] = time.time_ns) -> "KeyTrace | None":
-        """``attempt()``: an id shared by the attempt's ranks (every rank calls it when tracing)."""
-        folder = os.environ.get(TRACE_ENV)
-        if not folder:
-            return None
-        return cls(Path(folder) / run, rank, world_size, origin, attempt(), float(os.environ.get(TRACE_PACE_ENV, 0)))
-
-    def write(self, epoch: int, global_step: int, keys: Sequence[str]) -> None:
-        with self.path.open("a") as out:
-            out.write(json.dumps({**self.head, "epoch": epoch, "step": global_step, "keys": list(keys)}) + "\n")
-        if self.pace:
-            time.sleep(self.pace)
-
-
-def read_trace(folder: str | Path) -> list[dict[str, Any]]:
-    """Every step line of a trace folder."""
-    return [json.loads(line) for path in sorted(Path(folder).glob("*.jsonl")) for line in path.read_text().splitlines()]
-
-
-def trained_steps(lines: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
-    """The steps that count, by global step: a step trained again after a restart replaces
-    the lost one (the attempt with the latest resume point at or before it wins; of two
-    attempts resumed from the same point, the later)."""
-
-    def attempt(line: dict[str, Any]) -> tuple[int, int]:
-        return line["origin"], line.get("attempt", 0)
-
-    best: dict[int, tuple[int, int]] = {}
-    for line in lines:
-        best[line["step"]] = max(best.get(line["step"], (-1, -1)), attempt(line))
-    steps: dict[int, list[dict[str, Any]]] = {}
-    for line in lines:
-        if attempt(line) == best[line["step"]]:
-            steps.setdefault(line["step"], []).append(line)
-    return steps

@@ -27,19 +27,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.epoch_state import ConsumedSamples, KeyTrace, epoch_state
+from ..data.epoch_state import ConsumedSamples, epoch_state
 from ..data.loader import ShardLoader
 from . import distributed as dist_utils
 from ..run_folder import append_preemption, checkpoint_dir
 from .context import DrainNotice, WorkerContext
 
 
+#: Called on every rank after every optimiser step: ``observer(epoch, global_step, keys)``
+#: (the 0-based epoch, the run's optimiser steps so far, the keys the step trained on).
+StepObserver = Callable[[int, int, Sequence[str]], None]
+
+
 class StepCheckpoints:
-    """The per-step hook of the training loop (mid-epoch checkpoints, the test key trace)."""
+    """The per-step hook of the training loop: mid-epoch checkpoints, drain notices, and
+    the run's step observers."""
 
     def __init__(self, every: int, loader: ShardLoader, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                 context: WorkerContext, build: Callable[[int], dict[str, Any]], run: str = "",
-                 drain_check_every: int = 0):
+                 context: WorkerContext, build: Callable[[int], dict[str, Any]],
+                 drain_check_every: int = 0, observers: Sequence[StepObserver] = ()):
         """``build(epoch)``: rank 0's checkpoint of the current state, ``epoch`` epochs done;
         ``drain_check_every``: steps between drain-notice checks (0 = none)."""
         self.every = every
@@ -49,8 +55,7 @@ class StepCheckpoints:
         self.scheduler = scheduler
         self.context = context
         self.build = build
-        self.trace = KeyTrace.from_environment(run, context.rank, context.world_size, self.global_step,
-                                               lambda: dist_utils.all_gather_objects(time.time_ns())[0])
+        self.observers = list(observers)
         self.epoch = 0
         self.steps = 0
 
@@ -67,8 +72,8 @@ class StepCheckpoints:
     def __call__(self, step: int, keys: Sequence[str], check_finite: Callable[[], None] = lambda: None) -> None:
         """After step ``step`` (of this loader pass) trained on ``keys``; ``check_finite()``
         raises if a loss since the last check was not finite (nothing broken is saved)."""
-        if self.trace is not None:
-            self.trace.write(self.epoch, self.global_step, keys)
+        for observe in self.observers:
+            observe(self.epoch, self.global_step, keys)
         last = step + 1 >= self.steps  # the epoch-end checkpoint follows
         if (self.drain_notice is None and self.drain_check_every
                 and self.global_step % self.drain_check_every == 0):

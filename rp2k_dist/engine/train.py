@@ -13,7 +13,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,7 @@ from .checkpoint import rng_state, set_rng_state
 from .context import WorkerContext
 from .global_batch import BatchPlan, plan_batch
 from .scalars import ScalarLog
-from .step_checkpoints import StepCheckpoints
+from .step_checkpoints import StepCheckpoints, StepObserver
 from ..errors import NonFiniteLossError
 
 
@@ -360,11 +360,12 @@ def save_evaluation(storage: RunStorage, predictions: Predictions, data: RunData
 
 def train_worker(
     config: ExperimentConfig, context: WorkerContext, on_finish: Callable[[nn.Module], None] | None = None,
-    on_step: Callable[[int, int, int], None] | None = None,
+    on_step: Callable[[int, int, int], None] | None = None, observers: Sequence[StepObserver] = (),
 ) -> dict[str, Any]:
     """Train (or resume) one run on this worker; returns the last epoch's metrics.
     ``on_finish(model)`` runs on every rank after the last epoch; ``on_step`` as in
-    :func:`train_one_epoch`."""
+    :func:`train_one_epoch`; each of ``observers`` sees every optimiser step's keys on every
+    rank (:data:`~rp2k_dist.engine.step_checkpoints.StepObserver`)."""
     torch.manual_seed(config.run.seed + context.rank)
     device = context.device
     cuda = device.type == "cuda"
@@ -426,7 +427,7 @@ def train_worker(
     metrics: dict[str, Any] = history[-1] if history else {}
     step_hook = StepCheckpoints(config.run.checkpoint_every_steps, train_loader, lr_scheduler, context, lambda epoch: build_checkpoint(
         model_without_ddp=model_without_ddp, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config,
-        data=data, spec=spec, epoch=epoch, history=history), config.run.name, config.run.preemption_check_steps)
+        data=data, spec=spec, epoch=epoch, history=history), config.run.preemption_check_steps, observers)
     for epoch in range(start_epoch, config.optim.epochs):
         resumed = partial is not None and epoch == start_epoch
         steps_done = int(partial["global_step"]) - epoch * steps_per_epoch if resumed and batches.fixed else 0

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from .. import run_folder, storage
 from ..config import ExperimentConfig, config_from_dict
 from ..engine.context import DrainNotice
+from ..engine.step_checkpoints import StepObserver
 from ..engine.train import train_worker
 from ..run_folder import CHECKPOINT, checkpoint_dir_of, load_checkpoint, to_bytes
 from ..storage import RunStorage
@@ -95,7 +97,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     on_step = StepProgress(context.storage) if loop_config.get("progress") and context.rank == 0 else None
     with worker_log(context.storage, context.rank):
-        train_worker(config, context, on_step=on_step, on_finish=record_rank if config.run.rank_digests else None)
+        train_worker(config, context, on_step=on_step, on_finish=record_rank if config.run.rank_digests else None,
+                     observers=loop_config.get("observers", ()))
 
 
 def storage_uri(path: str) -> str:
@@ -113,9 +116,10 @@ def ray_storage(path: str) -> dict[str, Any]:
     return {"storage_path": inner, "storage_filesystem": fs}
 
 
-def build_trainer(config: ExperimentConfig, run_callbacks: list | None = None, progress: bool = False) -> TorchTrainer:
+def build_trainer(config: ExperimentConfig, run_callbacks: list | None = None, progress: bool = False,
+                  observers: Sequence[StepObserver] = ()) -> TorchTrainer:
     """The run's TorchTrainer; ``progress``: rank 0 writes the epoch's step count for a
-    progress bar."""
+    progress bar; ``observers``: step observers every worker runs (sent pickled)."""
     r = config.run
     resources = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
@@ -123,7 +127,7 @@ def build_trainer(config: ExperimentConfig, run_callbacks: list | None = None, p
     backend = r.backend or ("nccl" if r.use_gpu else "gloo")
     return fail_fast_trainer(TorchTrainer, lambda failures: first_not_retryable(failures) is not None)(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "progress": progress},
+        train_loop_config={"config": config.to_dict(), "progress": progress, "observers": list(observers)},
         torch_config=TorchConfig(backend=backend),
         # run.workers [min, max]: Ray Train's elastic scaling (start with >= min, resize
         # towards max as nodes come and go); the engine re-plans the epoch for each size
@@ -143,11 +147,12 @@ def build_trainer(config: ExperimentConfig, run_callbacks: list | None = None, p
 
 
 def run_training(config: ExperimentConfig, address: str | None = None, verbose: bool = False,
-                 console: bool = True, mlflow_uri: str | None = None) -> dict[str, Any]:
+                 console: bool = True, mlflow_uri: str | None = None,
+                 observers: Sequence[StepObserver] = ()) -> dict[str, Any]:
     """Fit (or resume) the run on a Ray cluster; returns the final metrics from the run folder.
     ``console``: one summary line per epoch on stdout (a progress bar too on a terminal);
     ``verbose``: Ray's own console output as well; ``mlflow_uri``: also log each epoch to
-    MLflow there."""
+    MLflow there; ``observers``: see :func:`build_trainer`."""
     # Workers may start in another folder than the driver: make local paths absolute.
     config.run.storage_path = storage_uri(config.run.storage_path)
     config.data.shards = storage_uri(config.data.shards)
@@ -171,7 +176,7 @@ def run_training(config: ExperimentConfig, address: str | None = None, verbose: 
     printer = EpochPrinter(folder, config.optim.epochs, bar=bar, quiet=not console,
                            on_epoch=[tracking.log] if tracking else [])
     with printer, tracking or contextlib.nullcontext():
-        return fit(build_trainer(config, progress=bar), config)
+        return fit(build_trainer(config, progress=bar, observers=observers), config)
 
 
 def fit(trainer: TorchTrainer, config: ExperimentConfig) -> dict[str, Any]:
