@@ -97,14 +97,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_index(args: argparse.Namespace) -> int:
-    from .data.tar_index import index_ranges
-
-    samples = index_ranges(args.shards, progress=True)
-    print(f"{display(args.shards)}: byte ranges of {samples} samples written to index.parquet")
-    return 0
-
-
 def run_overrides(args: argparse.Namespace) -> list[str]:
     """The overrides of ``train``/``tune``/``submit``: ``--set`` values, then the flags of
     :data:`~rp2k_dist.config.RUN_FLAGS` (so a flag wins over a ``--set`` of the same key)."""
@@ -439,10 +431,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-check every shard against its manifest")
     p.add_argument("shards", help="folder or URI with dataset.json")
     p.set_defaults(func=cmd_verify)
-
-    p = sub.add_parser("index", help="add each sample's byte range to index.parquet of shards packed without it")
-    p.add_argument("shards", help="folder or URI with dataset.json")
-    p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("train", help="DDP training on Ray Train (local Ray unless --address)")
     add_run_options(p)

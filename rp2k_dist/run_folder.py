@@ -14,9 +14,6 @@ through :class:`~rp2k_dist.storage.RunStorage`)::
     ensemble.json, table3.md, ensemble_table2.md, ensemble_predictions.parquet   ``rp2k ensemble``
     umap.png, umap.parquet       ``rp2k umap``;  report/  ``rp2k report``
 
-Runs written before the layouts were unified keep their local checkpoints under
-``checkpoints/epoch_NNNN/``; every reader here still finds them.
-
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
 ``torch.load(..., weights_only=True)`` (no pickled code runs on load).
 """
@@ -48,8 +45,6 @@ TABLE3 = "table3.md"
 ENSEMBLE_TABLE2 = "ensemble_table2.md"
 ENSEMBLE_PREDICTIONS = "ensemble_predictions.parquet"
 UMAP_PNG = "umap.png"
-#: Where local runs kept their checkpoints before Ray's layout became the only one.
-LEGACY_CHECKPOINTS = "checkpoints"
 
 FORMAT = "rp2k-dist-checkpoint"
 VERSION = 1
@@ -73,13 +68,10 @@ def checkpoint_dir_of(checkpoint: dict[str, Any]) -> str:
 
 
 def checkpoint_dirs(run: RunStorage | str | Path) -> list[str]:
-    """The run's checkpoint folders (relative to the run), oldest first; old layout included.
+    """The run's checkpoint folders (relative to the run), oldest first.
     ``run``: its :class:`RunStorage`, or its location (a local path or a URI)."""
     location = run.uri if isinstance(run, RunStorage) else str(run)
-    current = [n for n in storage.listdir(location) if n.startswith("epoch_")]
-    legacy = [f"{LEGACY_CHECKPOINTS}/{n}" for n in storage.listdir(storage.join(location, LEGACY_CHECKPOINTS))
-              if n.startswith("epoch_")]
-    return sorted(current + legacy, key=lambda name: name.rsplit("/", 1)[-1])
+    return sorted(n for n in storage.listdir(location) if n.startswith("epoch_"))
 
 
 def to_bytes(checkpoint: dict[str, Any]) -> bytes:
@@ -144,7 +136,7 @@ def find_run_dir(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         path = path.parent
-    while path.name.startswith("epoch_") or path.name == LEGACY_CHECKPOINTS:
+    while path.name.startswith("epoch_"):
         path = path.parent
     return path
 

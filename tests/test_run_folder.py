@@ -40,19 +40,23 @@ def test_local_runs_write_the_ray_layout_and_keep_the_newest(tmp_path):
     assert find_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "epoch_0003" / CHECKPOINT)
 
 
-def test_the_old_local_layout_is_still_read_and_resumed(tmp_path):
-    storage = RunStorage(str(tmp_path), "old")
-    for epoch in (1, 2):
-        storage.write_bytes(f"checkpoints/{checkpoint_dir(epoch)}/{CHECKPOINT}", to_bytes(_checkpoint(epoch)))
-    run = tmp_path / "old"
-    assert find_checkpoint(run) == str(run / "checkpoints" / "epoch_0002" / CHECKPOINT)
-    context = LocalContext(storage, device="cpu", keep=2)
-    assert context.latest_checkpoint()["epoch"] == 2  # a resume continues the old run
-    context.report({"epoch": 3}, _checkpoint(3))  # new checkpoints go to the one layout
-    assert checkpoint_dirs(storage) == ["checkpoints/epoch_0002", "epoch_0003"]
-    assert load_checkpoint(find_checkpoint(run))["epoch"] == 3
-    for inner in (run / "epoch_0003" / CHECKPOINT, run / "checkpoints" / "epoch_0002", run / "epoch_0003"):
+def test_one_layout_checkpoints_sit_directly_in_the_run_folder(tmp_path):
+    """Mid-epoch folders sort between the epochs around them; a folder of another layout
+    (``checkpoints/epoch_NNNN``) holds no checkpoint of the run."""
+    storage = RunStorage(str(tmp_path), "one")
+    context = LocalContext(storage, device="cpu", keep=10)
+    context.report({"epoch": 1}, _checkpoint(1))
+    mid = {**_checkpoint(1), "epoch_state": {"global_step": 17}}
+    context.report({"epoch": 1}, mid)
+    assert checkpoint_dirs(storage) == ["epoch_0001", "epoch_0001_step_0000017"]
+    run = tmp_path / "one"
+    for inner in (run / "epoch_0001_step_0000017" / CHECKPOINT, run / "epoch_0001", run):
         assert find_run_dir(inner) == run
+    other = RunStorage(str(tmp_path), "other")
+    other.write_bytes(f"checkpoints/{checkpoint_dir(2)}/{CHECKPOINT}", to_bytes(_checkpoint(2)))
+    assert checkpoint_dirs(other) == []
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        find_checkpoint(tmp_path / "other")
 
 
 def test_a_foreign_file_is_not_a_checkpoint(tmp_path):
