@@ -1,4 +1,4 @@
-"""The RP2K reader copes with the real dataset's quirks (FACTS.md, 'RP2K as released')."""
+"""The RP2K reader copes with the quirks of the released archive (rp2k_dist/data/rp2k.py lists them)."""
 
 from __future__ import annotations
 

@@ -5,8 +5,10 @@ Layout (the unzipped ``rp2k_dataset.zip``)::
     <root>/all/train/<class folder>/<image>
     <root>/all/test/<class folder>/<image>
 
-A plain ``<root>/{train,test}/<class folder>/`` tree is accepted too. The reader copes with
-the real quirks (FACTS.md): ``.jpg`` and ``.png`` files, CJK / full-width / space characters
+(the archive of the dataset page, https://www.pinlandata.com/rp2k_dataset; dataset paper:
+Peng et al., "RP2K: A Large-Scale Retail Product Dataset for Fine-Grained Image
+Classification", arXiv:2006.12634). A plain ``<root>/{train,test}/<class folder>/`` tree
+is accepted too. The reader copes with the quirks of the released archive: ``.jpg`` and ``.png`` files, CJK / full-width / space characters
 in names, basenames repeated across classes (samples are keyed by their relative path, never
 the basename), empty class folders, classes present in only one split, and files that are not
 images. The class index is the sorted union of the non-empty class folders of both splits.

@@ -18,7 +18,8 @@ What makes it RP2K-like:
   that differ only by an accent stripe colour or a mark position (plus the proportions
   when the variants are sizes): the fine-grained problem.
 * Every photo varies background, lighting, viewpoint, blur, JPEG quality and aspect ratio.
-* With ``quirks=True`` the tree also has RP2K's oddities (FACTS.md), each recorded in
+* With ``quirks=True`` the tree also has the oddities of the released RP2K archive
+  (https://www.pinlandata.com/rp2k_dataset; see :mod:`rp2k_dist.data.rp2k`), each recorded in
   :attr:`SynthSummary.quirks`: an RGBA PNG, a palette PNG, names with spaces and CJK, a
   screenshot-named file, a basename shared by two classes, an empty class folder, a class
   only in test, and one corrupt file.
