@@ -1,4 +1,4 @@
-"""Exact mid-epoch resume on a real local Ray: a worker SIGKILLed inside an epoch.
+"""Exact mid-epoch resume on the shared local Ray cluster: a worker SIGKILLed inside an epoch.
 
 The runs log the keys each rank trains at each step (a :class:`~tests.key_trace.KeyTrace`
 step observer). A step trained again after the restart replaces the lost one
@@ -11,7 +11,6 @@ import threading
 import time
 
 import pytest
-import ray
 
 from rp2k_dist.launch.trainer import run_training
 from rp2k_dist.storage import RunStorage
@@ -24,11 +23,9 @@ EVERY = 2  # run.checkpoint_every_steps
 
 
 @pytest.fixture(scope="module")
-def traced_ray(tmp_path_factory):
-    trace = tmp_path_factory.mktemp("trace")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield trace
-    ray.shutdown()
+def traced_ray(ray_cluster, tmp_path_factory):
+    """The shared cluster, and the folder the runs' key traces go to."""
+    return tmp_path_factory.mktemp("trace")
 
 
 def _train(config, trace):
