@@ -28,15 +28,30 @@ import yaml
 from .errors import ConfigError
 
 
+#: The paper's augmentation magnitudes (30 px of border, 10 px of crop) as fractions of a
+#: 224 px crop side: ``augment.border_max_frac`` / ``crop_max_frac`` at these values give the
+#: paper's pixels at 224 px and the same share of the image at any other crop.
+PAPER_BORDER_FRAC = 30 / 224
+PAPER_CROP_FRAC = 10 / 224
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Switches and magnitudes of the paper's augmentations (all in pixels or fractions)."""
+    """Switches and magnitudes of the paper's augmentations (all in pixels or fractions).
+
+    ``border_max`` / ``crop_max`` are pixels of the image the augmentations see. Their
+    ``*_frac`` twins, when set, replace them with a fraction of the model's input crop side
+    (``model.crop_size``, else the model's own 224 / 299), resolved by :meth:`in_pixels`:
+    one search space or preset then means the same share of the image at any resolution.
+    """
 
     border: bool = True
     border_max: int = 30
+    border_max_frac: float | None = None  # border_max = round(frac x crop side); None: border_max as given
     border_fill: str | int = "random"
     crop: bool = True
     crop_max: int = 10
+    crop_max_frac: float | None = None  # crop_max = round(frac x crop side); None: crop_max as given
     perspective: bool = True
     perspective_scale: float = 0.2
     perspective_p: float = 0.5
@@ -45,6 +60,10 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         _check(self.border_max >= 0 and self.crop_max >= 0, "augment.border_max and augment.crop_max must be >= 0 px")
+        _check(self.border_max_frac is None or 0.0 <= self.border_max_frac <= 1.0,
+               f"augment.border_max_frac must be in [0, 1] (of the crop side), got {self.border_max_frac}")
+        _check(self.crop_max_frac is None or 0.0 <= self.crop_max_frac < 1.0,
+               f"augment.crop_max_frac must be in [0, 1) (of the crop side), got {self.crop_max_frac}")
         _check(0.0 <= self.perspective_scale < 1.0,
                f"augment.perspective_scale must be in [0, 1), got {self.perspective_scale}")
         _check(0.0 <= self.perspective_p <= 1.0, f"augment.perspective_p must be in [0, 1], got {self.perspective_p}")
@@ -60,6 +79,14 @@ class AugmentConfig:
     @property
     def any(self) -> bool:
         return self.border or self.crop or self.perspective or self.brightness
+
+    def in_pixels(self, crop_size: int) -> "AugmentConfig":
+        """A copy with ``border_max`` / ``crop_max`` in pixels for a ``crop_size`` px input
+        crop: each ``*_frac`` that is set becomes ``round(frac x crop_size)`` px (and is
+        cleared); the pixel keys stay as they are where no fraction is set."""
+        resolved = {f"{name}_max": round(frac * crop_size) for name in ("border", "crop")
+                    if (frac := getattr(self, f"{name}_max_frac")) is not None}
+        return dataclasses.replace(self, **resolved, border_max_frac=None, crop_max_frac=None)
 
 
 def parse_meta_category(text: str) -> tuple[str, str]:

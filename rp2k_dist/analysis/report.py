@@ -31,7 +31,8 @@ from ..evaluation.metrics import PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE4, Accur
 from ..errors import RunFolderError
 from ..storage import RunStorage
 from . import iter_shard_images
-from .figures import MAX_VERTICAL_BARS, bar_chart_height, bar_panel, bars_shown, class_label, readable_fonts, short
+from .figures import MAX_VERTICAL_BARS, bar_chart_height, bar_panel, bars_shown, class_label, short
+from .fonts import figure_text, readable_fonts
 
 #: A dataset with at least this many classes is taken to be the real RP2K (2,388 classes).
 REAL_RP2K_MIN_CLASSES = 2000
@@ -173,9 +174,12 @@ def plot_categories(table: AccuracyTable, path: Path, paper: dict[str, tuple[flo
         figure = _figure(14, 4.5)
         panels = figure.subplots(1, 2)
     top1_paper = {k: v[0] for k, v in (paper or {}).items()}
-    for axes, (system, _), (rows, left_out) in zip(panels, systems, shown):
+    for axes, (system, all_rows), (rows, left_out) in zip(panels, systems, shown):
+        # a name the fonts cannot draw: "<system> <its row in Table 2>"
+        row_of = {r.group: i for i, r in enumerate(all_rows, 1)}
         bar_panel(axes, [r.group for r in rows], [r.samples for r in rows], [r.top1 for r in rows],
-                  [r.top5 for r in rows], f"by {system}", paper=top1_paper, left_out=left_out)
+                  [r.top5 for r in rows], f"by {system}", paper=top1_paper, left_out=left_out,
+                  names=[figure_text(r.group, f"{system} {row_of[r.group]}") for r in rows])
     figure.savefig(path)
     return path
 
@@ -183,8 +187,8 @@ def plot_categories(table: AccuracyTable, path: Path, paper: dict[str, tuple[flo
 @readable_fonts
 def confusion_examples(run: Run, manifest: Manifest, pairs: list[dict[str, Any]], path: Path) -> Path | None:
     """Per confused pair a misclassified test image of the true class and a test image of
-    the predicted class, captioned with the classes' names (product name, else class
-    folder name). None when no image can be shown."""
+    the predicted class, captioned with the classes' indices and names (:func:`pair_caption`).
+    None when no image can be shown."""
     predictions = pd.read_parquet(run.path / "predictions.parquet", columns=["key", "true_class", "top5_classes",
                                                                              "correct_top1"])
     first = predictions["top5_classes"].map(lambda top: int(top[0]))
@@ -193,10 +197,9 @@ def confusion_examples(run: Run, manifest: Manifest, pairs: list[dict[str, Any]]
         wrong = predictions[(predictions["true_class"] == pair["true"]) & (first == pair["predicted"])]
         other = predictions[predictions["true_class"] == pair["predicted"]].sort_values("correct_top1", ascending=False)
         cells.append([
-            (wrong["key"].iloc[0], f"true #{pair['true']} {short(pair_label(pair, 'true'), 32)}\n"
-                                   f"predicted #{pair['predicted']} {short(pair_label(pair, 'predicted'), 27)}"),
-            (other["key"].iloc[0], f"a test image of\n#{pair['predicted']} {short(pair_label(pair, 'predicted'), 32)}")
-            if len(other) else None,
+            (wrong["key"].iloc[0], f"true {pair_caption(pair, 'true', 32)}\n"
+                                   f"predicted {pair_caption(pair, 'predicted', 27)}"),
+            (other["key"].iloc[0], f"a test image of\n{pair_caption(pair, 'predicted', 32)}") if len(other) else None,
         ])
     keys = [cell[0] for row in cells for cell in row if cell]
     if not keys:
@@ -223,6 +226,15 @@ def pair_label(pair: dict[str, Any], side: str) -> str:
     """A confused pair's ``side`` ("true" / "predicted") class by name: the product name
     when the metadata gave one, else the class folder name, else its index."""
     return class_label(pair.get(f"{side}_name") or f"#{pair[side]}", pair.get(f"{side}_product_name", ""))
+
+
+def pair_caption(pair: dict[str, Any], side: str, limit: int) -> str:
+    """``#<index> <name>`` of a confused pair's ``side`` class in a figure, the name cut to
+    ``limit`` characters; where the fonts cannot draw the name, ``#<index> SKU <sku>``
+    (or the index alone when the metadata has no SKU)."""
+    sku = pair.get(f"{side}_sku", "")
+    name = figure_text(pair_label(pair, side), f"SKU {sku}" if sku else "")
+    return f"#{pair[side]} {short(name, limit)}".rstrip()
 
 
 # -- Markdown + HTML ------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from ..data.transforms import EvalTransform
 from ..errors import DataError
 from ..evaluation.inference import TrainedModel, features_of, load_trained
 from . import iter_shard_images
-from .figures import GREY, category_colours, legend_outside, readable_fonts
+from .figures import GREY, category_colours, legend_outside
+from .fonts import readable_fonts
 
 #: Figure size in inches and resolution: every UMAP PNG is 1800 x 750 pixels (two square
 #: panels, each with its legend to the right).

@@ -16,6 +16,10 @@ Parameter ranges (each switchable, magnitude configurable):
 * perspective: with probability ``perspective_p``, each corner moves inward by up to
   ``perspective_scale`` x half the width/height (torchvision ``RandomPerspective``);
 * brightness: pixel values times ``f ~ U[1 - brightness_max, 1 + brightness_max]``.
+
+``border_max`` / ``crop_max`` may be given as fractions of the model's crop side
+(``augment.border_max_frac`` / ``crop_max_frac``); the transforms turn them into pixels for
+their input spec (:meth:`AugmentConfig.in_pixels`) before any parameter is drawn.
 """
 
 from __future__ import annotations
@@ -47,7 +51,10 @@ class AugmentParams:
 def sample_params(
     rng: np.random.Generator, width: int, height: int, config: AugmentConfig
 ) -> AugmentParams:
-    """Draw the augmentation parameters for a ``width`` x ``height`` image."""
+    """Draw the augmentation parameters for a ``width`` x ``height`` image (``config`` in
+    pixels: fractions resolved by :meth:`AugmentConfig.in_pixels`)."""
+    if config.border_max_frac is not None or config.crop_max_frac is not None:
+        raise ValueError("augment.*_max_frac must be resolved to pixels first: AugmentConfig.in_pixels(crop_size)")
     border = int(rng.integers(0, config.border_max + 1)) if config.border else 0
     if config.border_fill == "random":
         fill = tuple(int(v) for v in rng.integers(0, 256, size=3))

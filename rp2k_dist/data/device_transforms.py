@@ -60,12 +60,13 @@ def warp(image: torch.Tensor, params: AugmentParams, resize: int | None, crop_si
 class DeviceBatchTransform:
     """JPEG bytes of a batch -> normalised float [N, 3, S, S] on ``device``.
 
-    ``augment=None`` gives the evaluation geometry (resize shorter side + centre crop).
+    ``augment=None`` gives the evaluation geometry (resize shorter side + centre crop);
+    magnitudes given as fractions of the crop are resolved for ``spec.crop_size``.
     """
 
     def __init__(self, spec: InputSpec, augment: AugmentConfig | None, device: torch.device, seed: int = 0):
         self.spec = spec
-        self.augment = augment
+        self.augment = augment.in_pixels(spec.crop_size) if augment is not None else None
         self.device = torch.device(device)
         self.rng = np.random.default_rng(seed)
         mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1) * 255

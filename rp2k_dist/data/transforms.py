@@ -90,11 +90,12 @@ def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
 
 
 class TrainTransform:
-    """Decode -> paper augmentations -> resize + centre crop, one resampling pass."""
+    """Decode -> paper augmentations -> resize + centre crop, one resampling pass.
+    Magnitudes given as fractions of the crop are resolved for ``spec.crop_size``."""
 
     def __init__(self, spec: InputSpec, augment: AugmentConfig):
         self.spec = spec
-        self.augment = augment
+        self.augment = augment.in_pixels(spec.crop_size)
 
     def __call__(self, jpeg: bytes, rng: np.random.Generator) -> torch.Tensor:
         array = decode_array(jpeg)
