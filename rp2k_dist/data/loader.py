@@ -21,6 +21,7 @@ sees unequal step counts. Too many corrupt samples abort the run with
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import random
 import tarfile
@@ -115,6 +116,27 @@ class LoaderStats:
         return self.skipped / seen if seen else 0.0
 
 
+class EpochState(ctypes.Structure):
+    """What a training loader's persistent workers read at the start of each pass: one
+    struct in shared memory (``RawValue``), written by the training process between
+    passes (:meth:`ShardLoader.set_epoch`, :meth:`ShardLoader.__iter__`)."""
+
+    _fields_ = [
+        ("epoch", ctypes.c_int64),
+        ("refill", ctypes.c_int64),  # 0: the planned pass; 1, 2: passes topping up a rank short after skips
+        ("resumed", ctypes.c_bool),  # a mid-epoch resume: plan only the samples not in ``consumed``
+        ("batches", ctypes.c_int64),  # batches per rank with a fixed global batch, else 0
+    ]
+
+
+@dataclass
+class _ReaderCounts:
+    """A reader's tallies since its last batch."""
+
+    skipped: int = 0  # planned samples that could not be read or decoded
+    bytes: int = 0  # storage.bytes_read() when last reported
+
+
 class _ShardStream(IterableDataset):
     """Yields this rank's batches; runs inside each loader worker."""
 
@@ -128,17 +150,14 @@ class _ShardStream(IterableDataset):
         self.transform = transform
         self.config = config
         self.train = train
-        # (epoch, pass, resumed, batches per rank with a fixed global batch, else 0) shared
-        # with the persistent workers, read at each new iteration; a resumed epoch plans
-        # only the samples not in ``consumed``.
-        self.state = context.RawArray("q", 4)
+        self.state: EpochState = context.RawValue(EpochState)
         self.consumed = context.RawArray("b", len(table) if train else 0)
         self._rest: tuple[bytes, SampleTable] | None = None
         self.storage_env = storage.environment()
 
     def planned_table(self) -> SampleTable:
         """The split, or in a resumed epoch the samples it has not consumed yet."""
-        if not self.state[2]:
+        if not self.state.resumed:
             return self.table
         mask = bytes(self.consumed)
         if self._rest is None or self._rest[0] != mask:
@@ -147,30 +166,30 @@ class _ShardStream(IterableDataset):
         return self._rest[1]
 
     def readers(self) -> list[ReaderPlan]:
-        epoch = int(self.state[0])
+        epoch = self.state.epoch
         c = self.config
         if self.train:
             table = self.planned_table()
             return plan_training_epoch(table, self.rank, self.world_size, c.workers, self.batch_size, epoch, c.seed,
-                                       batches=int(self.state[3]) if c.global_batch else None)[1]
+                                       batches=self.state.batches if c.global_batch else None)[1]
         return plan_epoch(self.table, self.world_size, c.workers, shuffle=False, rank=self.rank)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        epoch, refill = int(self.state[0]), int(self.state[1])
+        epoch, refill = self.state.epoch, self.state.refill
         storage.use_environment(self.storage_env)
         table = self.planned_table() if self.train else self.table
         plan = self.readers()[worker]
         seed = epoch_seed(self.config.seed, epoch, refill, self.rank, worker)
         errors: list[str] = []
-        counter = {"skipped": 0, "bytes": storage.bytes_read()}
-        samples = (s for piece in plan.pieces for s in self._read_piece(table, piece, counter, errors))
+        counts = _ReaderCounts(bytes=storage.bytes_read())
+        samples = (s for piece in plan.pieces for s in self._read_piece(table, piece, counts, errors))
         if self.train:
             buffer = self.config.shuffle_buffer
             samples = wds.shuffle(buffer, min(buffer, 100), rng=random.Random(seed))(samples)
         rng = np.random.default_rng(seed)
-        decoded = self._decode(samples, rng, counter, errors)
+        decoded = self._decode(samples, rng, counts, errors)
         if self.pk and self.train:
             batches = _class_balanced_batches(decoded, *self.pk, rng)
         else:
@@ -179,18 +198,18 @@ class _ShardStream(IterableDataset):
         for emitted, (images, labels, keys) in enumerate(batches):
             if quota is not None and emitted >= quota:
                 break
-            batch = self._batch(images, labels, keys, counter["skipped"], errors)
-            yield {**batch, "bytes_read": self._bytes_since(counter)}
-            counter["skipped"], errors[:] = 0, []
-        yield {"skipped": counter["skipped"], "errors": list(errors), "bytes_read": self._bytes_since(counter)}
+            batch = self._batch(images, labels, keys, counts.skipped, errors)
+            yield {**batch, "bytes_read": self._bytes_since(counts)}
+            counts.skipped, errors[:] = 0, []
+        yield {"skipped": counts.skipped, "errors": list(errors), "bytes_read": self._bytes_since(counts)}
 
     @staticmethod
-    def _bytes_since(counter: dict[str, int]) -> int:
+    def _bytes_since(counts: _ReaderCounts) -> int:
         now = storage.bytes_read()
-        delta, counter["bytes"] = now - counter["bytes"], now
+        delta, counts.bytes = now - counts.bytes, now
         return delta
 
-    def _read_piece(self, table: SampleTable, piece: Piece, counter: dict[str, int],
+    def _read_piece(self, table: SampleTable, piece: Piece, counts: _ReaderCounts,
                     errors: list[str]) -> Iterator[dict[str, Any]]:
         """The planned samples of one ranged read of ``table``'s plan; those a damaged shard
         no longer holds are counted as skipped."""
@@ -219,16 +238,16 @@ class _ShardStream(IterableDataset):
         except (OSError, EOFError, tarfile.TarError) as err:  # a missing, truncated or garbled shard
             errors.append(f"{where}: {type(err).__name__}: {err}"[:300])
         if got < piece.samples:
-            counter["skipped"] += piece.samples - got
+            counts.skipped += piece.samples - got
             errors.append(f"{where}: {piece.samples - got} of {piece.samples} planned samples unreadable"[:300])
 
-    def _decode(self, samples, rng, counter, errors):
+    def _decode(self, samples, rng, counts: _ReaderCounts, errors):
         for sample in samples:
             try:
                 image = self.transform(sample["jpg"], rng)
                 label = int(sample["cls"])
             except (*DECODE_ERRORS, KeyError) as err:
-                counter["skipped"] += 1
+                counts.skipped += 1
                 errors.append(f"{sample.get('__key__')}: {type(err).__name__}: {err}"[:300])
                 continue
             yield image, label, sample["__key__"]
@@ -368,14 +387,14 @@ class ShardLoader:
         if consumed is not None and not self.train:
             raise ValueError("only a training loader resumes mid-epoch")
         self.epoch = epoch
-        self.dataset.state[0] = epoch
-        self.dataset.state[2] = consumed is not None
+        self.dataset.state.epoch = epoch
+        self.dataset.state.resumed = consumed is not None
         if self.train and self.config.global_batch:
             steps = self.steps_per_epoch - steps_done
             if steps < 0:
                 raise ValueError(f"{steps_done} steps done of an epoch of {self.steps_per_epoch}")
             self._batches = steps * self.config.step_batches
-            self.dataset.state[3] = self._batches
+            self.dataset.state.batches = self._batches
         if self.train:
             self.consumed = ConsumedSamples(len(self.dataset.table), None if consumed is None else consumed.mask)
             self.dataset.consumed[:] = self.consumed.mask.astype(np.int8).tobytes()
@@ -407,7 +426,7 @@ class ShardLoader:
         steps = len(self) if self.train else None
         emitted = 0
         for refill in (0, 1, 2):
-            self.dataset.state[1] = refill
+            self.dataset.state.refill = refill
             for item in self.loader:
                 self._count(item)
                 if "key" not in item:
