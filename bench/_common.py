@@ -234,6 +234,8 @@ class DecodeOnly:
     Pillow's buffer, no copy), cut a centre ``size`` crop out as contiguous RGB (the
     cheapest way to the layout the batching copies fastest) and view it as CHW."""
 
+    uses_rng = False  # draws nothing: the loader makes no per-sample generator for it
+
     def __init__(self, size: int = 224):
         self.size = size
 

@@ -12,7 +12,10 @@ Evaluation keeps partial batches and no quota, so every test sample is seen exac
 whatever the world size.
 
 Inside a reader: ranged reads -> tar members -> shuffle buffer -> decode + transform ->
-``partial=False`` batching. Samples that fail to decode, or that a damaged shard no longer
+``partial=False`` batching. The order (chunk plan, shuffle buffer, class-balanced draws)
+is seeded per rank and worker; each sample's augmentation is seeded from the run seed,
+the epoch, the pass and the sample's key only (:func:`~.augment.augment_seed`), so it is
+the same at any world size and after a mid-epoch resume. Samples that fail to decode, or that a damaged shard no longer
 holds, are counted and skipped (no sleeping warn-and-continue); if skips leave a rank
 short of its planned steps, a second, differently shuffled pass tops it up, so DDP never
 sees unequal step counts. Too many corrupt samples abort the run with
@@ -36,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .. import storage
 from ..config import DataConfig
+from .augment import augment_rng, augment_seed
 from .chunks import Piece, ReaderPlan, SampleTable, epoch_seed, plan_epoch, plan_training_epoch, training_steps
 from .epoch_state import ConsumedSamples, rest_of_epoch
 from .images import DECODE_ERRORS
@@ -44,7 +48,9 @@ from .manifest import Manifest
 from .transforms import stack_images
 from .workers import worker_context
 
-Transform = Callable[[bytes, np.random.Generator], torch.Tensor]
+#: A sample's bytes and its own augmentation generator -> what the batch holds. Transforms
+#: that draw nothing set ``uses_rng = False`` and are passed ``None`` (no generator is made).
+Transform = Callable[[bytes, np.random.Generator | None], Any]
 
 
 class CorruptDataError(RuntimeError):
@@ -117,7 +123,7 @@ class LoaderStats:
 
 
 class EpochState(ctypes.Structure):
-    """What a training loader's persistent workers read at the start of each pass: one
+    """What a loader's persistent workers read at the start of each pass: one
     struct in shared memory (``RawValue``), written by the training process between
     passes (:meth:`ShardLoader.set_epoch`, :meth:`ShardLoader.__iter__`)."""
 
@@ -148,6 +154,7 @@ class _ShardStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.transform = transform
+        self.uses_rng = getattr(transform, "uses_rng", True)
         self.config = config
         self.train = train
         self.state: EpochState = context.RawValue(EpochState)
@@ -181,6 +188,7 @@ class _ShardStream(IterableDataset):
         storage.use_environment(self.storage_env)
         table = self.planned_table() if self.train else self.table
         plan = self.readers()[worker]
+        # the order of this reader's samples; each sample's augmentation has its own seed (_decode)
         seed = epoch_seed(self.config.seed, epoch, refill, self.rank, worker)
         errors: list[str] = []
         counts = _ReaderCounts(bytes=storage.bytes_read())
@@ -188,17 +196,16 @@ class _ShardStream(IterableDataset):
         if self.train:
             buffer = self.config.shuffle_buffer
             samples = wds.shuffle(buffer, min(buffer, 100), rng=random.Random(seed))(samples)
-        rng = np.random.default_rng(seed)
-        decoded = self._decode(samples, rng, counts, errors)
+        decoded = self._decode(samples, epoch, refill, counts, errors)
         if self.pk and self.train:
-            batches = _class_balanced_batches(decoded, *self.pk, rng)
+            batches = _class_balanced_batches(decoded, *self.pk, np.random.default_rng(seed))
         else:
             batches = _plain_batches(decoded, self.batch_size, partial=not self.train)
         quota = plan.quota if self.train and not refill else None
         for emitted, (images, labels, keys) in enumerate(batches):
             if quota is not None and emitted >= quota:
                 break
-            batch = self._batch(images, labels, keys, counts.skipped, errors)
+            batch = self._batch(images, labels, keys, counts.skipped, errors, epoch, refill)
             yield {**batch, "bytes_read": self._bytes_since(counts)}
             counts.skipped, errors[:] = 0, []
         yield {"skipped": counts.skipped, "errors": list(errors), "bytes_read": self._bytes_since(counts)}
@@ -241,9 +248,13 @@ class _ShardStream(IterableDataset):
             counts.skipped += piece.samples - got
             errors.append(f"{where}: {piece.samples - got} of {piece.samples} planned samples unreadable"[:300])
 
-    def _decode(self, samples, rng, counts: _ReaderCounts, errors):
+    def _augment_seed(self, epoch: int, refill: int, key: str) -> int:
+        return augment_seed(self.config.seed, epoch, refill, key)
+
+    def _decode(self, samples, epoch: int, refill: int, counts: _ReaderCounts, errors):
         for sample in samples:
             try:
+                rng = augment_rng(self._augment_seed(epoch, refill, sample["__key__"])) if self.uses_rng else None
                 image = self.transform(sample["jpg"], rng)
                 label = int(sample["cls"])
             except (*DECODE_ERRORS, KeyError) as err:
@@ -252,10 +263,10 @@ class _ShardStream(IterableDataset):
                 continue
             yield image, label, sample["__key__"]
 
-    @staticmethod
-    def _batch(images, labels, keys, skipped, errors) -> dict[str, Any]:
-        if isinstance(images[0], bytes):  # device decoding: the JPEG bytes travel as they are
-            return {"jpeg": images, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
+    def _batch(self, images, labels, keys, skipped, errors, epoch: int, refill: int) -> dict[str, Any]:
+        if isinstance(images[0], bytes):  # device decoding: the JPEG bytes travel as they are, with each one's seed
+            return {"jpeg": images, "seed": [self._augment_seed(epoch, refill, k) for k in keys],
+                    "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
                     "skipped": skipped, "errors": list(errors)}
         return {
             "image": stack_images(images),
@@ -320,7 +331,8 @@ def _class_balanced_batches(decoded, classes_per_batch: int, per_class: int, rng
 
 class ShardLoader:
     """Batches of one split for one rank: ``{"image": uint8 NCHW, "label": int64 N, "key": [str]}``
-    (``{"jpeg": [bytes], ...}`` with the :class:`~rp2k_dist.data.transforms.RawJpeg` transform).
+    (``{"jpeg": [bytes], "seed": [int], ...}`` with the :class:`~rp2k_dist.data.transforms.RawJpeg`
+    transform: each image's :func:`~rp2k_dist.data.augment.augment_seed`, for device augmentation).
 
     Training loaders (``train=True``) shuffle, drop partial batches and yield exactly
     ``len(loader)`` batches per epoch on every rank; call :meth:`set_epoch` first.
@@ -378,10 +390,10 @@ class ShardLoader:
             )
 
     def set_epoch(self, epoch: int, consumed: ConsumedSamples | None = None, steps_done: int = 0) -> None:
-        """Select the epoch's shard order and augmentation seeds. ``consumed``: the samples
-        of this epoch already trained on (a mid-epoch checkpoint, summed over all ranks of
-        the run that wrote it); the epoch then plans only the rest, dealt over this run's
-        ranks. :attr:`consumed` tracks this rank's samples of the epoch (with ``consumed``).
+        """Select the epoch: its chunk order and its samples' augmentation seeds.
+        ``consumed``: the samples of this epoch already trained on (a mid-epoch checkpoint,
+        summed over all ranks of the run that wrote it); the epoch then plans only the rest,
+        dealt over this run's ranks, each augmented as it would have been without the stop. :attr:`consumed` tracks this rank's samples of the epoch (with ``consumed``).
         ``steps_done``: with a fixed global batch, the optimiser steps of the epoch already
         done (the epoch keeps ``samples // global_batch`` steps in all)."""
         if consumed is not None and not self.train:
