@@ -31,6 +31,10 @@ DEFAULT_CHUNK_MB = 4.0
 
 
 def epoch_seed(*parts: int) -> int:
+    """A 32-bit seed mixed from non-negative integers (``numpy.random.SeedSequence``): of
+    an epoch's chunk order ``(seed, epoch)``, and of a reader's shuffle buffer ``(seed,
+    epoch, pass, rank, worker)``. Orders may follow the world size; a sample's augmentation
+    may not, and is seeded from its key instead (:func:`.augment.augment_seed`)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 

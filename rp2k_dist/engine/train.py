@@ -75,15 +75,11 @@ def uses_device_decode(config: ExperimentConfig, device: torch.device) -> bool:
 BatchToDevice = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor, list[str]]]
 
 
-def build_batches(
-    config: ExperimentConfig, spec: InputSpec, device: torch.device, rank: int
-) -> tuple[BatchToDevice, BatchToDevice]:
+def build_batches(config: ExperimentConfig, spec: InputSpec, device: torch.device) -> tuple[BatchToDevice, BatchToDevice]:
     """(train, eval) callables turning loader batches into device tensors."""
     channels_last = config.model.channels_last
-    if uses_device_decode(config, device):
-        seed = config.run.seed * 1000 + rank
-        return (DeviceBatches(spec, config.augment, device, channels_last, seed),
-                DeviceBatches(spec, None, device, channels_last, seed))
+    if uses_device_decode(config, device):  # augmentation seeds come with the loader's batches
+        return DeviceBatches(spec, config.augment, device, channels_last), DeviceBatches(spec, None, device, channels_last)
     return CpuBatches(spec, device, channels_last), CpuBatches(spec, device, channels_last)
 
 
@@ -375,7 +371,7 @@ def train_worker(
     batches = plan_batch(config.optim.global_batch, context.world_size,
                          c.classes_per_batch * c.images_per_class if c.classes_per_batch else c.batch_size)
     train_loader, eval_loader = build_loaders(config, data, spec, context.rank, context.world_size, device, batches)
-    train_to_device, eval_to_device = build_batches(config, spec, device, context.rank)
+    train_to_device, eval_to_device = build_batches(config, spec, device)
 
     model_without_ddp = create_model(config.model.name, len(data.classes), pretrained=config.model.pretrained or None)
     if config.model.weights:
