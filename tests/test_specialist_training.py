@@ -111,3 +111,65 @@ def test_bad_specialist_settings_name_the_key(overrides, match):
 
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+def _sync_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of the SyncBatchNorm check: its half of a fixed batch through a
+    GlooSyncBatchNorm; saves what the check compares."""
+    import os
+
+    import torch.distributed as dist
+
+    from rp2k_dist.engine.batchnorm import convert_sync_batchnorm
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    images, targets, bn = _sync_case()
+    bn = convert_sync_batchnorm(bn, torch.device("cpu"))
+    mine = slice(rank * 6, (rank + 1) * 6)  # 6 of the 12 images
+    x = images[mine].clone().requires_grad_(True)
+    loss = ((bn(x) - targets[mine]) ** 2).sum()
+    loss.backward()
+    torch.save({"grad": x.grad, "weight_grad": bn.weight.grad,
+                "mean": bn.running_mean, "var": bn.running_var, "type": type(bn).__name__}, f"{out}-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _sync_case():
+    generator = torch.Generator().manual_seed(7)
+    images = 3 + 2 * torch.randn(12, 4, 5, 5, generator=generator)
+    targets = torch.randn(12, 4, 5, 5, generator=generator)
+    bn = torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 0.5, 2.0, -1.0]))
+        bn.bias.copy_(torch.tensor([0.0, 0.1, -0.2, 0.3]))
+    return images, targets, bn
+
+
+@pytest.mark.slow
+def test_sync_batchnorm_on_two_cpu_ranks_equals_batchnorm_on_the_whole_batch(tmp_path):
+    """Two gloo ranks with 6 images each through SyncBatchNorm give the gradients and
+    running statistics of one BatchNorm over all 12 (the loss summed over the ranks);
+    plain BatchNorm on each half would not (the check can fail)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_sync_rank, args=(2, port, str(tmp_path / "rank")), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank-{r}.pt", weights_only=True) for r in (0, 1)]
+    images, targets, bn = _sync_case()
+    x = images.clone().requires_grad_(True)
+    ((bn(x) - targets) ** 2).sum().backward()
+    assert [r["type"] for r in ranks] == ["GlooSyncBatchNorm"] * 2
+    torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]), x.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ranks[0]["weight_grad"] + ranks[1]["weight_grad"], bn.weight.grad, rtol=1e-5, atol=1e-5)
+    for r in ranks:
+        torch.testing.assert_close(r["mean"], bn.running_mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r["var"], bn.running_var, rtol=1e-6, atol=1e-6)
+    half = torch.nn.BatchNorm2d(4)
+    half(images[:6])
+    assert (half.running_mean - bn.running_mean).abs().max() > 1e-3

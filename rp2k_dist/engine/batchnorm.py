@@ -10,9 +10,9 @@
   classes, and its features do not shift when the backbone unfreezes.
 * ``sync``: :class:`torch.nn.SyncBatchNorm` under DDP (batch statistics over the global
   batch, every rank's images). At world size 1 nothing is converted. PyTorch's
-  SyncBatchNorm kernels run on accelerators only; on CPU tensors (gloo, tests and the CPU
-  demo) :class:`GlooSyncBatchNorm` computes the same statistics with a differentiable
-  all-reduce.
+  SyncBatchNorm runs on accelerators only (DDP refuses it in a CPU model); on CPU (gloo:
+  tests and the CPU demo) :class:`GlooSyncBatchNorm` computes the same statistics with a
+  differentiable all-reduce.
 """
 
 from __future__ import annotations
@@ -46,20 +46,29 @@ def batchnorm_eval(model: nn.Module) -> None:
         layer.eval()
 
 
-class GlooSyncBatchNorm(nn.SyncBatchNorm):
-    """:class:`torch.nn.SyncBatchNorm` that also synchronises CPU tensors.
+class GlooSyncBatchNorm(_BatchNorm):
+    """BatchNorm with statistics over every rank's batch, for CPU tensors (gloo).
 
-    In training under an initialised process group, the per-channel sum, sum of squares and
-    count of the local batch (float64) are summed over the ranks with
-    ``torch.distributed.nn.functional.all_reduce``, whose backward all-reduces the gradient,
-    so each rank's input gradient is that of the summed loss, as PyTorch's SyncBatchNorm
-    gives. Normalisation uses the biased global variance, the running variance the unbiased
-    one (as ``F.batch_norm``). Other cases (eval mode, one process, accelerator tensors) are
-    PyTorch's own forward.
+    PyTorch's :class:`torch.nn.SyncBatchNorm` runs on accelerators only, and DDP refuses
+    it in a CPU model, so this is a separate layer with the same parameters and buffers. In
+    training under a process group of more than one rank, the per-channel sum, sum of
+    squares and count of the local batch (float64) are summed over the ranks with
+    ``torch.distributed.nn.functional.all_reduce``, whose backward all-reduces the gradient:
+    each rank's input gradient is that of the loss summed over the ranks, as with PyTorch's
+    SyncBatchNorm. Normalisation uses the biased global variance, the running variance the
+    unbiased one (as ``F.batch_norm``). Otherwise (eval mode, one process) it is BatchNorm.
     """
 
+    def __init__(self, *args, process_group: dist.ProcessGroup | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
     def forward(self, input: Tensor) -> Tensor:
-        if not (self.training and input.device.type == "cpu" and dist.is_available() and dist.is_initialized()):
+        if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(input)
         group = self.process_group or dist.group.WORLD
         if dist.get_world_size(group) == 1:
@@ -68,7 +77,7 @@ class GlooSyncBatchNorm(nn.SyncBatchNorm):
         channels = input.shape[1]
         dims = [0, *range(2, input.dim())]
         x = input.double()
-        count = torch.full((1,), input.numel() / channels, dtype=torch.float64)
+        count = torch.full((1,), input.numel() / channels, dtype=torch.float64, device=input.device)
         total = dist_nn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]), group=group)
         n = total[-1]
         mean = total[:channels] / n
@@ -87,15 +96,39 @@ class GlooSyncBatchNorm(nn.SyncBatchNorm):
         return out
 
 
+#: Layers that synchronise their statistics over the ranks.
+SYNC_LAYERS = (nn.SyncBatchNorm, GlooSyncBatchNorm)
+
+
+def _gloo_sync(module: nn.Module) -> nn.Module:
+    """``module`` with every BatchNorm layer replaced by a :class:`GlooSyncBatchNorm`
+    sharing its parameters and buffers (as ``convert_sync_batchnorm`` does)."""
+    out = module
+    if isinstance(module, _BatchNorm):
+        out = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                module.track_running_stats)
+        if module.affine:
+            out.weight, out.bias = module.weight, module.bias
+        out.running_mean, out.running_var = module.running_mean, module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.training = module.training
+    for name, child in module.named_children():
+        out.add_module(name, _gloo_sync(child))
+    return out
+
+
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm layer of ``model`` as a SyncBatchNorm (same parameters and buffers,
-    so checkpoints load into the plain model); on CPU as :class:`GlooSyncBatchNorm`."""
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    """Every BatchNorm layer of ``model`` synchronised over the ranks, with the same
+    parameters and buffers (checkpoints load into the plain model): PyTorch's
+    :class:`torch.nn.SyncBatchNorm` on accelerators, :class:`GlooSyncBatchNorm` on CPU."""
     if device.type == "cpu":
-        for layer in model.modules():
-            if type(layer) is nn.SyncBatchNorm:
-                layer.__class__ = GlooSyncBatchNorm
-    return model
+        return _gloo_sync(model)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def synced_layers(model: nn.Module) -> int:
+    """How many layers of ``model`` synchronise BatchNorm statistics over the ranks."""
+    return sum(isinstance(m, SYNC_LAYERS) for m in model.modules())
 
 
 def prepare_batchnorm(model: nn.Module, mode: str, world_size: int, device: torch.device) -> nn.Module:

@@ -38,7 +38,7 @@ from ..storage import RunStorage, display
 from . import distributed as dist_utils
 from ..data.epoch_state import consumed_of
 from .checkpoint import rng_state, set_rng_state
-from .batchnorm import batchnorm_eval, prepare_batchnorm
+from .batchnorm import batchnorm_eval, prepare_batchnorm, synced_layers
 from .context import WorkerContext
 from .global_batch import BatchPlan, plan_batch
 from .scalars import ScalarLog
@@ -416,7 +416,7 @@ def train_worker(
     if config.model.channels_last:
         model_without_ddp.to(memory_format=torch.channels_last)
     model_without_ddp = prepare_batchnorm(model_without_ddp, config.model.bn, context.world_size, device)
-    synced = sum(isinstance(m, nn.SyncBatchNorm) for m in model_without_ddp.modules())
+    synced = synced_layers(model_without_ddp)
     model: nn.Module = model_without_ddp
     if context.world_size > 1:
         model = DistributedDataParallel(model_without_ddp, device_ids=[device.index] if cuda else None,
