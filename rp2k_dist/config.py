@@ -92,6 +92,10 @@ class DataConfig:
     meta_category: str = ""  # "type=liquor": train/evaluate only this meta-category's classes
     classes_per_batch: int = 0  # P of the P x K class-balanced batches (API-Net); 0 = plain batches
     images_per_class: int = 4  # K
+    # share of each class's train images held out of training (chosen by a hash of the key,
+    # the same for every run of the dataset): the "holdout" split on which `rp2k ensemble`
+    # chooses the routing threshold (Table 3 column e); 0 = none
+    holdout: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size must be >= 1")
@@ -101,6 +105,7 @@ class DataConfig:
         _check(0 <= self.max_corrupt_fraction <= 1, "data.max_corrupt_fraction must be in [0, 1]")
         _check(self.decode in ("auto", "cpu", "device"), "data.decode must be auto, cpu or device")
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
+        _check(0.0 <= self.holdout < 0.5, f"data.holdout must be in [0, 0.5), got {self.holdout}")
         if self.meta_category:
             parse_meta_category(self.meta_category)
         if self.classes_per_batch:

@@ -37,6 +37,7 @@ from ..run_folder import FORMAT, VERSION, write_metrics
 from ..storage import RunStorage, display
 from . import distributed as dist_utils
 from ..data.epoch_state import consumed_of
+from ..data.holdout import held_out_count
 from .checkpoint import rng_state, set_rng_state
 from .batchnorm import batchnorm_eval, prepare_batchnorm, synced_layers
 from .context import WorkerContext
@@ -66,7 +67,8 @@ def select_data(config: ExperimentConfig) -> RunData:
         subset = manifest.classes_of(*parse_meta_category(config.data.meta_category))
     chosen = subset if subset is not None else list(range(manifest.num_classes))
     classes = [{**manifest.classes[g], "index": i, "global_index": g} for i, g in enumerate(chosen)]
-    counts = manifest.class_counts("train")
+    # the images each class trains on (the CBL's n_c): train less the held-out share
+    counts = [n - held_out_count(n, config.data.holdout) for n in manifest.class_counts("train")]
     return RunData(manifest, subset, classes, [counts[g] for g in chosen])
 
 
