@@ -250,3 +250,24 @@ def test_meta_categories_match_in_any_case(general):
     mixed = [{**c, "type": c["type"].upper()} for c in CLASSES]  # a class table in capitals
     np.testing.assert_array_equal(route(GENERAL_TOPK, mixed, shouting), route(GENERAL_TOPK, CLASSES, SPECIALISTS))
     assert within_category(general, mixed, shouting[0]).keys == within_category(general, CLASSES, LIQUOR).keys
+
+
+def test_the_verdict_says_whether_the_specialists_helped_and_why_not():
+    from rp2k_dist.evaluation.ensemble import verdict
+
+    row = {"meta_category": "liquor", "general_top1": 42.86, "restricted_top1": 60.0, "specialist_top1": 70.0,
+           "ensemble_top1": 42.86, "mass_top1": 50.0, "mass_recall": 90.0, "mass_precision": 80.0}
+    worse = {**row, "meta_category": "cosmetics", "general_top1": 72.73, "restricted_top1": 90.91,
+             "specialist_top1": 90.91, "mass_top1": 72.73}
+    routed = {**row, "meta_category": "beer", "mass_top1": 40.0}
+    assert verdict([row]) == "The specialists helped: liquor (e) 50.0 % vs (a) 42.9 % top-1."
+    assert verdict([row, worse]) == (
+        "The specialists helped on liquor only: liquor (e) 50.0 % vs (a) 42.9 % top-1; cosmetics (e) 72.7 % vs (a) "
+        "72.7 % top-1, because the specialist alone is no better than the general model among the category's "
+        "classes ((c) 90.9 % vs (b) 90.9 %).")
+    assert verdict([routed]) == (
+        "The specialists did not help: beer (e) 40.0 % vs (a) 42.9 % top-1, because routing costs more than the "
+        "specialist adds ((c) 70.0 % vs (b) 60.0 %, routing recall 90.00 %, precision 80.00 %).")
+    # without (e) the top-1 routed ensemble (d) is judged
+    assert verdict([{**row, "mass_top1": None, "routing_recall": 100.0, "routing_precision": 75.0}]).startswith(
+        "The specialists did not help: liquor (d) 42.9 % vs (a) 42.9 % top-1, because routing costs more")

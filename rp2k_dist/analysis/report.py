@@ -26,7 +26,7 @@ import yaml
 
 from .. import run_folder
 from ..data.manifest import Manifest, ManifestError
-from ..evaluation.ensemble import table3_markdown
+from ..evaluation.ensemble import table3_markdown, verdict
 from ..evaluation.metrics import PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE4, AccuracyRow, AccuracyTable, format_percent
 from ..storage import RunStorage
 from . import iter_shard_images
@@ -354,6 +354,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tupl
                     f"{run.ensemble.get('threshold_source', '')}. ") if run.ensemble.get("mass_thresholds") else ""
             doc.para(routing + (f" (test images routed: {routed}). " if routed else ". ") + mass + reference)
             doc.table(table3_markdown(run.ensemble["table3"], paper=PAPER_TABLE3 if real else None))
+            doc.para(verdict(run.ensemble["table3"]))
             doc.heading("Table 2 of the ensemble", 3)
             doc.table(table_from_dict(run.ensemble["table2"]).to_markdown())
         else:

@@ -364,7 +364,37 @@ def table3_markdown(
     return "\n".join(lines) + "\n"
 
 
+def verdict(rows: list[dict[str, Any]]) -> str:
+    """One sentence: did the specialists help, with the numbers, and if not why.
+
+    Per category the ensemble routed by mass (e), or by the top-1 rule (d) when (e) was not
+    computed, is compared with the general model (a) on top-1. Where it is not above (a),
+    the reason given is the first of: the specialist alone is no better than the general
+    model among the category's classes ((c) <= (b)); routing costs more than the specialist
+    adds (recall and precision of that routing)."""
+    parts, helped = [], []
+    for row in rows:
+        column, name, prefix = ("mass", "(e)", "mass") if row.get("mass_top1") is not None else ("ensemble", "(d)", "routing")
+        ensemble, general = row[f"{column}_top1"], row["general_top1"]
+        helped.append(ensemble > general)
+        text = f"{row['meta_category']} {name} {ensemble:.1f} % vs (a) {general:.1f} % top-1"
+        b, c = row.get("restricted_top1"), row.get("specialist_top1")
+        if ensemble <= general:
+            if b is not None and c is not None and c <= b:
+                text += (f", because the specialist alone is no better than the general model among the category's "
+                         f"classes ((c) {c:.1f} % vs (b) {b:.1f} %)")
+            else:
+                recall, precision = row.get(f"{prefix}_recall"), row.get(f"{prefix}_precision")
+                shown = "" if c is None else f"(c) {c:.1f} % vs (b) {b:.1f} %, "
+                text += (f", because routing costs more than the specialist adds ({shown}routing recall "
+                         f"{format_percent(recall)} %, precision {format_percent(precision)} %)")
+        parts.append(text)
+    lead = ("The specialists helped" if all(helped) else "The specialists did not help" if not any(helped)
+            else "The specialists helped on " + ", ".join(r["meta_category"] for r, h in zip(rows, helped) if h) + " only")
+    return f"{lead}: {'; '.join(parts)}."
+
+
 def _pair(top1: float | None, top5: float | None) -> str:
-    if top1 is None or top5 is None:
+    if top1 is None and top5 is None:
         return "–"
     return f"{format_percent(top1)} / {format_percent(top5)}"

@@ -18,6 +18,7 @@ from .. import run_folder
 from ..config import parse_meta_category
 from ..data.manifest import Manifest
 from ..run_folder import find_run_dir
+from ..data.chunks import SampleTable
 from ..data.holdout import HOLDOUT
 from .ensemble import (
     Specialist, calibrate_threshold, combine, in_global_classes, route, route_by_mass, table3, table3_markdown,
@@ -59,6 +60,8 @@ def mass_thresholds(general_model, shards: Path, specialists: list[Specialist], 
     holdout = float(general_model.checkpoint["config"]["data"].get("holdout", 0.0))
     if holdout <= 0:
         return [0.5] * len(specialists), "0.5: the general run held out no train images (data.holdout=0)"
+    if len(SampleTable.from_manifest(Manifest.load(shards), HOLDOUT, holdout=holdout)) == 0:
+        return [0.5] * len(specialists), f"0.5: data.holdout={holdout:g} holds out no image of this dataset"
     validation = predict_shards(general_model, shards, split=HOLDOUT, workers=workers,
                                 groups=[s.classes for s in specialists], holdout=holdout)
     thresholds = []
