@@ -125,7 +125,8 @@ def test_report_table2_matches_predictions_and_html_is_self_contained(run_dir, t
     # threshold; no paper columns. This ensemble.json predates (e) and the precision: "–"
     assert ("| liquor | 7 | 42.86 / 71.43 | 57.14 / 85.71 | 100.00 / 100.00 | 85.71 / 100.00 | – | 85.71 / – | – "
             "| – |") in md
-    assert "The specialists helped: liquor (d) 85.7 % vs (a) 42.9 % top-1." in md
+    assert ("The specialists helped (the top-1 routed ensemble (d) against the general model (a)): liquor (d) "
+            "85.7 % vs (a) 42.9 % top-1.") in md
     for heading in ("## Training curves", "## Most confused pairs", "## UMAP", "## Configuration"):
         assert heading in md
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):

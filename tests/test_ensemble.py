@@ -255,19 +255,26 @@ def test_meta_categories_match_in_any_case(general):
 def test_the_verdict_says_whether_the_specialists_helped_and_why_not():
     from rp2k_dist.evaluation.ensemble import verdict
 
-    row = {"meta_category": "liquor", "general_top1": 42.86, "restricted_top1": 60.0, "specialist_top1": 70.0,
-           "ensemble_top1": 42.86, "mass_top1": 50.0, "mass_recall": 90.0, "mass_precision": 80.0}
-    worse = {**row, "meta_category": "cosmetics", "general_top1": 72.73, "restricted_top1": 90.91,
-             "specialist_top1": 90.91, "mass_top1": 72.73}
-    routed = {**row, "meta_category": "beer", "mass_top1": 40.0}
-    assert verdict([row]) == "The specialists helped: liquor (e) 50.0 % vs (a) 42.9 % top-1."
-    assert verdict([row, worse]) == (
-        "The specialists helped on liquor only: liquor (e) 50.0 % vs (a) 42.9 % top-1; cosmetics (e) 72.7 % vs (a) "
-        "72.7 % top-1, because the specialist alone is no better than the general model among the category's "
-        "classes ((c) 90.9 % vs (b) 90.9 %).")
-    assert verdict([routed]) == (
-        "The specialists did not help: beer (e) 40.0 % vs (a) 42.9 % top-1, because routing costs more than the "
-        "specialist adds ((c) 70.0 % vs (b) 60.0 %, routing recall 90.00 %, precision 80.00 %).")
-    # without (e) the top-1 routed ensemble (d) is judged
-    assert verdict([{**row, "mass_top1": None, "routing_recall": 100.0, "routing_precision": 75.0}]).startswith(
-        "The specialists did not help: liquor (d) 42.9 % vs (a) 42.9 % top-1, because routing costs more")
+    row = {"meta_category": "liquor", "general_top1": 33.33, "restricted_top1": 38.1, "specialist_top1": 47.62,
+           "ensemble_top1": 42.86, "mass_top1": 33.33, "routing_recall": 85.71, "routing_precision": 81.82,
+           "mass_recall": 66.67, "mass_precision": 93.33}
+    cosmetics = {**row, "meta_category": "cosmetics", "general_top1": 54.55, "restricted_top1": 54.55,
+                 "specialist_top1": 72.73, "ensemble_top1": 72.73, "mass_top1": 72.73}
+    assert verdict([row, cosmetics]) == (
+        "The specialists helped (the top-1 routed ensemble (d) against the general model (a)): liquor (d) 42.9 % "
+        "and (e) 33.3 % vs (a) 33.3 % top-1, because routing loses the gain of (c) 47.6 % over (b) 38.1 %: (e) sends "
+        "66.67 % of the category's images to the specialist (precision 93.33 %); cosmetics (d) 72.7 % and (e) 72.7 % "
+        "vs (a) 54.5 % top-1.")
+    no_gain = {**cosmetics, "specialist_top1": 50.0, "ensemble_top1": 50.0, "mass_top1": 54.55}
+    assert verdict([row, no_gain]) == (
+        "The specialists helped on liquor only (the top-1 routed ensemble (d) against the general model (a)): "
+        "liquor (d) 42.9 % and (e) 33.3 % vs (a) 33.3 % top-1, because routing loses the gain of (c) 47.6 % over "
+        "(b) 38.1 %: (e) sends 66.67 % of the category's images to the specialist (precision 93.33 %); cosmetics "
+        "(d) 50.0 % and (e) 54.5 % vs (a) 54.5 % top-1, because the specialist alone is no better than the general "
+        "model among the category's classes ((c) 50.0 % vs (b) 54.5 %).")
+    # without (e) (an ensemble.json written before it existed) only (d) is given
+    older = {k: v for k, v in row.items() if not k.startswith("mass")}
+    assert verdict([{**older, "ensemble_top1": 30.0}]) == (
+        "The specialists did not help (the top-1 routed ensemble (d) against the general model (a)): liquor (d) "
+        "30.0 % vs (a) 33.3 % top-1, because routing loses the gain of (c) 47.6 % over (b) 38.1 %: (d) sends "
+        "85.71 % of the category's images to the specialist (precision 81.82 %).")

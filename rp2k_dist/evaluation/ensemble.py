@@ -367,31 +367,32 @@ def table3_markdown(
 def verdict(rows: list[dict[str, Any]]) -> str:
     """One sentence: did the specialists help, with the numbers, and if not why.
 
-    Per category the ensemble routed by mass (e), or by the top-1 rule (d) when (e) was not
-    computed, is compared with the general model (a) on top-1. Where it is not above (a),
-    the reason given is the first of: the specialist alone is no better than the general
-    model among the category's classes ((c) <= (b)); routing costs more than the specialist
-    adds (recall and precision of that routing)."""
+    Judged per category on top-1 by the ensemble routed by the top-1 rule (d) against the
+    general model (a); the ensemble routed by mass (e) is given beside it. Where an ensemble
+    is not above (a), the reason given is: the specialist alone is no better than the
+    general model among the category's classes ((c) <= (b)); otherwise the routing that
+    ensemble used (its recall and precision)."""
     parts, helped = [], []
     for row in rows:
-        column, name, prefix = ("mass", "(e)", "mass") if row.get("mass_top1") is not None else ("ensemble", "(d)", "routing")
-        ensemble, general = row[f"{column}_top1"], row["general_top1"]
-        helped.append(ensemble > general)
-        text = f"{row['meta_category']} {name} {ensemble:.1f} % vs (a) {general:.1f} % top-1"
+        a, d, e = row["general_top1"], row["ensemble_top1"], row.get("mass_top1")
         b, c = row.get("restricted_top1"), row.get("specialist_top1")
-        if ensemble <= general:
-            if b is not None and c is not None and c <= b:
-                text += (f", because the specialist alone is no better than the general model among the category's "
-                         f"classes ((c) {c:.1f} % vs (b) {b:.1f} %)")
-            else:
-                recall, precision = row.get(f"{prefix}_recall"), row.get(f"{prefix}_precision")
-                shown = "" if c is None else f"(c) {c:.1f} % vs (b) {b:.1f} %, "
-                text += (f", because routing costs more than the specialist adds ({shown}routing recall "
-                         f"{format_percent(recall)} %, precision {format_percent(precision)} %)")
+        helped.append(d > a)
+        text = f"{row['meta_category']} (d) {d:.1f} %{'' if e is None else f' and (e) {e:.1f} %'} vs (a) {a:.1f} % top-1"
+        behind = [(name, prefix) for name, value, prefix in (("(d)", d, "routing"), ("(e)", e, "mass"))
+                  if value is not None and value <= a]
+        if behind and b is not None and c is not None and c <= b:
+            text += (f", because the specialist alone is no better than the general model among the category's "
+                     f"classes ((c) {c:.1f} % vs (b) {b:.1f} %)")
+        elif behind:
+            routing = " and ".join(
+                f"{name} sends {format_percent(row.get(f'{prefix}_recall'))} % of the category's images to the "
+                f"specialist (precision {format_percent(row.get(f'{prefix}_precision'))} %)" for name, prefix in behind)
+            gain = "" if b is None or c is None else f" of (c) {c:.1f} % over (b) {b:.1f} %"
+            text += f", because routing loses the gain{gain}: {routing}"
         parts.append(text)
     lead = ("The specialists helped" if all(helped) else "The specialists did not help" if not any(helped)
             else "The specialists helped on " + ", ".join(r["meta_category"] for r, h in zip(rows, helped) if h) + " only")
-    return f"{lead}: {'; '.join(parts)}."
+    return f"{lead} (the top-1 routed ensemble (d) against the general model (a)): {'; '.join(parts)}."
 
 
 def _pair(top1: float | None, top5: float | None) -> str:
