@@ -313,6 +313,9 @@ SIZE_ASPECTS: tuple[float, ...] = (0.72, 0.86, 1.0, 1.18)
 #: ``SynthConfig.fine_grained`` cues and how many SKUs each can tell apart ("" = off).
 FINE_CUES: dict[str, int] = {"": 0, "accent": len(ACCENTS), "mark": len(MARK_SPOTS) * len(SIZE_ASPECTS)}
 FINE_TYPE, FINE_SHAPE = "liquor", "bottle"
+#: The family's stripe and mark are this much larger than other products': still a small
+#: part of the bottle, but a few pixels wide in the 32-48 px crops a CPU benchmark trains on.
+FINE_CUE_SIZE = 1.8
 #: Width / height of each shape's silhouette.
 SHAPE_ASPECT: dict[str, float] = {
     "bottle": 0.34,
@@ -340,6 +343,7 @@ class Design:
     mark: int  #: index into MARK_SPOTS
     aspect: float  #: multiplier of the shape's width / height (size variants)
     text: tuple[tuple[float, float, float], ...]  #: fake text lines: (y, x, length) fractions
+    cue_size: float = 1.0  #: size multiplier of the accent stripe and the mark (fine-grained families)
 
 
 # --------------------------------------------------------------------------- catalogue
@@ -505,9 +509,9 @@ def _products(count: int, rng: np.random.Generator, fine_grained: str = "", fine
 def _fine_family(cue: str, count: int, taken: set[str], rng: np.random.Generator) -> list[ClassSpec]:
     """``count`` SKUs of one liquor bottle that share everything (brand, palette, pattern,
     print) but one cue: the accent stripe colour, or the mark position with the bottle's
-    proportions."""
+    proportions. Stripe and mark are drawn :data:`FINE_CUE_SIZE` times larger."""
     vocab = VOCAB[FINE_TYPE]
-    base = _base_design(FINE_TYPE, FINE_SHAPE, rng)
+    base = replace(_base_design(FINE_TYPE, FINE_SHAPE, rng), cue_size=FINE_CUE_SIZE)
     brand, product, size = _pick(rng, vocab.brands), _pick(rng, vocab.products), _pick(rng, vocab.sizes)
     if cue == "accent":
         designs = [replace(base, accent=ACCENTS[i]) for i in rng.permutation(len(ACCENTS))[:count]]
@@ -855,10 +859,11 @@ def _draw_marks(draw: ImageDraw.ImageDraw, box: Box, d: Design) -> None:
     for y, x, length in d.text:
         line = (x0 + x * lw, y0 + y * lh, x0 + (x + length) * lw, y0 + (y + 0.06) * lh)
         draw.rectangle(line, fill=d.ink)
-    draw.rectangle((x0, y0 + 0.56 * lh, x1, y0 + 0.7 * lh), fill=d.accent)
+    draw.rectangle((x0, y0 + 0.56 * lh, x1, y0 + (0.56 + 0.14 * d.cue_size) * lh), fill=d.accent)
     mx, my = MARK_SPOTS[d.mark]
+    mw, mh = min(0.26 * d.cue_size, 1 - mx), min(0.2 * d.cue_size, 1 - my)  # inside the label
     draw.rectangle(
-        (x0 + mx * lw, y0 + my * lh, x0 + (mx + 0.26) * lw, y0 + (my + 0.2) * lh),
+        (x0 + mx * lw, y0 + my * lh, x0 + (mx + mw) * lw, y0 + (my + mh) * lh),
         fill=d.ink,
         outline=d.accent,
         width=max(1, int(0.03 * lw)),
