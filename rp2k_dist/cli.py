@@ -157,8 +157,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from .evaluation.ensemble_eval import evaluate_ensemble
 
-    result = evaluate_ensemble(args.general, args.specialist, args.shards, args.out, args.rule, args.workers)
+    result = evaluate_ensemble(args.general, args.specialist, args.shards, args.out, args.rule, args.workers,
+                               args.mass_threshold)
     print(result.markdown)
+    print(f"(e) thresholds: {', '.join(f'{t:.3f}' for t in result.thresholds)} ({result.threshold_source})")
     return 0
 
 
@@ -486,7 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", help="packed dataset (default: the general run's data.shards)")
     p.add_argument("--out", help="output folder (default: the general run's folder)")
     p.add_argument("--rule", choices=["top1", "top5-majority"], default="top1",
-                   help="routing: meta-category of the general top-1 class, or the top-5 majority")
+                   help="routing of column (d): meta-category of the general top-1 class, or the top-5 majority")
+    p.add_argument("--mass-threshold", type=float,
+                   help="column (e): route when the general model's probability on a category is at least this "
+                        "(default: calibrated on the general run's held-out train images, data.holdout; else 0.5)")
     p.add_argument("--workers", type=int, default=2, help="loader processes")
     p.set_defaults(func=cmd_ensemble)
 

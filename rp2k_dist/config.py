@@ -112,6 +112,10 @@ class DataConfig:
     meta_category: str = ""  # "type=liquor": train/evaluate only this meta-category's classes
     classes_per_batch: int = 0  # P of the P x K class-balanced batches (API-Net); 0 = plain batches
     images_per_class: int = 4  # K
+    # share of each class's train images held out of training (chosen by a hash of the key,
+    # the same for every run of the dataset): the "holdout" split on which `rp2k ensemble`
+    # chooses the routing threshold (Table 3 column e); 0 = none
+    holdout: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size must be >= 1")
@@ -121,11 +125,19 @@ class DataConfig:
         _check(0 <= self.max_corrupt_fraction <= 1, "data.max_corrupt_fraction must be in [0, 1]")
         _check(self.decode in ("auto", "cpu", "device"), "data.decode must be auto, cpu or device")
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
+        _check(0.0 <= self.holdout < 0.5, f"data.holdout must be in [0, 0.5), got {self.holdout}")
         if self.meta_category:
             parse_meta_category(self.meta_category)
         if self.classes_per_batch:
             _check(self.images_per_class >= 2, "data.images_per_class must be >= 2 (API-Net needs intra-class pairs)")
             _check(self.classes_per_batch >= 2, "data.classes_per_batch must be >= 2 (API-Net needs inter-class pairs)")
+
+
+#: Models whose backbone and head are separate parameter groups (``backbone_parameters()``,
+#: ``head_parameters()``): frozen-backbone epochs and ``optim.backbone_lr_scale`` apply to them.
+SPLIT_MODELS = ("apinet",)
+#: ``model.bn`` values (see :class:`ModelConfig`).
+BN_MODES = ("train", "frozen", "sync")
 
 
 @dataclass
@@ -140,6 +152,12 @@ class ModelConfig:
     channels_last: bool = True
     compile: bool = False
     freeze_backbone_epochs: int = 0  # API-Net official: 8
+    # BatchNorm while training: train (batch statistics; running statistics updated, also in
+    # frozen-backbone epochs, as the official API-Net) | frozen (every BatchNorm layer in eval
+    # mode without gradient for the WHOLE run: the running statistics and affine parameters of
+    # model.weights / model.pretrained stay as they are) | sync (SyncBatchNorm: statistics over
+    # the global batch under DDP; the same as train on one worker)
+    bn: str = "train"
 
     def __post_init__(self) -> None:
         from .models.registry import model_names  # torch is only needed once a config is checked
@@ -149,6 +167,7 @@ class ModelConfig:
         _check(self.pretrained in ("", "imagenet"), "model.pretrained must be '' or 'imagenet'")
         _check(self.crop_size == 0 or self.crop_size >= 32, "model.crop_size must be 0 or >= 32")
         _check(self.freeze_backbone_epochs >= 0, "model.freeze_backbone_epochs must be >= 0")
+        _check(self.bn in BN_MODES, f"model.bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
 
 
 @dataclass
@@ -177,6 +196,9 @@ class OptimConfig:
 
     optimizer: str = "sgd"  # sgd | adamw
     lr: float = 0.1  # for the GLOBAL batch (all workers) of lr_reference_batch images
+    # models with a backbone / head split (API-Net): the backbone trains at lr x this, the head
+    # (mutual-vector layers and fc) at lr; both follow the same schedule
+    backbone_lr_scale: float = 1.0
     # the experiment's batch over all workers: each optimiser step trains on global_batch
     # images whatever the live world size (micro-batches of at most data.batch_size per
     # worker, gradients accumulated); 0 = data.batch_size x run.workers (grows with workers)
@@ -193,6 +215,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check(self.optimizer in ("sgd", "adamw"), "optim.optimizer must be sgd or adamw")
         _check(self.lr > 0 and math.isfinite(self.lr), "optim.lr must be a positive number")
+        _check(0 < self.backbone_lr_scale <= 1, f"optim.backbone_lr_scale must be in (0, 1], got {self.backbone_lr_scale}")
         _check(self.lr_reference_batch >= 1, "optim.lr_reference_batch must be >= 1")
         _check(self.global_batch >= 0, "optim.global_batch must be >= 0 (0 = data.batch_size x run.workers)")
         _check(self.epochs >= 1, "optim.epochs must be >= 1")
@@ -267,6 +290,9 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
+        _check(self.optim.backbone_lr_scale == 1 or self.model.name in SPLIT_MODELS,
+               f"optim.backbone_lr_scale applies to models with a backbone / head split ({', '.join(SPLIT_MODELS)}); "
+               f"{self.model.name} trains as one parameter group: set it to 1")
         if self.optim.global_batch:
             _check(not self.data.classes_per_batch, "optim.global_batch does not apply to P x K batches "
                    "(data.classes_per_batch): set optim.global_batch=0")

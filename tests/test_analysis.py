@@ -122,8 +122,12 @@ def test_report_table2_matches_predictions_and_html_is_self_contained(run_dir, t
     overall = f"| average (micro) | {len(predictions)} | {100 * predictions['correct_top1'].mean():.2f} |"
     assert overall in md
     assert "not RP2K's 2,388" in md and "paper top-1" not in md.split("## Table 3")[0]
-    # Table 3: (a)-(d) as top-1 / top-5, routing recall, images routed in; no paper columns
-    assert "| liquor | 7 | 42.86 / 71.43 | 57.14 / 85.71 | 100.00 / 100.00 | 85.71 / 100.00 | 85.71 | 2 |" in md
+    # Table 3: (a)-(e) as top-1 / top-5, each rule's routing recall / precision, the mass
+    # threshold; no paper columns. This ensemble.json predates (e) and the precision: "–"
+    assert ("| liquor | 7 | 42.86 / 71.43 | 57.14 / 85.71 | 100.00 / 100.00 | 85.71 / 100.00 | – | 85.71 / – | – "
+            "| – |") in md
+    assert ("The specialists helped (the top-1 routed ensemble (d) against the general model (a)): liquor (d) "
+            "85.7 % vs (a) 42.9 % top-1.") in md
     for heading in ("## Training curves", "## Most confused pairs", "## UMAP", "## Configuration"):
         assert heading in md
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):

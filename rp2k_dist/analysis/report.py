@@ -26,7 +26,7 @@ import yaml
 
 from .. import run_folder
 from ..data.manifest import Manifest, ManifestError
-from ..evaluation.ensemble import table3_markdown
+from ..evaluation.ensemble import table3_markdown, verdict
 from ..evaluation.metrics import PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE4, AccuracyRow, AccuracyTable, format_percent
 from ..errors import RunFolderError
 from ..storage import RunStorage
@@ -355,15 +355,20 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tupl
         doc.heading("Table 3: general model vs ensemble, within the meta-category")
         doc.para("On each category's test images, top-1 / top-5 in %: (a) the general model among all classes, "
                  "(b) the general model among the category's classes only (perfect routing, no specialist), "
-                 "(c) the specialist alone, (d) the routed ensemble; routing recall: the share of the category's "
-                 "images sent to its specialist; others routed in: other categories' images sent to it.")
+                 "(c) the specialist alone, (d) the ensemble routed by the general model's top-1 class, (e) the "
+                 "ensemble routed by the general model's probability mass on the category; per routing rule, "
+                 "recall: the share of the category's images sent to its specialist, precision: the share of the "
+                 "category's images among those sent to it.")
         if run.ensemble:
             real = run.is_real_rp2k(manifest)
             routed = ", ".join(f"{n} to {category}" for category, n in run.ensemble.get("routed", {}).items())
             reference = "Paper columns: the paper's Table 3." if real else "Paper columns left out (not the real RP2K)."
-            routing = f"Routing rule `{run.ensemble.get('rule', 'top1')}`"
-            doc.para(routing + (f" (test images routed: {routed}). " if routed else ". ") + reference)
+            routing = f"Routing rule of (d) `{run.ensemble.get('rule', 'top1')}`"
+            mass = (f"(e) thresholds {', '.join(f'{t:.3f}' for t in run.ensemble['mass_thresholds'])}: "
+                    f"{run.ensemble.get('threshold_source', '')}. ") if run.ensemble.get("mass_thresholds") else ""
+            doc.para(routing + (f" (test images routed: {routed}). " if routed else ". ") + mass + reference)
             doc.table(table3_markdown(run.ensemble["table3"], paper=PAPER_TABLE3 if real else None))
+            doc.para(verdict(run.ensemble["table3"]))
             doc.heading("Table 2 of the ensemble", 3)
             doc.table(table_from_dict(run.ensemble["table2"]).to_markdown())
         else:

@@ -352,7 +352,7 @@ class ShardLoader:
         (a meta-category specialist). ``class_balanced``: (P, K) batches for training."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        table = SampleTable.from_manifest(manifest, split, classes, int(config.chunk_mb * 1e6))
+        table = SampleTable.from_manifest(manifest, split, classes, int(config.chunk_mb * 1e6), config.data.holdout)
         if len(table) == 0:
             raise DataError(f"split {split!r} of {manifest.root} has no samples"
                             + (" of the run's classes (data.meta_category)" if classes is not None else ""))
