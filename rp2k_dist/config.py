@@ -227,6 +227,21 @@ class RunConfig:
     def max_workers(self) -> int:
         return self.workers[1] if isinstance(self.workers, list) else self.workers
 
+    @property
+    def unit(self) -> str:
+        """The resource that limits how many such runs fit on a cluster: "GPU" or "CPU"."""
+        return "GPU" if self.use_gpu else "CPU"
+
+    def demand(self, workers: int | None = None) -> dict[str, float]:
+        """What ``workers`` of the run's Ray Train workers hold (default: its maximum, as an
+        elastic run may grow to it): ``{"CPU": n x cpus_per_worker}``, plus ``"GPU"``
+        (n x gpus_per_worker) for a GPU run. ``demand(1)`` is one worker's bundle."""
+        n = self.max_workers if workers is None else workers
+        wanted = {"CPU": n * self.cpus_per_worker}
+        if self.use_gpu:
+            wanted["GPU"] = n * self.gpus_per_worker
+        return wanted
+
 
 @dataclass
 class ExperimentConfig:
@@ -251,6 +266,19 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def with_absolute_paths(self) -> "ExperimentConfig":
+        """A copy whose local paths (``run.storage_path``, ``data.shards``,
+        ``model.weights``) are absolute, as Ray workers and job drivers start in other
+        folders; URIs are kept as they are. The config itself is not changed."""
+        from .storage import absolute  # pyarrow: only once a run is launched
+
+        copy = config_from_dict(self.to_dict())
+        copy.run.storage_path = absolute(copy.run.storage_path)
+        copy.data.shards = absolute(copy.data.shards)
+        if copy.model.weights:
+            copy.model.weights = absolute(copy.model.weights)
+        return copy
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
