@@ -17,7 +17,7 @@ from pathlib import Path
 from .config import RUN_FLAGS, ExperimentConfig, SweepConfig, flag_overrides, load_config
 from .data.metadata import MetadataColumns
 from .errors import ConfigError, Rp2kError
-from .run_folder import TABLE2
+from .run_folder import COMPARE, TABLE2
 from .storage import display
 
 
@@ -527,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="several runs side by side with the paper's Table 4")
     p.add_argument("runs", nargs="+", help="run folders")
-    p.add_argument("--out", default="compare.md", help="Markdown file, or a folder for compare.md")
+    p.add_argument("--out", default=COMPARE, help=f"Markdown file, or a folder for {COMPARE} (local or a URI)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("predict", help="top-5 SKUs for every image file under a folder")

@@ -57,8 +57,9 @@ ENSEMBLE_GENERAL_PREDICTIONS = "ensemble_general_predictions.parquet"
 UMAP_PNG = "umap.png"
 UMAP_PARQUET = "umap.parquet"
 WEIGHTS_LOAD = "weights_load.json"
-LOGS = "logs"
+LOGS = "logs"  # logs/rank-N.log: each worker's output
 TENSORBOARD = "tensorboard"
+PROGRESS = "progress.json"  # rank 0's step within the epoch, for the driver's progress bar
 
 # ``rp2k report`` (a folder, by default ``<run>/report``) and ``rp2k compare``
 REPORT_DIR = "report"

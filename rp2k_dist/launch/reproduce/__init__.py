@@ -61,7 +61,7 @@ def reproduce(shards: str, storage_path: str, only: Sequence[str] | None = None,
     check_inputs(experiments, configs, ray.cluster_resources())
     print(f"{len(experiments)} runs under {storage.display(storage_path)}: {', '.join(e.name for e in experiments)}",
           flush=True)
-    state = Reproduction(storage_path)
+    state = Reproduction(storage_path, driver={"node": ray.get_runtime_context().get_node_id()})
     run_graph(experiments, configs, state, say=lambda line: print(line, flush=True))
     evaluate(state, shards, umap_samples, say=lambda line: print(line, flush=True))
     markdown, page = write_report(storage_path, state.records, configs)

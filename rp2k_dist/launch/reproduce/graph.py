@@ -192,11 +192,13 @@ class Reproduction:
 
     storage_path: str
     records: dict[str, RunRecord] = field(default_factory=dict)
-    steps: dict[str, dict[str, Any]] = field(default_factory=dict)  # ensemble, umap, report
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)  # evaluate: the ensemble and UMAP task
+    driver: dict[str, Any] = field(default_factory=dict)  # the Ray node this command runs on
 
     def save(self) -> None:
         storage.write_text(storage.join(self.storage_path, run_folder.REPRODUCE_STATE), json.dumps(
-            {"runs": [r.to_dict() for r in self.records.values()], "steps": self.steps}, indent=1))
+            {"runs": [r.to_dict() for r in self.records.values()], "steps": self.steps, "driver": self.driver},
+            indent=1))
 
     @staticmethod
     def previous(storage_path: str) -> dict[str, Any]:
