@@ -460,21 +460,36 @@ def is_sweep_preset(path: str | Path) -> bool:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A preset (path or name) as a dict, with ``base: other.yaml`` (relative to the file)
-    merged under it."""
+    """A preset (path, URI such as a sweep's ``s3://…/best.yaml``, or name) as a dict, with
+    ``base: other.yaml`` (relative to the file) merged under it."""
+    if "://" in str(path):
+        from . import storage  # pyarrow: only for presets in object storage
+
+        try:
+            text = storage.read_text(path)
+        except storage.NotFoundError:
+            raise ConfigError(f"config file {storage.display(path)} not found") from None
+        data = _parse_preset(text, storage.display(path))
+        parent = data.pop("base", None)
+        return _deep_update(read_yaml(storage.join(storage.parent(path), parent)), data) if parent else data
     path = resolve_preset(path)
     if not path.exists():
         raise ConfigError(f"config file {path} not found; give a path or a preset name "
                           f"({', '.join(preset_names())})")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections")
+    data = _parse_preset(path.read_text(encoding="utf-8"), str(path))
     parent = data.pop("base", None)
     if parent:
         data = _deep_update(read_yaml(path.parent / parent), data)
+    return data
+
+
+def _parse_preset(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a mapping of sections")
     return data
 
 

@@ -19,7 +19,7 @@ from rp2k_dist.cli import main
 from rp2k_dist.config import load_config
 from rp2k_dist.engine.context import LocalContext
 from rp2k_dist.engine.train import train_worker
-from rp2k_dist.errors import StorageError
+from rp2k_dist.errors import ConfigError, StorageError
 from rp2k_dist.storage import RunStorage
 from tests.conftest import tiny_run_overrides
 
@@ -217,3 +217,12 @@ def test_a_failed_upload_is_an_error_and_leaves_nothing(runs, bucket, monkeypatc
         monkeypatch.undo()
         storage._filesystem.cache_clear()
     assert storage.walk(target) == []
+
+
+def test_a_sweeps_best_yaml_in_the_bucket_is_a_preset(bucket):
+    config = load_config("table2_resnet34", ["optim.epochs=3", "run.name=sweep-best"])
+    location = f"{bucket}/sweeps/beta/{run_folder.BEST}"
+    storage.write_text(location, config.to_yaml())
+    assert load_config(location) == config  # `rp2k train s3://…/best.yaml` as `rp2k tune` prints it
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(f"{bucket}/sweeps/none/{run_folder.BEST}")
