@@ -38,6 +38,8 @@ SPECIALIST = "table3-apinet-liquor"
 #: What the doc's settings block exports: the test gives each its own value.
 SETTINGS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "RAY_ADDRESS", "RAY_AUTH_MODE", "BUCKET"}
 EPOCHS = 2  # the block's optim.epochs
+#: Ray Train's record of the checkpoints it has registered: a restart resumes from those only.
+SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def doc_block(marker: str) -> str:
@@ -114,6 +116,7 @@ def rented(s3_endpoint, tmp_path):
         return subprocess.Popen([ray, "start", *args, *common, *_agent_ports()], env=env, cwd=base,
                                 stdout=logs[-1], stderr=subprocess.STDOUT, start_new_session=True)
 
+    began = time.monotonic()
     head = start("head", ["--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=true",
                           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                           f"--ray-client-server-port={_free_port()}", f"--temp-dir={base / 'ray'}"])
@@ -133,6 +136,7 @@ def rented(s3_endpoint, tmp_path):
                     "AWS_ENDPOINT_URL": f"http://{s3_endpoint.endpoint}", "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}",
                     "RAY_AUTH_MODE": "token", "BUCKET": f"s3://{s3_endpoint.bucket}/r{secrets.token_hex(3)}"}
         yield {"settings": settings, "token": token, "head": head, "workers": workers,
+               "startup_s": round(time.monotonic() - began, 1),
                "env": {**env, **settings, "TMPDIR": str(tmp_path)}}
     finally:
         for process in [*workers, head]:
@@ -161,6 +165,12 @@ def _wait(condition, what: str, script: subprocess.Popen, log: Path, limit: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
         time.sleep(0.2)
+
+
+def say(notes: dict, key: str, started: float) -> None:
+    """Note the seconds since ``started`` under ``key``, and print it (``pytest -s`` shows it)."""
+    notes[key] = round(time.monotonic() - started, 1)
+    print(f"rehearsal: {key} {notes[key]}", flush=True)
 
 
 def _state(runs: str) -> dict:
@@ -195,7 +205,8 @@ def test_the_documented_rehearsal_survives_a_lost_node_and_a_stopped_job(rented,
     env, bucket = rented["env"], rented["settings"]["BUCKET"]
     runs = f"{bucket}/rehearsal/runs"
     general, specialist = RunStorage(runs, GENERAL), RunStorage(runs, SPECIALIST)
-    notes: dict = {"cluster": "head (0 CPUs, Jobs API) + 2 worker nodes x 1 CPU; SeaweedFS the only storage"}
+    notes: dict = {"cluster": "head (0 CPUs, Jobs API) + 2 worker nodes x 1 CPU; SeaweedFS the only storage",
+                   "cluster_start_s": rented["startup_s"]}
     started = time.monotonic()
 
     # First pass: the node training the general model goes after its first checkpoint; the
@@ -203,8 +214,10 @@ def test_the_documented_rehearsal_survives_a_lost_node_and_a_stopped_job(rented,
     first_log = tmp_path / "first.log"
     with open(first_log, "w") as log:
         script = subprocess.Popen(["bash", "-c", block], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        first_checkpoint = f"{run_folder.checkpoint_dir(1)}/{run_folder.CHECKPOINT}"
-        _wait(lambda: general.exists(first_checkpoint), "the general run's first checkpoint", script, first_log)
+        first = run_folder.checkpoint_dir(1)
+        _wait(lambda: general.exists(SNAPSHOT) and first in general.read_text(SNAPSHOT),
+              "Ray Train to register the general run's first checkpoint", script, first_log)
+        say(notes, "general_checkpointed_at_s", started)
         victim = {}
 
         def training_node() -> bool:
@@ -220,11 +233,12 @@ def test_the_documented_rehearsal_survives_a_lost_node_and_a_stopped_job(rented,
             "final"]["epoch"] < EPOCHS, "the general run ended before its node could be removed"
         _kill(victim["processes"])
         notes["killed"] = {"what": f"worker node {victim['index']} (ray start, raylet, {len(victim['processes'])} "
-                                   "processes, SIGKILL) while it trained the general run after epoch 1",
-                           "at_s": round(time.monotonic() - started, 1)}
+                                   "processes, SIGKILL) while it trained the general run after epoch 1"}
+        say(notes, "killed_at_s", started)
 
         _wait(lambda: _record(runs, SPECIALIST).get("state") == "running", "the specialist's start", script, first_log)
         client = connect(rented["settings"]["RAY_ADDRESS"], auth_token_file=rented["token"])
+        say(notes, "specialist_started_at_s", started)
         (job,) = [j for j in jobs_list(client=client) if str(j.status) == "RUNNING"]
         stop = subprocess.run([str(VENV_BIN / "rp2k"), "jobs", "stop", job.submission_id], env=env,
                               capture_output=True, text=True, timeout=120)
@@ -232,13 +246,13 @@ def test_the_documented_rehearsal_survives_a_lost_node_and_a_stopped_job(rented,
         script.wait(timeout=180)
     first_output = first_log.read_text()
     assert script.returncode != 0 and f"job {job.submission_id} STOPPED" in first_output, first_output[-4000:]
-    notes["stopped"] = {"what": f"driver job {job.submission_id} (rp2k jobs stop) while the specialist ran",
-                        "at_s": round(time.monotonic() - started, 1)}
-    notes["first_pass_s"] = round(time.monotonic() - started, 1)
+    notes["stopped"] = {"what": f"driver job {job.submission_id} (rp2k jobs stop) while the specialist ran"}
+    say(notes, "first_pass_s", started)
 
     # The general run finished on the node left, resumed from its checkpoint of epoch 1.
     history = run_folder.read_metrics(general)
-    assert [m["epoch"] for m in history] == [1, 2] and history[1].get("resumed_from_epoch") == 1, history
+    assert [m["epoch"] for m in history] == [1, 2] and history[1].get("resumed_from_epoch") == 1, (
+        history, first_output[-4000:])
     assert _record(runs, GENERAL)["state"] == "finished"
     before = _trained(general)
     specialist_before = run_folder.checkpoint_dirs(specialist)
@@ -246,7 +260,7 @@ def test_the_documented_rehearsal_survives_a_lost_node_and_a_stopped_job(rented,
     # Second pass: the same block, as written.
     second = subprocess.run(["bash", "-c", block], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-3000:]
-    notes["wall_s"] = round(time.monotonic() - started, 1)
+    say(notes, "wall_s", started)
     notes["second_pass_s"] = round(notes["wall_s"] - notes["first_pass_s"], 1)
 
     state = _state(runs)
