@@ -122,16 +122,30 @@ def rented(s3_endpoint, tmp_path):
                           f"--ray-client-server-port={_free_port()}", f"--temp-dir={base / 'ray'}"])
     workers = []
     try:
-        deadline = time.monotonic() + 240  # two cores: each node takes 20-40 s to start
+        deadline = time.monotonic() + 360  # two cores: each node takes 20-40 s to start
         while not _status(ray, port, env):
             if head.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ray head did not come up:\n{(base / 'head.log').read_text()[-3000:]}")
             time.sleep(1)
-        workers = [start(f"worker{i}", [f"--address=127.0.0.1:{port}", "--num-cpus=1"]) for i in range(2)]
-        while not re.search(r"/2(\.0)? CPU", _status(ray, port, env)):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker nodes did not join:\n{_status(ray, port, env)}")
-            time.sleep(1)
+        # one node at a time: `ray start` gives its raylet a fixed 30 s to register, which a
+        # loaded two-core machine can miss; a node that missed it is started again
+        for i in range(2):
+            for attempt in range(3):
+                node = start(f"worker{i}-{attempt}", [f"--address=127.0.0.1:{port}", "--num-cpus=1"])
+                while not re.search(rf"/{i + 1}(\.0)? CPU", _status(ray, port, env)) and node.poll() is None:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"worker node {i} did not join:\n{_status(ray, port, env)}")
+                    time.sleep(1)
+                if node.poll() is None:
+                    workers.append(node)
+                    break
+                try:  # what the failed start left running (its process group)
+                    os.killpg(node.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            else:
+                raise RuntimeError(f"worker node {i} failed to start 3 times:\n"
+                                   f"{(base / f'worker{i}-2.log').read_text()[-3000:]}")
         settings = {"AWS_ACCESS_KEY_ID": s3_endpoint.access_key, "AWS_SECRET_ACCESS_KEY": s3_endpoint.secret_key,
                     "AWS_ENDPOINT_URL": f"http://{s3_endpoint.endpoint}", "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}",
                     "RAY_AUTH_MODE": "token", "BUCKET": f"s3://{s3_endpoint.bucket}/r{secrets.token_hex(3)}"}
