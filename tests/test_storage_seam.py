@@ -185,14 +185,27 @@ def test_predict_on_s3_equals_local(runs, synth_shards):
 
 def test_export_on_s3_equals_local(runs):
     import onnxruntime
+    from safetensors import safe_open
+    from safetensors.torch import load
 
     for at in runs.values():
         assert main(["export", at["general"], storage.join(at["out"], "export")]) == 0
     local, remote = (storage.join(at["out"], "export") for at in runs.values())
-    names = [run_folder.MODEL_SAFETENSORS, run_folder.model_card(run_folder.MODEL_SAFETENSORS),
-             run_folder.model_card(run_folder.MODEL_ONNX)]
-    assert storage.walk(local) == storage.walk(remote) == sorted(names + [run_folder.MODEL_ONNX])
-    same_files(local, remote, names)
+    cards = [run_folder.model_card(run_folder.MODEL_SAFETENSORS), run_folder.model_card(run_folder.MODEL_ONNX)]
+    assert storage.walk(local) == storage.walk(remote) == sorted(cards + [run_folder.MODEL_ONNX, run_folder.MODEL_SAFETENSORS])
+    same_files(local, remote, cards)
+    # safetensors orders its header's metadata as a hash map does (per process), so the files
+    # are compared by their tensors and metadata
+    weights = [load(read(storage.join(out, run_folder.MODEL_SAFETENSORS))) for out in (local, remote)]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    metadata = []
+    for out in (local, remote):
+        copy = Path(runs["local"]["out"]) / f"check-{len(metadata)}.safetensors"
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(read(storage.join(out, run_folder.MODEL_SAFETENSORS)))
+        with safe_open(copy, "pt") as handle:
+            metadata.append(handle.metadata())
+    assert metadata[0] == metadata[1] == {"format": "pt", "model_name": "resnet34"}
     images = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
     logits = [onnxruntime.InferenceSession(read(storage.join(out, run_folder.MODEL_ONNX)),
                                            providers=["CPUExecutionProvider"]).run(["logits"], {"images": images})[0]
