@@ -277,6 +277,21 @@ class RunConfig:
     def max_workers(self) -> int:
         return self.workers[1] if isinstance(self.workers, list) else self.workers
 
+    @property
+    def unit(self) -> str:
+        """The resource that limits how many such runs fit on a cluster: "GPU" or "CPU"."""
+        return "GPU" if self.use_gpu else "CPU"
+
+    def demand(self, workers: int | None = None) -> dict[str, float]:
+        """What ``workers`` of the run's Ray Train workers hold (default: its maximum, as an
+        elastic run may grow to it): ``{"CPU": n x cpus_per_worker}``, plus ``"GPU"``
+        (n x gpus_per_worker) for a GPU run. ``demand(1)`` is one worker's bundle."""
+        n = self.max_workers if workers is None else workers
+        wanted = {"CPU": n * self.cpus_per_worker}
+        if self.use_gpu:
+            wanted["GPU"] = n * self.gpus_per_worker
+        return wanted
+
 
 @dataclass
 class ExperimentConfig:
@@ -304,6 +319,19 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def with_absolute_paths(self) -> "ExperimentConfig":
+        """A copy whose local paths (``run.storage_path``, ``data.shards``,
+        ``model.weights``) are absolute, as Ray workers and job drivers start in other
+        folders; URIs are kept as they are. The config itself is not changed."""
+        from .storage import absolute  # pyarrow: only once a run is launched
+
+        copy = config_from_dict(self.to_dict())
+        copy.run.storage_path = absolute(copy.run.storage_path)
+        copy.data.shards = absolute(copy.data.shards)
+        if copy.model.weights:
+            copy.model.weights = absolute(copy.model.weights)
+        return copy
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
@@ -485,21 +513,36 @@ def is_sweep_preset(path: str | Path) -> bool:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A preset (path or name) as a dict, with ``base: other.yaml`` (relative to the file)
-    merged under it."""
+    """A preset (path, URI such as a sweep's ``s3://…/best.yaml``, or name) as a dict, with
+    ``base: other.yaml`` (relative to the file) merged under it."""
+    if "://" in str(path):
+        from . import storage  # pyarrow: only for presets in object storage
+
+        try:
+            text = storage.read_text(path)
+        except storage.NotFoundError:
+            raise ConfigError(f"config file {storage.display(path)} not found") from None
+        data = _parse_preset(text, storage.display(path))
+        parent = data.pop("base", None)
+        return _deep_update(read_yaml(storage.join(storage.parent(path), parent)), data) if parent else data
     path = resolve_preset(path)
     if not path.exists():
         raise ConfigError(f"config file {path} not found; give a path or a preset name "
                           f"({', '.join(preset_names())})")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections")
+    data = _parse_preset(path.read_text(encoding="utf-8"), str(path))
     parent = data.pop("base", None)
     if parent:
         data = _deep_update(read_yaml(path.parent / parent), data)
+    return data
+
+
+def _parse_preset(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a mapping of sections")
     return data
 
 

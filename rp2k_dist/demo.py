@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from . import run_folder
 from .config import load_config
 
 #: Dataset sizes: (classes, mean images per class, image size px, epochs, specialist epochs).
@@ -115,8 +116,8 @@ def run_demo(out: Path, size: str = "default", address: str | None = None) -> in
     print(f"({time.perf_counter() - t:.0f} s)")
 
     _step("5/6 evaluation: Table 2 and the routed ensemble (Table 3)")
-    table = (run_dir / "table2.md").read_text(encoding="utf-8")
-    print(f"Table 2 (per meta-category) from {run_dir / 'table2.md'}:\n{table}")
+    table = (run_dir / run_folder.TABLE2).read_text(encoding="utf-8")
+    print(f"Table 2 (per meta-category) from {run_dir / run_folder.TABLE2}:\n{table}")
     if specialist_runs:
         ensemble = evaluate_ensemble(run_dir, specialist_runs, shards)
         print(f"Table 3 (within the meta-category: (a) general, (b) general among the category's classes, "
@@ -127,7 +128,7 @@ def run_demo(out: Path, size: str = "default", address: str | None = None) -> in
         print(verdict(ensemble.table3) + "\n")
     t = _step("6/6 UMAP of the features (paper Fig. 3) and the report")
     frame = embed_and_project(run_dir, shards)
-    plot_umap(frame, run_dir / "umap.png", "UMAP of the demo ResNet-34's test-set features")
+    plot_umap(frame, run_dir / run_folder.UMAP_PNG, "UMAP of the demo ResNet-34's test-set features")
     markdown, html = write_report(run_dir)
     print(f"({time.perf_counter() - t:.0f} s)")
     print(f"\nreport: {html}\n        {markdown}")

@@ -113,6 +113,7 @@ def test_report_table2_matches_predictions_and_html_is_self_contained(run_dir, t
     }), encoding="utf-8")
 
     md_path, html_path = write_report(run, tmp_path / "report")
+    md_path, html_path = Path(md_path), Path(html_path)
     md = md_path.read_text(encoding="utf-8")
     predictions = pd.read_parquet(run / "predictions.parquet")
     for system in ("type", "shape"):
@@ -144,7 +145,7 @@ def test_report_table2_matches_predictions_and_html_is_self_contained(run_dir, t
 
 def test_report_shows_the_paper_columns_on_real_rp2k(run_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(report_module, "REAL_RP2K_MIN_CLASSES", 1)  # pretend the synthetic set is RP2K
-    md = write_report(run_dir, tmp_path)[0].read_text(encoding="utf-8")
+    md = Path(write_report(run_dir, tmp_path)[0]).read_text(encoding="utf-8")
     assert "| meta-category | samples | top-1 | top-5 | paper top-1 | paper top-5 |" in md
     assert re.search(r"\| average \(micro\) \| \d+ \| [\d.]+ \| [\d.]+ \| 95\.18 \| 99\.01 \|", md)
 
@@ -153,7 +154,7 @@ def test_compare_puts_runs_side_by_side_with_table4(run_dir, tmp_path):
     no_augment = {f"augment.{key}": False for key in ("border", "crop", "perspective", "brightness")}
     changes = {"run.name": "transfer", "model.pretrained": "imagenet", **no_augment}
     other = _copy_run(run_dir, tmp_path / "other", changes)
-    md = compare_runs([run_dir, other], tmp_path / "compare.md").read_text(encoding="utf-8")
+    md = Path(compare_runs([run_dir, other], tmp_path / "compare.md")).read_text(encoding="utf-8")
     evaluation = json.loads((run_dir / "evaluation.json").read_text(encoding="utf-8"))
     top1 = f"{evaluation['table2']['overall']['top1']:.2f}"
     scratch = r"\| general \| resnet34 \| scratch \| on \| from scratch \+ augmentation \|"
@@ -269,7 +270,7 @@ def test_onnx_export_matches_pytorch_logits(trained, tmp_path):
     session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     got = session.run(["logits"], {"images": images.numpy()})[0]
     np.testing.assert_allclose(got, logits_of(trained, images).numpy(), atol=1e-3)
-    card = json.loads(result.card.read_text(encoding="utf-8"))
+    card = json.loads(Path(result.card).read_text(encoding="utf-8"))
     assert [c["name"] for c in card["classes"]] == [c["name"] for c in trained.classes]
     assert card["input_spec"]["crop_size"] == trained.spec.crop_size
 
@@ -282,7 +283,7 @@ def test_safetensors_round_trip_equals_the_state_dict(trained, tmp_path):
     state = trained.model.state_dict()
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
-    card = json.loads(result.card.read_text(encoding="utf-8"))
+    card = json.loads(Path(result.card).read_text(encoding="utf-8"))
     assert card["model_name"] == "resnet34" and card["model_args"] == trained.checkpoint["model_args"]
     assert [c["sku"] for c in card["classes"]] == [c["sku"] for c in trained.classes]
 

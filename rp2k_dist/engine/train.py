@@ -407,7 +407,7 @@ def train_worker(
                                    partial=config.model.partial_weights)
         if context.rank == 0:
             print(report.summary(), flush=True)
-            context.storage.write_text("weights_load.json", json.dumps(report.to_dict(), indent=1))
+            context.storage.write_text(run_folder.WEIGHTS_LOAD, json.dumps(report.to_dict(), indent=1))
     model_without_ddp.to(device)
     if config.model.channels_last:
         model_without_ddp.to(memory_format=torch.channels_last)

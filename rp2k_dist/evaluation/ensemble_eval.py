@@ -9,17 +9,17 @@ routing recall and precision) and the ensemble's Table 2.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import run_folder
+from .. import run_folder, storage
 from ..config import parse_meta_category
 from ..data.manifest import Manifest
 from ..run_folder import find_run_dir
 from ..data.chunks import SampleTable
 from ..data.holdout import HOLDOUT
+from ..storage import RunStorage
 from ..errors import CheckpointError
 from .ensemble import (
     Specialist, calibrate_threshold, combine, in_global_classes, route, route_by_mass, table3, table3_markdown,
@@ -83,7 +83,8 @@ def evaluate_ensemble(
     category (:func:`mass_thresholds`; ``mass_threshold`` fixes it for every category).
 
     Writes ``ensemble.json``, ``table3.md``, ``ensemble_table2.md`` and the predictions
-    behind every Table 3 column into ``out`` (default: the general run's folder):
+    behind every Table 3 column into ``out`` (default: the general run's folder; run
+    folders and ``out`` may be local, mounted or in object storage):
     ``ensemble_predictions.parquet`` (d), ``ensemble_mass_predictions.parquet`` (e),
     ``ensemble_general_predictions.parquet`` (a, and the top-1 routing), and per category
     ``ensemble_<category>_restricted.parquet`` (b) and ``ensemble_<category>_specialist.parquet``
@@ -93,7 +94,7 @@ def evaluate_ensemble(
     if general_model.class_subset is not None:
         raise CheckpointError("the general model must be trained on all classes (no data.meta_category)",
                               hint="pass the general ResNet-34's run folder first, specialists with --specialist")
-    shards = Path(shards or general_model.checkpoint["config"]["data"]["shards"])
+    shards = str(shards or general_model.checkpoint["config"]["data"]["shards"])
     classes = Manifest.load(shards).classes
     experts = [load_trained(run) for run in specialist_runs]
     specialists = [specialist_of(trained) for trained in experts]
@@ -114,23 +115,23 @@ def evaluate_ensemble(
     table2 = accuracy_table(ensemble, classes)
     markdown = table3_markdown(rows)
 
-    out = Path(out or find_run_dir(general_run))
-    out.mkdir(parents=True, exist_ok=True)
+    out = RunStorage.at(out or find_run_dir(general_run))
     routed = {s.meta_category: int((routes == i).sum()) for i, s in enumerate(specialists)}
     routed_by_mass = {s.meta_category: int((mass_routes == i).sum()) for i, s in enumerate(specialists)}
-    (out / run_folder.ENSEMBLE).write_text(json.dumps(
-        {"rule": rule, "specialists": [str(r) for r in specialist_runs], "routed": routed,
+    run_folder.write_json(out, run_folder.ENSEMBLE,
+        {"rule": rule, "specialists": [storage.display(r) for r in specialist_runs], "routed": routed,
          "routed_by_mass": routed_by_mass, "mass_thresholds": thresholds, "threshold_source": source,
-         "table3": rows, "table2": table2.to_dict()}, indent=1, ensure_ascii=False, default=float), encoding="utf-8")
-    (out / run_folder.TABLE3).write_text(markdown + "\n", encoding="utf-8")
-    (out / run_folder.ENSEMBLE_TABLE2).write_text(table2.to_markdown() + "\n", encoding="utf-8")
+         "table3": rows, "table2": table2.to_dict()})
+    out.write_text(run_folder.TABLE3, markdown + "\n")
+    out.write_text(run_folder.ENSEMBLE_TABLE2, table2.to_markdown() + "\n")
     # every column of Table 3 can be recomputed from these files (global class ids)
-    files = {run_folder.ENSEMBLE_PREDICTIONS: ensemble, "ensemble_mass_predictions.parquet": mass_ensemble,
-             "ensemble_general_predictions.parquet": general}
+    files = {run_folder.ENSEMBLE_PREDICTIONS: ensemble, run_folder.ENSEMBLE_MASS_PREDICTIONS: mass_ensemble,
+             run_folder.ENSEMBLE_GENERAL_PREDICTIONS: general}
     for index, specialist in enumerate(specialists):
         inside = within_category(general, classes, specialist)
         for part, preds in (("specialist", predictions[index]), ("restricted", restricted[index])):
-            files[f"ensemble_{specialist.meta_category}_{part}.parquet"] = in_global_classes(preds, specialist.classes, inside)
+            name = run_folder.ensemble_category_predictions(specialist.meta_category, part)
+            files[name] = in_global_classes(preds, specialist.classes, inside)
     for name, preds in files.items():
-        preds.to_parquet(out / name, classes)
+        preds.to_parquet(out.location(name), classes)
     return EnsembleResult(rows, general, ensemble, markdown, mass_ensemble, thresholds, source)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..data.manifest import write_atomic
+from .. import storage
 from ..data.metadata import UNKNOWN
 
 #: Columns of a predictions Parquet file, in order. ``top5_*`` hold K entries per row
@@ -149,8 +149,9 @@ class Predictions:
                            None if self.mass is None else self.mass[index])
 
     def to_parquet(self, path: str | Path, classes: list[dict[str, Any]]) -> None:
-        """Write one row per sample (:data:`PARQUET_SCHEMA`) atomically; ``classes`` is
-        the manifest class table, for names and the true class's type and shape."""
+        """Write one row per sample (:data:`PARQUET_SCHEMA`) atomically to ``path`` (local or
+        a URI); ``classes`` is the manifest class table, for names and the true class's type
+        and shape."""
         n, k = self.topk.shape
         names = class_column(classes, "name", default="")
         offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
@@ -174,14 +175,12 @@ class Predictions:
         table = pa.Table.from_arrays(columns, schema=schema)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, sink.getvalue().to_pybytes())
+        storage.write_bytes(path, sink.getvalue().to_pybytes())
 
     @classmethod
     def read_parquet(cls, path: str | Path) -> "Predictions":
-        """Read a file written by :meth:`to_parquet`."""
-        table = pq.read_table(path)
+        """Read a file written by :meth:`to_parquet` (local or a URI)."""
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(path)))
         n = table.num_rows
         k = int(table.schema.metadata[_K_METADATA])
 

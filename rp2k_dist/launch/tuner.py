@@ -98,9 +98,11 @@ from ..config import (
     sweep_config,
 )
 from ..errors import Rp2kError
+from .. import storage
+from ..run_folder import BEST, SWEEP_BASE, TRIAL_RECORD, TRIALS, TRIALS_CSV, TRIALS_PARQUET
 from ..storage import RunStorage
 from .ray_private import drop_placement_group_cleaner, orphaned_placement_groups
-from .trainer import build_trainer, ray_address, ray_storage, read_metrics, storage_uri
+from .trainer import build_trainer, ray_address, ray_storage, read_metrics
 
 #: What a trial's driver function reserves (see "Driver resources" above).
 DRIVER_RESOURCES: dict[str, float] = {"node:__internal_head__": 0.01}
@@ -109,7 +111,6 @@ DRIVER_RESOURCES: dict[str, float] = {"node:__internal_head__": 0.01}
 SWEEP_KEYS = ("run.name", "run.storage_path", "run.eval_every")
 
 METRIC = "val_top1"
-TRIAL_RECORD = "trial.json"
 DEFAULT_RANDOM_SAMPLES = 16
 
 #: Log-uniform learning-rate ranges of ``optim.lr: {loguniform: auto}``, per
@@ -447,9 +448,9 @@ def trial_table(config: ExperimentConfig, space_keys: list[str]) -> pd.DataFrame
     (TERMINATED, STOPPED = stopped early by ASHA, ERROR), the sampled values, epochs run, best
     epoch, best val top-1 and the val top-5 of that epoch, the trial's run folder, its error."""
     sweep = RunStorage(config.run.storage_path, config.run.name)
-    trials_uri = f"{sweep.uri}/trials"
+    trials_uri = sweep.location(TRIALS)
     rows = []
-    for trial_id in sweep.listdir("trials"):
+    for trial_id in sweep.listdir(TRIALS):
         record = read_trial_record(trials_uri, trial_id)
         if record is None:
             continue
@@ -464,7 +465,7 @@ def trial_table(config: ExperimentConfig, space_keys: list[str]) -> pd.DataFrame
         rows.append({"trial_id": trial_id, "status": status,
                      **{key: record["params"].get(key) for key in space_keys},
                      "epochs": ran, "best_epoch": best.get("epoch"), "best_val_top1": best.get(METRIC, math.nan),
-                     "val_top5": best.get("val_top5", math.nan), "run": f"{trials_uri}/{trial_id}",
+                     "val_top5": best.get("val_top5", math.nan), "run": storage.join(trials_uri, trial_id),
                      "error": record["error"] or ""})
     table = pd.DataFrame(rows, columns=["trial_id", "status", *space_keys, "epochs", "best_epoch",
                                         "best_val_top1", "val_top5", "run", "error"])
@@ -501,23 +502,8 @@ def best_config(base: ExperimentConfig, table: pd.DataFrame, space_keys: list[st
 
 def default_max_concurrent(config: ExperimentConfig) -> int:
     """How many trials fit at once: the cluster's GPUs (or CPUs) // one trial's workers' share."""
-    resources = ray.cluster_resources()
-    r = config.run
-    if r.use_gpu:
-        total, per_trial = resources.get("GPU", 0.0), r.max_workers * r.gpus_per_worker
-    else:
-        total, per_trial = resources.get("CPU", 0.0), r.max_workers * r.cpus_per_worker
-    return max(1, int(total // per_trial))
-
-
-def _resolve_paths(config: ExperimentConfig) -> ExperimentConfig:
-    """A copy with local paths made absolute (trials run in other folders, maybe other nodes)."""
-    config = copy.deepcopy(config)
-    config.run.storage_path = storage_uri(config.run.storage_path)
-    config.data.shards = storage_uri(config.data.shards)
-    if config.model.weights:
-        config.model.weights = storage_uri(config.model.weights)
-    return config
+    unit = config.run.unit
+    return max(1, int(ray.cluster_resources().get(unit, 0.0) // config.run.demand()[unit]))
 
 
 def _mlflow_callback(uri: str, experiment: str) -> tune.Callback:
@@ -531,10 +517,10 @@ def _mlflow_callback(uri: str, experiment: str) -> tune.Callback:
 def _claim_sweep_folder(sweep: RunStorage, config: ExperimentConfig) -> None:
     """Write ``base.yaml``, or check that a resumed sweep has the same base config."""
     text = config.to_yaml()
-    if sweep.exists("base.yaml") and sweep.read_bytes("base.yaml").decode("utf-8") != text:
+    if sweep.exists(SWEEP_BASE) and sweep.read_text(SWEEP_BASE) != text:
         raise ConfigError(f"sweep {sweep.uri} was started with another base config (see its base.yaml); "
                           "run the same command to resume it, or pick a new name (--name) for a new sweep")
-    sweep.write_text("base.yaml", text)
+    sweep.write_text(SWEEP_BASE, text)
 
 
 def run_sweep(
@@ -556,7 +542,7 @@ def run_sweep(
     """
     space = resolve_search_space(config, space)
     samples = settings.samples or (1 if is_grid(space) else DEFAULT_RANDOM_SAMPLES)
-    config = _resolve_paths(config)
+    config = config.with_absolute_paths()  # trials run in other folders, maybe on other nodes
     check_search_space(config, space)
     callbacks: list[tune.Callback] = [_mlflow_callback(mlflow_uri, config.run.name)] if mlflow_uri else []
     if not ray.is_initialized():
@@ -564,7 +550,7 @@ def run_sweep(
 
     sweep = RunStorage(config.run.storage_path, config.run.name)
     _claim_sweep_folder(sweep, config)
-    trials_uri = f"{sweep.uri}/trials"
+    trials_uri = sweep.location(TRIALS)
     trainable = tune.with_resources(
         tune.with_parameters(rp2k_trial, base=config.to_dict(), trials_uri=trials_uri), DRIVER_RESOURCES)
     if tune.Tuner.can_restore(sweep.uri):
@@ -600,11 +586,11 @@ def run_sweep(
     table = trial_table(config, keys)
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
-    sweep.write_bytes("trials.parquet", buffer.getvalue())
-    sweep.write_text("trials.csv", table.to_csv(index=False))
+    sweep.write_bytes(TRIALS_PARQUET, buffer.getvalue())
+    sweep.write_text(TRIALS_CSV, table.to_csv(index=False))
     best = best_config(config, table, keys, f"{config.run.name}-best")
     best_yaml = None
     if best is not None:
-        sweep.write_text("best.yaml", best.to_yaml())
-        best_yaml = f"{sweep.uri}/best.yaml"
+        sweep.write_text(BEST, best.to_yaml())
+        best_yaml = sweep.location(BEST)
     return SweepResult(sweep.uri, table, best, best_yaml)
