@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from rp2k_dist.data.synth import SynthConfig, make_synthetic_rp2k
-from rp2k_dist.data.transforms import decode_array, to_tensor
+from rp2k_dist.data.transforms import TrainTransform, decode_array, to_tensor
 
 # --------------------------------------------------------------------------- machine
 
@@ -234,6 +234,8 @@ class DecodeOnly:
     Pillow's buffer, no copy), cut a centre ``size`` crop out as contiguous RGB (the
     cheapest way to the layout the batching copies fastest) and view it as CHW."""
 
+    uses_rng = False  # draws nothing: the loader makes no per-sample generator for it
+
     def __init__(self, size: int = 224):
         self.size = size
 
@@ -242,6 +244,20 @@ class DecodeOnly:
         top, left = (array.shape[0] - self.size) // 2, (array.shape[1] - self.size) // 2
         crop = array[top:top + self.size, left:left + self.size]
         return to_tensor(cv2.cvtColor(crop, cv2.COLOR_RGBA2RGB) if crop.shape[2] == 4 else crop)
+
+
+class WorkerRngTrain(TrainTransform):
+    """TrainTransform drawing from one generator per loader worker (made on first use in
+    the worker) instead of the per-sample one the loader offers: the baseline that shows
+    what per-sample seeding costs. Its draws are not meant for training."""
+
+    uses_rng = False
+    _rng = None
+
+    def __call__(self, jpeg: bytes, rng: None = None) -> torch.Tensor:
+        if self._rng is None:
+            self._rng = np.random.default_rng(0)
+        return super().__call__(jpeg, self._rng)
 
 
 class RandomBorder(torch.nn.Module):

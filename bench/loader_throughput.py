@@ -13,7 +13,9 @@ three loaders with the same number of worker processes:
   shards packed from the same tree with ``PackConfig(shorter_side=320)`` (packed once,
   not timed);
 * ``(c) decode-only``: the same ShardLoader pipeline with a transform that only decodes
-  the JPEG and takes a 224 crop (the upper bound of (b)).
+  the JPEG and takes a 224 crop (the upper bound of (b));
+* ``(b0)``, only with ``--modes``: (b) with one augmentation generator per loader worker
+  instead of one per sample (what per-sample seeding costs: (b)/(b0)).
 
 Steady state: all three loaders stay alive (persistent workers, epochs chained with
 ``set_epoch``); each measurement first waits until the other loaders have stopped
@@ -22,7 +24,7 @@ idle plus one batch per worker, then times ``--batches`` batches. Repeats are
 interleaved (a b c, c b a, ...). Reported: median img/s, img per CPU second (all our
 processes), and the ratios (b)/(a) and (b)/(c) as medians of per-repeat ratios.
 
-    .venv/bin/python bench/loader_throughput.py [--batches 30] [--repeats 5] [--json OUT]
+    .venv/bin/python bench/loader_throughput.py [--batches 30] [--repeats 5] [--modes a,b,c] [--json OUT]
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from _common import (
-    DecodeOnly, cpu_seconds, interleaved, machine_info, paired_ratio, print_machine, print_table,
+    DecodeOnly, WorkerRngTrain, cpu_seconds, interleaved, machine_info, paired_ratio, print_machine, print_table,
     replicate_train, save_json, settle, synthetic_tree, torchvision_train_transform, workdir,
 )
 from rp2k_dist.config import DataConfig
@@ -50,6 +52,9 @@ from rp2k_dist.data.rp2k import scan_rp2k
 from rp2k_dist.data.transforms import InputSpec, TrainTransform
 
 TARGETS = {"b_over_a": 1.5, "b_over_c": 0.70}
+MODES = {"a": "(a) torchvision ImageFolder", "b": "(b) ShardLoader + TrainTransform",
+         "c": "(c) ShardLoader decode-only", "b0": "(b0) (b), a generator per worker"}
+
 
 
 def shard_batches(loader: ShardLoader) -> Iterator[torch.Tensor]:
@@ -105,21 +110,24 @@ def build_modes(tree: Path, manifest: Manifest, args: argparse.Namespace) -> dic
     from torchvision.datasets import ImageFolder
 
     spec = InputSpec(args.crop, args.resize)
-    folder = ImageFolder(str(tree / "all" / "train"), transform=torchvision_train_transform(args.crop, args.resize))
-    tv_prefetch = 2  # DataLoader's default
-    tv_loader = DataLoader(folder, batch_size=args.batch_size, num_workers=args.workers, shuffle=True,
-                           drop_last=True, persistent_workers=True, prefetch_factor=tv_prefetch)
     config = LoaderConfig(DataConfig(batch_size=args.batch_size, loader_workers=args.workers))
-    ours = ShardLoader(manifest, "train", TrainTransform(spec, AugmentConfig()), config)
-    bound = ShardLoader(manifest, "train", DecodeOnly(args.crop), config)
-    print(f"ImageFolder: {len(folder)} train images, {len(tv_loader)} batches/epoch; "
-          f"shards: {manifest.num_samples('train')} train samples, {len(ours)} batches/epoch", flush=True)
     buffered = config.prefetch_factor * args.workers
-    modes = {
-        "(a) torchvision ImageFolder": Mode("(a)", folder_batches(tv_loader), tv_prefetch * args.workers),
-        "(b) ShardLoader + TrainTransform": Mode("(b)", shard_batches(ours), buffered),
-        "(c) ShardLoader decode-only": Mode("(c)", shard_batches(bound), buffered),
-    }
+    transforms = {"b": TrainTransform(spec, AugmentConfig()), "c": DecodeOnly(args.crop),
+                  "b0": WorkerRngTrain(spec, AugmentConfig())}
+    modes = {}
+    for mode in args.modes:
+        if mode == "a":
+            folder = ImageFolder(str(tree / "all" / "train"), transform=torchvision_train_transform(args.crop, args.resize))
+            tv_prefetch = 2  # DataLoader's default
+            tv_loader = DataLoader(folder, batch_size=args.batch_size, num_workers=args.workers, shuffle=True,
+                                   drop_last=True, persistent_workers=True, prefetch_factor=tv_prefetch)
+            print(f"ImageFolder: {len(folder)} train images, {len(tv_loader)} batches/epoch", flush=True)
+            modes[MODES[mode]] = Mode("(a)", folder_batches(tv_loader), tv_prefetch * args.workers)
+        else:
+            loader = ShardLoader(manifest, "train", transforms[mode], config)
+            modes[MODES[mode]] = Mode(f"({mode})", shard_batches(loader), buffered)
+    print(f"shards: {manifest.num_samples('train')} train samples, {manifest.num_samples('train') // args.batch_size} "
+          "batches/epoch", flush=True)
     return modes
 
 
@@ -139,8 +147,12 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=3.0, help="and at least this long")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", help="keep the tree and shards here and reuse them (default: temp dir, removed)")
+    parser.add_argument("--modes", default="a,b,c", help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args()
+    args.modes = args.modes.split(",")
+    if not set(args.modes) <= set(MODES) or len(set(args.modes)) != len(args.modes):
+        parser.error(f"--modes: distinct names of {', '.join(MODES)}")
 
     torch.set_num_threads(1)
     info = machine_info()
@@ -166,20 +178,21 @@ def main() -> None:
         del modes
         gc.collect()
 
-    a, b, c = series.values()
+    by_mode = {mode: series[MODES[mode]] for mode in args.modes}
     rows = [[s.name, s.median, statistics.median(e["img_per_cpu_s"] for e in s.extras),
              " ".join(f"{r:.0f}" for r in s.rates)] for s in series.values()]
     print()
     print_table(rows, ["mode", "img/s (median)", "img/CPU-s", "img/s per repeat"])
-    pairs = {"b_over_a": (b, a), "b_over_c": (b, c)}
+    pairs = {f"b_over_{d}": (by_mode["b"], by_mode[d]) for d in ("a", "c", "b0") if "b" in by_mode and d in by_mode}
     ratios = {key: paired_ratio(num, den) for key, (num, den) in pairs.items()}
     cpu_ratios = {key: statistics.median(en["img_per_cpu_s"] / ed["img_per_cpu_s"] for en, ed in zip(num.extras, den.extras))
                   for key, (num, den) in pairs.items()}
-    labels = {"b_over_a": "(b)/(a) ShardLoader vs torchvision", "b_over_c": "(b)/(c) ShardLoader vs decode-only"}
+    labels = {"b_over_a": "(b)/(a) ShardLoader vs torchvision", "b_over_c": "(b)/(c) ShardLoader vs decode-only",
+              "b_over_b0": "(b)/(b0) per-sample vs per-worker rng"}
     print("\nratios (median of per-repeat ratios)        img/s   img/CPU-s   target")
     for key in pairs:
-        target = TARGETS[key]
-        verdict = f">= {target:.2f} ({'met' if ratios[key] >= target else 'NOT met'})"
+        target = TARGETS.get(key)
+        verdict = "" if target is None else f">= {target:.2f} ({'met' if ratios[key] >= target else 'NOT met'})"
         print(f"  {labels[key]:<38s} {ratios[key]:8.3f}   {cpu_ratios[key]:8.3f}   {verdict}")
     save_json(args.json, {
         "benchmark": "loader_throughput", "args": vars(args), "machine": info, "train_files": train_files,

@@ -10,6 +10,8 @@ share of the full transform.
 Two rows are the alternatives the pipeline replaced, kept for the record: the Pillow
 perspective warp (``Image.transform``) it used first, and ``np.asarray`` on the decoded
 image (a full repacking copy) instead of :func:`~rp2k_dist.data.transforms.pixels`.
+One row runs the full transform as the loader does, with a generator made per sample
+(:func:`~rp2k_dist.data.augment.augment_seed` + ``augment_rng``), against one shared one.
 
     .venv/bin/python bench/transform_profile.py [--images 200] [--repeats 5] [--json OUT]
 """
@@ -29,7 +31,9 @@ import torch
 from PIL import Image
 
 from _common import DecodeOnly, machine_info, print_machine, print_table, save_json, synthetic_tree, workdir
-from rp2k_dist.data.augment import AugmentConfig, AugmentParams, apply_array, output_to_source, sample_params
+from rp2k_dist.data.augment import (
+    AugmentConfig, AugmentParams, apply_array, augment_rng, augment_seed, output_to_source, sample_params,
+)
 from rp2k_dist.data.manifest import Manifest
 from rp2k_dist.data.pack import PackConfig, pack_dataset
 from rp2k_dist.data.rp2k import scan_rp2k
@@ -121,11 +125,15 @@ def main() -> None:
         for start in range(0, len(items), 64):
             stack_images(list(items[start:start + 64]))
 
+    keys = [f"train-{i:07d}" for i in range(len(jpegs))]
+    seeded = lambda k: augment_rng(augment_seed(0, 1, 0, k))  # what the loader gives each sample
     stages: dict[str, tuple[Callable[[Any], Any], Sequence[Any]]] = {
         "TrainTransform (b), full": (lambda j: full(j, rng), jpegs),
+        "TrainTransform, generator per sample": (lambda jk: full(jk[0], seeded(jk[1])), list(zip(jpegs, keys))),
         "decode-only (c)": (lambda j: bound(j, rng), jpegs),
         "  decode (PIL, to RGB)": (decode, jpegs),
         "  pixels(): zero-copy view": (pixels, images),
+        "  augment_seed + augment_rng": (seeded, keys),
         "  sample_params + matrix": (lambda im: output_to_source(
             sample_params(rng, im.width, im.height, augment), args.resize, args.crop), images),
         "  warp: cv2.warpPerspective": (lambda ap: cv2_warp(*ap, args.resize, args.crop), list(zip(arrays, params))),
@@ -156,6 +164,10 @@ def main() -> None:
                 ["stage", "CPU ms/img (median)", "of full", "per repeat"])
     print(f"\ntransform-level bound on (b)/(c): {med['decode-only (c)'] / whole:.3f} "
           f"(loader overheads come on top of both)")
+    per_sample = statistics.median(s / w for s, w in zip(times["TrainTransform, generator per sample"],
+                                                         times["TrainTransform (b), full"]))
+    print(f"TrainTransform with a generator per sample / with one shared generator: {per_sample:.3f} "
+          "(median of per-repeat ratios)")
     save_json(args.json, {"benchmark": "transform_profile", "args": vars(args), "machine": info,
                           "images": len(jpegs), "ms_per_image": times, "median_ms": med})
 

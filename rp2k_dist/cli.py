@@ -17,7 +17,7 @@ from pathlib import Path
 from .config import RUN_FLAGS, ExperimentConfig, SweepConfig, flag_overrides, load_config
 from .data.metadata import MetadataColumns
 from .errors import ConfigError, Rp2kError
-from .run_folder import TABLE2
+from .run_folder import COMPARE, TABLE2
 from .storage import display
 
 
@@ -157,8 +157,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from .evaluation.ensemble_eval import evaluate_ensemble
 
-    result = evaluate_ensemble(args.general, args.specialist, args.shards, args.out, args.rule, args.workers)
+    result = evaluate_ensemble(args.general, args.specialist, args.shards, args.out, args.rule, args.workers,
+                               args.mass_threshold)
     print(result.markdown)
+    print(f"(e) thresholds: {', '.join(f'{t:.3f}' for t in result.thresholds)} ({result.threshold_source})")
     return 0
 
 
@@ -169,14 +171,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_umap(args: argparse.Namespace) -> int:
-    from .analysis.umap_plot import embed_and_project, plot_umap
+    from .analysis.umap_plot import embed_and_project, plot_umap, table_location
     from .run_folder import UMAP_PNG, find_run_dir
+    from .storage import basename, join
 
     df = embed_and_project(args.run, shards=args.shards, split=args.split, max_samples=args.max_samples or None,
                            seed=args.seed, batch_size=args.batch_size, workers=args.workers)
-    out = Path(args.out) if args.out else find_run_dir(args.run)
-    png = plot_umap(df, out / UMAP_PNG, f"UMAP of {Path(find_run_dir(args.run)).name} features, {args.split} split")
-    print(f"UMAP of {len(df)} {args.split} images: {png} and {png.with_suffix('.parquet')}")
+    run_dir = find_run_dir(args.run)
+    png = plot_umap(df, join(args.out or run_dir, UMAP_PNG), f"UMAP of {basename(run_dir)} features, {args.split} split")
+    print(f"UMAP of {len(df)} {args.split} images: {display(png)} and {display(table_location(png))}")
     return 0
 
 
@@ -184,16 +187,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .analysis.report import write_report
 
     md, html = write_report(args.run, args.out)
-    print(f"report: {md}\n        {html} (self-contained)")
+    print(f"report: {display(md)}\n        {display(html)} (self-contained)")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .analysis.report import compare_runs
+    from .storage import read_text
 
-    path = compare_runs(args.runs, args.out)
-    print(path.read_text(encoding="utf-8"))
-    print(f"written to {path}")
+    location = compare_runs(args.runs, args.out)
+    print(read_text(location))
+    print(f"written to {display(location)}")
     return 0
 
 
@@ -211,25 +215,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                      num_gpus=args.gpus_per_actor, **common)
     else:
         summary = predict_folder(args.checkpoint, args.folder, args.out, workers=args.workers, **common)
-    print(f"{summary.images} images predicted, {len(summary.rejected)} files rejected -> {summary.out}")
+    print(f"{summary.images} images predicted, {len(summary.rejected)} files rejected -> {display(summary.out)}")
     for problem in summary.rejected[:20]:
         print(f"  rejected {problem['path']}: {problem['reason']}")
     if len(summary.rejected) > 20:
-        print(f"  ... and {len(summary.rejected) - 20} more (rows with an 'error' in {summary.out})")
+        print(f"  ... and {len(summary.rejected) - 20} more (rows with an 'error' in {display(summary.out)})")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .analysis.export import export_onnx, export_safetensors
+    from .run_folder import MODEL_ONNX, MODEL_SAFETENSORS
+    from .storage import join
 
-    out = Path(args.out)
     if args.format in ("onnx", "both"):
-        result = export_onnx(args.checkpoint, out / "model.onnx", opset=args.opset)
-        print(f"ONNX (opset {result.opset}): {result.path}, model card {result.card}; "
+        result = export_onnx(args.checkpoint, join(args.out, MODEL_ONNX), opset=args.opset)
+        print(f"ONNX (opset {result.opset}): {display(result.path)}, model card {display(result.card)}; "
               f"max |logit difference| vs PyTorch {result.max_abs_diff:.2e}")
     if args.format in ("safetensors", "both"):
-        result = export_safetensors(args.checkpoint, out / "model.safetensors")
-        print(f"safetensors: {result.path}, model card {result.card}")
+        result = export_safetensors(args.checkpoint, join(args.out, MODEL_SAFETENSORS))
+        print(f"safetensors: {display(result.path)}, model card {display(result.card)}")
     return 0
 
 
@@ -306,7 +311,8 @@ def submit_reproduce(args: argparse.Namespace) -> str:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """``rp2k reproduce``: 0 when every run finished (with --plan: after printing the plan)."""
-    from .launch.reproduce import plan, reproduce
+    from .launch.reproduce import reproduce
+    from .launch.reproduce.plan import plan
 
     only = [part.strip() for part in args.only.split(",") if part.strip()] if args.only else None
     if args.plan:
@@ -316,9 +322,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise ConfigError("--shards is required (the packed RP2K, e.g. s3://bucket/rp2k or "
                           "/mnt/shared/shards/rp2k; pack it with `rp2k pack`)")
     if args.submit:
-        return _follow_job(submit_reproduce(args), args)
+        code = _follow_job(submit_reproduce(args), args)
+        if args.report_dir and not args.no_wait and code == 0:
+            from .launch.reproduce import copy_report
+
+            copy_report(args.storage_path, args.report_dir)
+            print(f"report copied from {display(args.storage_path)} to {args.report_dir}")
+        return code
     return reproduce(args.shards, args.storage_path, only, args.set or [], address=args.address,
-                     verbose=args.verbose, umap_samples=args.umap_samples)
+                     verbose=args.verbose, umap_samples=args.umap_samples, report_dir=args.report_dir)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -460,7 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "same command again skips finished runs and resumes interrupted ones.")
     p.add_argument("--shards", help="packed RP2K as the cluster sees it (data.shards of every run)")
     p.add_argument("--storage-path", default="runs/reproduce", help="where every run's folder, reproduce.json "
-                   "and reproduce.md go (a shared path or s3://, gs://)")
+                   "and reproduce.md / reproduce.html go (a shared path or s3://, gs://)")
+    p.add_argument("--report-dir", help="also copy reproduce.md, reproduce.html and their figures to this local "
+                   "folder (with --submit: once the job has succeeded)")
     p.add_argument("--only", help="comma-separated parts (table2,table3,table4,cbl,fig3) or run names; the runs they need are added")
     p.add_argument("--set", action="append", metavar="[SCOPE:]KEY=VALUE",
                    help="override for every run, or for one part or run: table3:optim.epochs=50")
@@ -486,7 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", help="packed dataset (default: the general run's data.shards)")
     p.add_argument("--out", help="output folder (default: the general run's folder)")
     p.add_argument("--rule", choices=["top1", "top5-majority"], default="top1",
-                   help="routing: meta-category of the general top-1 class, or the top-5 majority")
+                   help="routing of column (d): meta-category of the general top-1 class, or the top-5 majority")
+    p.add_argument("--mass-threshold", type=float,
+                   help="column (e): route when the general model's probability on a category is at least this "
+                        "(default: calibrated on the general run's held-out train images, data.holdout; else 0.5)")
     p.add_argument("--workers", type=int, default=2, help="loader processes")
     p.set_defaults(func=cmd_ensemble)
 
@@ -509,13 +526,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_umap)
 
     p = sub.add_parser("report", help="Markdown + self-contained HTML report of a run")
-    p.add_argument("run", help="run folder")
-    p.add_argument("--out", help="output folder (default: RUN/report)")
+    p.add_argument("run", help="run folder (local, or s3://, gs://)")
+    p.add_argument("--out", help="output folder, local or a URI (default: RUN/report)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("compare", help="several runs side by side with the paper's Table 4")
     p.add_argument("runs", nargs="+", help="run folders")
-    p.add_argument("--out", default="compare.md", help="Markdown file, or a folder for compare.md")
+    p.add_argument("--out", default=COMPARE, help=f"Markdown file, or a folder for {COMPARE} (local or a URI)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("predict", help="top-5 SKUs for every image file under a folder")

@@ -28,15 +28,30 @@ import yaml
 from .errors import ConfigError
 
 
+#: The paper's augmentation magnitudes (30 px of border, 10 px of crop) as fractions of a
+#: 224 px crop side: ``augment.border_max_frac`` / ``crop_max_frac`` at these values give the
+#: paper's pixels at 224 px and the same share of the image at any other crop.
+PAPER_BORDER_FRAC = 30 / 224
+PAPER_CROP_FRAC = 10 / 224
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Switches and magnitudes of the paper's augmentations (all in pixels or fractions)."""
+    """Switches and magnitudes of the paper's augmentations (all in pixels or fractions).
+
+    ``border_max`` / ``crop_max`` are pixels of the image the augmentations see. Their
+    ``*_frac`` twins, when set, replace them with a fraction of the model's input crop side
+    (``model.crop_size``, else the model's own 224 / 299), resolved by :meth:`in_pixels`:
+    one search space or preset then means the same share of the image at any resolution.
+    """
 
     border: bool = True
     border_max: int = 30
+    border_max_frac: float | None = None  # border_max = round(frac x crop side); None: border_max as given
     border_fill: str | int = "random"
     crop: bool = True
     crop_max: int = 10
+    crop_max_frac: float | None = None  # crop_max = round(frac x crop side); None: crop_max as given
     perspective: bool = True
     perspective_scale: float = 0.2
     perspective_p: float = 0.5
@@ -45,6 +60,10 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         _check(self.border_max >= 0 and self.crop_max >= 0, "augment.border_max and augment.crop_max must be >= 0 px")
+        _check(self.border_max_frac is None or 0.0 <= self.border_max_frac <= 1.0,
+               f"augment.border_max_frac must be in [0, 1] (of the crop side), got {self.border_max_frac}")
+        _check(self.crop_max_frac is None or 0.0 <= self.crop_max_frac < 1.0,
+               f"augment.crop_max_frac must be in [0, 1) (of the crop side), got {self.crop_max_frac}")
         _check(0.0 <= self.perspective_scale < 1.0,
                f"augment.perspective_scale must be in [0, 1), got {self.perspective_scale}")
         _check(0.0 <= self.perspective_p <= 1.0, f"augment.perspective_p must be in [0, 1], got {self.perspective_p}")
@@ -60,6 +79,14 @@ class AugmentConfig:
     @property
     def any(self) -> bool:
         return self.border or self.crop or self.perspective or self.brightness
+
+    def in_pixels(self, crop_size: int) -> "AugmentConfig":
+        """A copy with ``border_max`` / ``crop_max`` in pixels for a ``crop_size`` px input
+        crop: each ``*_frac`` that is set becomes ``round(frac x crop_size)`` px (and is
+        cleared); the pixel keys stay as they are where no fraction is set."""
+        resolved = {f"{name}_max": round(frac * crop_size) for name in ("border", "crop")
+                    if (frac := getattr(self, f"{name}_max_frac")) is not None}
+        return dataclasses.replace(self, **resolved, border_max_frac=None, crop_max_frac=None)
 
 
 def parse_meta_category(text: str) -> tuple[str, str]:
@@ -85,6 +112,10 @@ class DataConfig:
     meta_category: str = ""  # "type=liquor": train/evaluate only this meta-category's classes
     classes_per_batch: int = 0  # P of the P x K class-balanced batches (API-Net); 0 = plain batches
     images_per_class: int = 4  # K
+    # share of each class's train images held out of training (chosen by a hash of the key,
+    # the same for every run of the dataset): the "holdout" split on which `rp2k ensemble`
+    # chooses the routing threshold (Table 3 column e); 0 = none
+    holdout: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size must be >= 1")
@@ -94,11 +125,19 @@ class DataConfig:
         _check(0 <= self.max_corrupt_fraction <= 1, "data.max_corrupt_fraction must be in [0, 1]")
         _check(self.decode in ("auto", "cpu", "device"), "data.decode must be auto, cpu or device")
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
+        _check(0.0 <= self.holdout < 0.5, f"data.holdout must be in [0, 0.5), got {self.holdout}")
         if self.meta_category:
             parse_meta_category(self.meta_category)
         if self.classes_per_batch:
             _check(self.images_per_class >= 2, "data.images_per_class must be >= 2 (API-Net needs intra-class pairs)")
             _check(self.classes_per_batch >= 2, "data.classes_per_batch must be >= 2 (API-Net needs inter-class pairs)")
+
+
+#: Models whose backbone and head are separate parameter groups (``backbone_parameters()``,
+#: ``head_parameters()``): frozen-backbone epochs and ``optim.backbone_lr_scale`` apply to them.
+SPLIT_MODELS = ("apinet",)
+#: ``model.bn`` values (see :class:`ModelConfig`).
+BN_MODES = ("train", "frozen", "sync")
 
 
 @dataclass
@@ -113,6 +152,12 @@ class ModelConfig:
     channels_last: bool = True
     compile: bool = False
     freeze_backbone_epochs: int = 0  # API-Net official: 8
+    # BatchNorm while training: train (batch statistics; running statistics updated, also in
+    # frozen-backbone epochs, as the official API-Net) | frozen (every BatchNorm layer in eval
+    # mode without gradient for the WHOLE run: the running statistics and affine parameters of
+    # model.weights / model.pretrained stay as they are) | sync (SyncBatchNorm: statistics over
+    # the global batch under DDP; the same as train on one worker)
+    bn: str = "train"
 
     def __post_init__(self) -> None:
         from .models.registry import model_names  # torch is only needed once a config is checked
@@ -122,6 +167,7 @@ class ModelConfig:
         _check(self.pretrained in ("", "imagenet"), "model.pretrained must be '' or 'imagenet'")
         _check(self.crop_size == 0 or self.crop_size >= 32, "model.crop_size must be 0 or >= 32")
         _check(self.freeze_backbone_epochs >= 0, "model.freeze_backbone_epochs must be >= 0")
+        _check(self.bn in BN_MODES, f"model.bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
 
 
 @dataclass
@@ -150,6 +196,9 @@ class OptimConfig:
 
     optimizer: str = "sgd"  # sgd | adamw
     lr: float = 0.1  # for the GLOBAL batch (all workers) of lr_reference_batch images
+    # models with a backbone / head split (API-Net): the backbone trains at lr x this, the head
+    # (mutual-vector layers and fc) at lr; both follow the same schedule
+    backbone_lr_scale: float = 1.0
     # the experiment's batch over all workers: each optimiser step trains on global_batch
     # images whatever the live world size (micro-batches of at most data.batch_size per
     # worker, gradients accumulated); 0 = data.batch_size x run.workers (grows with workers)
@@ -166,6 +215,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check(self.optimizer in ("sgd", "adamw"), "optim.optimizer must be sgd or adamw")
         _check(self.lr > 0 and math.isfinite(self.lr), "optim.lr must be a positive number")
+        _check(0 < self.backbone_lr_scale <= 1, f"optim.backbone_lr_scale must be in (0, 1], got {self.backbone_lr_scale}")
         _check(self.lr_reference_batch >= 1, "optim.lr_reference_batch must be >= 1")
         _check(self.global_batch >= 0, "optim.global_batch must be >= 0 (0 = data.batch_size x run.workers)")
         _check(self.epochs >= 1, "optim.epochs must be >= 1")
@@ -227,6 +277,21 @@ class RunConfig:
     def max_workers(self) -> int:
         return self.workers[1] if isinstance(self.workers, list) else self.workers
 
+    @property
+    def unit(self) -> str:
+        """The resource that limits how many such runs fit on a cluster: "GPU" or "CPU"."""
+        return "GPU" if self.use_gpu else "CPU"
+
+    def demand(self, workers: int | None = None) -> dict[str, float]:
+        """What ``workers`` of the run's Ray Train workers hold (default: its maximum, as an
+        elastic run may grow to it): ``{"CPU": n x cpus_per_worker}``, plus ``"GPU"``
+        (n x gpus_per_worker) for a GPU run. ``demand(1)`` is one worker's bundle."""
+        n = self.max_workers if workers is None else workers
+        wanted = {"CPU": n * self.cpus_per_worker}
+        if self.use_gpu:
+            wanted["GPU"] = n * self.gpus_per_worker
+        return wanted
+
 
 @dataclass
 class ExperimentConfig:
@@ -240,6 +305,9 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
+        _check(self.optim.backbone_lr_scale == 1 or self.model.name in SPLIT_MODELS,
+               f"optim.backbone_lr_scale applies to models with a backbone / head split ({', '.join(SPLIT_MODELS)}); "
+               f"{self.model.name} trains as one parameter group: set it to 1")
         if self.optim.global_batch:
             _check(not self.data.classes_per_batch, "optim.global_batch does not apply to P x K batches "
                    "(data.classes_per_batch): set optim.global_batch=0")
@@ -251,6 +319,19 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def with_absolute_paths(self) -> "ExperimentConfig":
+        """A copy whose local paths (``run.storage_path``, ``data.shards``,
+        ``model.weights``) are absolute, as Ray workers and job drivers start in other
+        folders; URIs are kept as they are. The config itself is not changed."""
+        from .storage import absolute  # pyarrow: only once a run is launched
+
+        copy = config_from_dict(self.to_dict())
+        copy.run.storage_path = absolute(copy.run.storage_path)
+        copy.data.shards = absolute(copy.data.shards)
+        if copy.model.weights:
+            copy.model.weights = absolute(copy.model.weights)
+        return copy
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
@@ -432,21 +513,36 @@ def is_sweep_preset(path: str | Path) -> bool:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A preset (path or name) as a dict, with ``base: other.yaml`` (relative to the file)
-    merged under it."""
+    """A preset (path, URI such as a sweep's ``s3://…/best.yaml``, or name) as a dict, with
+    ``base: other.yaml`` (relative to the file) merged under it."""
+    if "://" in str(path):
+        from . import storage  # pyarrow: only for presets in object storage
+
+        try:
+            text = storage.read_text(path)
+        except storage.NotFoundError:
+            raise ConfigError(f"config file {storage.display(path)} not found") from None
+        data = _parse_preset(text, storage.display(path))
+        parent = data.pop("base", None)
+        return _deep_update(read_yaml(storage.join(storage.parent(path), parent)), data) if parent else data
     path = resolve_preset(path)
     if not path.exists():
         raise ConfigError(f"config file {path} not found; give a path or a preset name "
                           f"({', '.join(preset_names())})")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections")
+    data = _parse_preset(path.read_text(encoding="utf-8"), str(path))
     parent = data.pop("base", None)
     if parent:
         data = _deep_update(read_yaml(path.parent / parent), data)
+    return data
+
+
+def _parse_preset(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a mapping of sections")
     return data
 
 

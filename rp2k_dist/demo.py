@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from . import run_folder
 from .config import load_config
 
 #: Dataset sizes: (classes, mean images per class, image size px, epochs, specialist epochs).
@@ -21,6 +22,7 @@ SIZES = {
 }
 SPECIALISTS = ("liquor", "cosmetics")  # the paper's hard meta-categories (Table 3)
 PRESET = "demo"  # jobs/demo.yaml, shipped inside the package as rp2k_dist/presets/demo.yaml
+SPECIALIST_PRESET = "demo_apinet"  # the specialists' own recipe, crop and augmentation (jobs/demo_apinet.yaml)
 
 
 def _step(title: str) -> float:
@@ -45,6 +47,7 @@ def run_demo(out: Path, size: str = "default", address: str | None = None) -> in
     from .data.verify import verify_shards
     from .analysis.report import write_report
     from .analysis.umap_plot import embed_and_project, plot_umap
+    from .evaluation.ensemble import verdict
     from .evaluation.ensemble_eval import evaluate_ensemble
     from .run_folder import find_checkpoint
     from .launch.trainer import read_metrics, run_training
@@ -95,32 +98,37 @@ def run_demo(out: Path, size: str = "default", address: str | None = None) -> in
             continue
         # P x K batches per worker must fit the category's few images (tiny demo: 1 worker, K=2)
         per_class, workers = (4, 2) if min(4, len(pairable)) * 4 * 2 <= images else (2, 1)
-        # The Table 3 recipe at the demo's scale: backbone + this category's fc rows from the
-        # ResNet-34, plain cross-entropy + ranking loss, the official SGD schedule (lr 0.01
-        # per 120 images, cosine per step, no warm-up), the first epoch with a frozen backbone.
-        specialist = load_config(PRESET, [
+        # The Table 3 recipe at the demo's scale (jobs/demo_apinet.yaml): backbone + this
+        # category's fc rows from the ResNet-34, plain cross-entropy + ranking loss, the
+        # official SGD schedule, the first epoch with a frozen backbone, BatchNorm kept as the
+        # ResNet-34 left it and the backbone at a tenth of the head's learning rate.
+        specialist = load_config(SPECIALIST_PRESET, [
             f"data.shards={shards}", f"run.storage_path={out / 'runs'}", f"run.name=demo-apinet-{category}",
-            "model.name=apinet", f"model.weights={find_checkpoint(run_dir)}", "model.freeze_backbone_epochs=1",
-            f"data.meta_category=type={category}", f"data.classes_per_batch={min(4, len(pairable))}", f"data.images_per_class={per_class}", f"run.workers={workers}",
-            f"optim.epochs={specialist_epochs}", "optim.optimizer=sgd", "optim.lr=0.01", "optim.lr_reference_batch=120",
-            "optim.momentum=0.9", "optim.weight_decay=0.0005", "optim.warmup_epochs=0",
+            f"model.weights={find_checkpoint(run_dir)}", f"data.meta_category=type={category}",
+            f"data.classes_per_batch={min(4, len(pairable))}", f"data.images_per_class={per_class}",
+            f"run.workers={workers}", f"optim.epochs={specialist_epochs}",
         ])
         result = run_training(specialist, address=address)
         specialist_runs.append(out / "runs" / specialist.run.name)
-        print(f"{category}: {n} classes, within-category top-1 {result['val_top1']:.1f} %")
+        curve = " ".join(f"{m['val_top1']:.1f}" for m in read_metrics(specialist) if "val_top1" in m)
+        print(f"{category}: {n} classes, {result['val_samples']} test images; validation top-1 per epoch "
+              f"(epoch 1 with a frozen backbone): {curve} %")
     print(f"({time.perf_counter() - t:.0f} s)")
 
     _step("5/6 evaluation: Table 2 and the routed ensemble (Table 3)")
-    table = (run_dir / "table2.md").read_text(encoding="utf-8")
-    print(f"Table 2 (per meta-category) from {run_dir / 'table2.md'}:\n{table}")
+    table = (run_dir / run_folder.TABLE2).read_text(encoding="utf-8")
+    print(f"Table 2 (per meta-category) from {run_dir / run_folder.TABLE2}:\n{table}")
     if specialist_runs:
         ensemble = evaluate_ensemble(run_dir, specialist_runs, shards)
         print(f"Table 3 (within the meta-category: (a) general, (b) general among the category's classes, "
-              f"(c) specialist alone, (d) routed ensemble, as top-1 / top-5) from {run_dir / 'table3.md'}:\n"
-              f"{ensemble.markdown}\n")
+              f"(c) specialist alone, (d) ensemble routed by the general top-1, (e) routed by probability mass, "
+              f"as top-1 / top-5; routing recall / precision) from {run_dir / 'table3.md'}:\n{ensemble.markdown}")
+        print(f"(e) routing thresholds {', '.join(f'{t:.3f}' for t in ensemble.thresholds)}: "
+              f"{ensemble.threshold_source}")
+        print(verdict(ensemble.table3) + "\n")
     t = _step("6/6 UMAP of the features (paper Fig. 3) and the report")
     frame = embed_and_project(run_dir, shards)
-    plot_umap(frame, run_dir / "umap.png", "UMAP of the demo ResNet-34's test-set features")
+    plot_umap(frame, run_dir / run_folder.UMAP_PNG, "UMAP of the demo ResNet-34's test-set features")
     markdown, html = write_report(run_dir)
     print(f"({time.perf_counter() - t:.0f} s)")
     print(f"\nreport: {html}\n        {markdown}")

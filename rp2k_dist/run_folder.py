@@ -11,8 +11,17 @@ through :class:`~rp2k_dist.storage.RunStorage`)::
     evaluation.json, table2.md   Table 2, the most-confused pairs and the final metrics
     ranks/rank-N.json            per-rank parameter digests (only with run.rank_digests)
     preemptions.jsonl            one JSON object per node drain notice: nodes, deadline, the checkpoint saved
-    ensemble.json, table3.md, ensemble_table2.md, ensemble_predictions.parquet   ``rp2k ensemble``
-    umap.png, umap.parquet       ``rp2k umap``;  report/  ``rp2k report``
+    ensemble.json, table3.md, ensemble_table2.md, ensemble_*predictions.parquet   ``rp2k ensemble``
+    umap.png, umap.parquet       ``rp2k umap``
+    report/report.{md,html}      ``rp2k report`` (with the PNGs the Markdown links)
+
+A sweep (``rp2k tune``) is ``<run.storage_path>/<run.name>/`` with ``base.yaml``,
+``best.yaml``, ``trials.{parquet,csv}`` and ``trials/<trial id>/`` (a run folder plus
+``trial.json``); a reproduction (``rp2k reproduce``) keeps ``reproduce.json``,
+``reproduce.md``, ``reproduce.html`` and ``table4.md`` beside its run folders.
+
+Every name below is the only spelling of its artefact in the project; readers and writers
+go through :mod:`rp2k_dist.storage` (local, mounted, s3:// or gs:// alike).
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
 ``torch.load(..., weights_only=True)`` (no pickled code runs on load).
@@ -44,7 +53,49 @@ ENSEMBLE = "ensemble.json"
 TABLE3 = "table3.md"
 ENSEMBLE_TABLE2 = "ensemble_table2.md"
 ENSEMBLE_PREDICTIONS = "ensemble_predictions.parquet"
+ENSEMBLE_MASS_PREDICTIONS = "ensemble_mass_predictions.parquet"
+ENSEMBLE_GENERAL_PREDICTIONS = "ensemble_general_predictions.parquet"
 UMAP_PNG = "umap.png"
+UMAP_PARQUET = "umap.parquet"
+WEIGHTS_LOAD = "weights_load.json"
+LOGS = "logs"  # logs/rank-N.log: each worker's output
+TENSORBOARD = "tensorboard"
+PROGRESS = "progress.json"  # rank 0's step within the epoch, for the driver's progress bar
+
+# ``rp2k report`` (a folder, by default ``<run>/report``) and ``rp2k compare``
+REPORT_DIR = "report"
+REPORT = "report"  # the stem of report.md and report.html
+CURVES_PNG = "curves.png"
+CATEGORIES_PNG = "categories.png"
+CONFUSIONS_PNG = "confusions.png"
+COMPARE = "compare.md"
+
+# ``rp2k tune``: the sweep folder
+SWEEP_BASE = "base.yaml"
+BEST = "best.yaml"
+TRIALS = "trials"
+TRIALS_PARQUET = "trials.parquet"
+TRIALS_CSV = "trials.csv"
+TRIAL_RECORD = "trial.json"
+
+# ``rp2k reproduce``: beside the run folders in its storage path
+REPRODUCE_STATE = "reproduce.json"
+REPRODUCE = "reproduce"  # the stem of reproduce.md and reproduce.html
+TABLE4 = "table4.md"
+
+# ``rp2k export``: each file with its model card ``<file>.json``
+MODEL_ONNX = "model.onnx"
+MODEL_SAFETENSORS = "model.safetensors"
+
+def ensemble_category_predictions(category: str, part: str) -> str:
+    """Table 3's per-category predictions: ``part`` "specialist" (c) or "restricted" (b)."""
+    return f"ensemble_{category}_{part}.parquet"
+
+
+def model_card(weights: str) -> str:
+    """The model card of an exported file (``model.onnx`` -> ``model.onnx.json``)."""
+    return f"{weights}.json"
+
 
 FORMAT = "rp2k-dist-checkpoint"
 VERSION = 1
@@ -83,16 +134,20 @@ def to_bytes(checkpoint: dict[str, Any]) -> bytes:
 
 
 def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and check a checkpoint file, its folder, or its bytes, with ``weights_only=True``."""
+    """Load and check a checkpoint file, its folder (local or a URI), or its bytes, with
+    ``weights_only=True``."""
     import torch
 
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if path.is_dir():
-            path = path / CHECKPOINT
-        if not path.exists():
-            raise CheckpointError(f"checkpoint {path} not found")
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        location = str(source)
+        if storage.is_dir(location):
+            location = storage.join(location, CHECKPOINT)
+        if not storage.is_file(location):
+            raise CheckpointError(f"checkpoint {storage.display(location)} not found")
+        if storage.is_uri(location):
+            data = torch.load(io.BytesIO(storage.read_bytes(location)), map_location=map_location, weights_only=True)
+        else:
+            data = torch.load(location, map_location=map_location, weights_only=True)
     else:
         data = torch.load(io.BytesIO(source), map_location=map_location, weights_only=True)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -131,14 +186,14 @@ def find_checkpoint(path: str | Path) -> str:
                           "or a run folder with epoch_*/")
 
 
-def find_run_dir(path: str | Path) -> Path:
-    """The run folder of a run folder, checkpoint folder or checkpoint file."""
-    path = Path(path)
-    if path.is_file():
-        path = path.parent
-    while path.name.startswith("epoch_"):
-        path = path.parent
-    return path
+def find_run_dir(path: str | Path) -> str:
+    """The run folder (local path or URI) of a run folder, checkpoint folder or checkpoint file."""
+    location = str(path)
+    if storage.is_file(location):
+        location = storage.parent(location)
+    while storage.basename(location).startswith("epoch_"):
+        location = storage.parent(location)
+    return location
 
 
 # --------------------------------------------------------------------------- metrics
@@ -170,6 +225,11 @@ def read_preemptions(storage: RunStorage) -> list[dict[str, Any]]:
     return [json.loads(line) for line in storage.read_bytes(PREEMPTIONS).decode("utf-8").splitlines() if line.strip()]
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON artefact of a local run folder (``evaluation.json``, ``ensemble.json``), or None."""
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+def read_json(folder: RunStorage, name: str) -> dict[str, Any] | None:
+    """A JSON artefact of a run folder (``evaluation.json``, ``ensemble.json``), or None."""
+    return json.loads(folder.read_bytes(name)) if folder.exists(name) else None
+
+
+def write_json(folder: RunStorage, name: str, data: Any) -> None:
+    """A JSON artefact (indented, non-ASCII kept, NumPy numbers as floats)."""
+    folder.write_text(name, json.dumps(data, indent=1, ensure_ascii=False, default=float))

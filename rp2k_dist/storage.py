@@ -19,6 +19,7 @@ loader can report how much of its shards it actually read.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -52,6 +53,27 @@ def join(base: str | Path, *parts: str) -> str:
     s = urlsplit(str(base))
     path = "/".join([s.path.rstrip("/"), *parts])
     return urlunsplit((s.scheme, s.netloc, path, s.query, ""))
+
+
+def absolute(location: str | Path) -> str:
+    """A location every process can use whatever its working folder: a local path made
+    absolute, a URI as it is (Ray workers and job drivers start in other folders)."""
+    return str(location) if is_uri(location) else str(Path(location).resolve())
+
+
+def parent(location: str | Path) -> str:
+    """The folder holding ``location`` (a URI keeps its scheme, bucket and query)."""
+    if not is_uri(location):
+        return str(Path(location).parent)
+    s = urlsplit(str(location))
+    return urlunsplit((s.scheme, s.netloc, s.path.rstrip("/").rsplit("/", 1)[0], s.query, ""))
+
+
+def basename(location: str | Path) -> str:
+    """The last part of a location's path (``s3://b/runs/g?x=1`` -> ``g``)."""
+    if not is_uri(location):
+        return Path(location).name
+    return urlsplit(str(location)).path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def display(location: str | Path) -> str:
@@ -124,6 +146,10 @@ def read_bytes(location: str | Path) -> bytes:
         return stream.read()
 
 
+def read_text(location: str | Path) -> str:
+    return read_bytes(location).decode("utf-8")
+
+
 def read_range(location: str | Path, offset: int, length: int) -> bytes:
     """``length`` bytes from ``offset`` (fewer at the end of a short file), one ranged read."""
     fs, path = resolve(location)
@@ -163,12 +189,29 @@ def write_bytes(location: str | Path, data: bytes) -> None:
         raise _error("write", location, err) from err
 
 
+def write_text(location: str | Path, text: str) -> None:
+    write_bytes(location, text.encode("utf-8"))
+
+
 def put_file(local: str | Path, location: str | Path) -> None:
-    """Move the local file ``local`` to ``location`` (a rename on disk, an upload to object storage)."""
+    """Move the local file ``local`` to ``location``: a rename on the same disk (a copy to
+    a temp file beside the target, then a rename, across disks), an upload to object
+    storage; readers never see a partial file either way."""
     fs, path = resolve(location)
     if isinstance(fs, pafs.LocalFileSystem):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(local, path)
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(local, path)
+            except OSError as err:
+                if err.errno != errno.EXDEV:
+                    raise
+                target = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                shutil.copyfile(local, target)
+                os.replace(target, path)
+                os.unlink(local)
+        except OSError as err:
+            raise _error("write", location, err) from err
         return
     try:
         stream = fs.open_output_stream(path)
@@ -194,6 +237,23 @@ def exists(location: str | Path) -> bool:
     return file_info(location).type != pafs.FileType.NotFound
 
 
+def is_file(location: str | Path) -> bool:
+    return file_info(location).type == pafs.FileType.File
+
+
+def is_dir(location: str | Path) -> bool:
+    """A local folder, or a prefix of object storage that holds objects."""
+    return file_info(location).type == pafs.FileType.Directory
+
+
+def mtime(location: str | Path) -> float | None:
+    """When a file was last written (unix seconds), None when it does not exist."""
+    info = file_info(location)
+    if info.type == pafs.FileType.NotFound or info.mtime is None:
+        return None
+    return info.mtime.timestamp()
+
+
 def size(location: str | Path) -> int | None:
     """Bytes of a file, None when it does not exist."""
     info = file_info(location)
@@ -210,6 +270,18 @@ def listdir(location: str | Path) -> list[str]:
     return sorted(info.base_name for info in infos)
 
 
+def walk(location: str | Path) -> list[str]:
+    """Every file under ``location``, recursively, as paths relative to it (``/``-separated),
+    sorted; empty when it does not exist."""
+    fs, path = resolve(location)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except OSError as err:
+        raise _error("list", location, err) from err
+    base = path.rstrip("/") + "/"
+    return sorted(info.path[len(base):] for info in infos if info.type == pafs.FileType.File)
+
+
 def delete_dir(location: str | Path) -> None:
     if exists(location):
         fs, path = resolve(location)
@@ -220,12 +292,25 @@ def delete_dir(location: str | Path) -> None:
 
 
 class RunStorage:
-    """The folder ``<storage_path>/<name>`` of one run."""
+    """The folder ``<storage_path>/<name>`` of one run (or any folder: :meth:`at`), local,
+    mounted or in object storage; every read and write goes through this module."""
 
-    def __init__(self, storage_path: str, name: str):
-        self.uri = join(storage_path if is_uri(storage_path) else str(Path(storage_path).resolve()), name)
+    def __init__(self, storage_path: str | Path, name: str):
+        self.uri = join(absolute(storage_path), name)
         self.fs, self.path = resolve(self.uri)
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    @classmethod
+    def at(cls, location: str | Path) -> "RunStorage":
+        """The folder at ``location`` (a run folder, a report folder, a storage path)."""
+        return cls(location, "")
+
+    @property
+    def name(self) -> str:
+        return basename(self.uri)
+
+    def __repr__(self) -> str:
+        return f"RunStorage({display(self.uri)!r})"
 
     def location(self, relative: str = "") -> str:
         return join(self.uri, relative)
@@ -238,6 +323,15 @@ class RunStorage:
 
     def read_bytes(self, relative: str) -> bytes:
         return read_bytes(self.location(relative))
+
+    def read_text(self, relative: str) -> str:
+        return self.read_bytes(relative).decode("utf-8")
+
+    def put_file(self, relative: str, local: str | Path) -> None:
+        put_file(local, self.location(relative))
+
+    def mtime(self, relative: str = "") -> float | None:
+        return mtime(self.location(relative))
 
     def exists(self, relative: str = "") -> bool:
         return exists(self.location(relative))

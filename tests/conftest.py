@@ -130,6 +130,24 @@ def s3_server(tmp_path_factory):
         s3server.stop(process)
 
 
+@pytest.fixture(scope="module")
+def s3_endpoint(s3_server):
+    """The S3 server's endpoint in ``AWS_ENDPOINT_URL`` too, as on a cluster's nodes: plain
+    ``s3://bucket/...`` URIs (no query) reach it, here and in processes started from here."""
+    from rp2k_dist import storage
+
+    saved = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = f"http://{s3_server.endpoint}"
+    storage._filesystem.cache_clear()
+    try:
+        yield s3_server
+    finally:
+        if saved is None:
+            os.environ.pop("AWS_ENDPOINT_URL")
+        else:
+            os.environ["AWS_ENDPOINT_URL"] = saved
+        storage._filesystem.cache_clear()
+
 
 # --------------------------------------------------------------------------- Ray clusters
 # Each cluster is started by the first test that asks for it and stopped after the last test

@@ -113,6 +113,7 @@ def test_report_table2_matches_predictions_and_html_is_self_contained(run_dir, t
     }), encoding="utf-8")
 
     md_path, html_path = write_report(run, tmp_path / "report")
+    md_path, html_path = Path(md_path), Path(html_path)
     md = md_path.read_text(encoding="utf-8")
     predictions = pd.read_parquet(run / "predictions.parquet")
     for system in ("type", "shape"):
@@ -122,8 +123,12 @@ def test_report_table2_matches_predictions_and_html_is_self_contained(run_dir, t
     overall = f"| average (micro) | {len(predictions)} | {100 * predictions['correct_top1'].mean():.2f} |"
     assert overall in md
     assert "not RP2K's 2,388" in md and "paper top-1" not in md.split("## Table 3")[0]
-    # Table 3: (a)-(d) as top-1 / top-5, routing recall, images routed in; no paper columns
-    assert "| liquor | 7 | 42.86 / 71.43 | 57.14 / 85.71 | 100.00 / 100.00 | 85.71 / 100.00 | 85.71 | 2 |" in md
+    # Table 3: (a)-(e) as top-1 / top-5, each rule's routing recall / precision, the mass
+    # threshold; no paper columns. This ensemble.json predates (e) and the precision: "–"
+    assert ("| liquor | 7 | 42.86 / 71.43 | 57.14 / 85.71 | 100.00 / 100.00 | 85.71 / 100.00 | – | 85.71 / – | – "
+            "| – |") in md
+    assert ("The specialists helped (the top-1 routed ensemble (d) against the general model (a)): liquor (d) "
+            "85.7 % vs (a) 42.9 % top-1.") in md
     for heading in ("## Training curves", "## Most confused pairs", "## UMAP", "## Configuration"):
         assert heading in md
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
@@ -140,7 +145,7 @@ def test_report_table2_matches_predictions_and_html_is_self_contained(run_dir, t
 
 def test_report_shows_the_paper_columns_on_real_rp2k(run_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(report_module, "REAL_RP2K_MIN_CLASSES", 1)  # pretend the synthetic set is RP2K
-    md = write_report(run_dir, tmp_path)[0].read_text(encoding="utf-8")
+    md = Path(write_report(run_dir, tmp_path)[0]).read_text(encoding="utf-8")
     assert "| meta-category | samples | top-1 | top-5 | paper top-1 | paper top-5 |" in md
     assert re.search(r"\| average \(micro\) \| \d+ \| [\d.]+ \| [\d.]+ \| 95\.18 \| 99\.01 \|", md)
 
@@ -149,7 +154,7 @@ def test_compare_puts_runs_side_by_side_with_table4(run_dir, tmp_path):
     no_augment = {f"augment.{key}": False for key in ("border", "crop", "perspective", "brightness")}
     changes = {"run.name": "transfer", "model.pretrained": "imagenet", **no_augment}
     other = _copy_run(run_dir, tmp_path / "other", changes)
-    md = compare_runs([run_dir, other], tmp_path / "compare.md").read_text(encoding="utf-8")
+    md = Path(compare_runs([run_dir, other], tmp_path / "compare.md")).read_text(encoding="utf-8")
     evaluation = json.loads((run_dir / "evaluation.json").read_text(encoding="utf-8"))
     top1 = f"{evaluation['table2']['overall']['top1']:.2f}"
     scratch = r"\| general \| resnet34 \| scratch \| on \| from scratch \+ augmentation \|"
@@ -259,7 +264,7 @@ def test_onnx_export_matches_pytorch_logits(trained, tmp_path):
     session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     got = session.run(["logits"], {"images": images.numpy()})[0]
     np.testing.assert_allclose(got, logits_of(trained, images).numpy(), atol=1e-3)
-    card = json.loads(result.card.read_text(encoding="utf-8"))
+    card = json.loads(Path(result.card).read_text(encoding="utf-8"))
     assert [c["name"] for c in card["classes"]] == [c["name"] for c in trained.classes]
     assert card["input_spec"]["crop_size"] == trained.spec.crop_size
 
@@ -272,7 +277,7 @@ def test_safetensors_round_trip_equals_the_state_dict(trained, tmp_path):
     state = trained.model.state_dict()
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
-    card = json.loads(result.card.read_text(encoding="utf-8"))
+    card = json.loads(Path(result.card).read_text(encoding="utf-8"))
     assert card["model_name"] == "resnet34" and card["model_args"] == trained.checkpoint["model_args"]
     assert [c["sku"] for c in card["classes"]] == [c["sku"] for c in trained.classes]
 
@@ -280,6 +285,7 @@ def test_safetensors_round_trip_equals_the_state_dict(trained, tmp_path):
 def test_confused_pairs_figure_names_the_classes(run_dir, synth_shards, tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
+    from rp2k_dist.analysis.fonts import drawable
     from rp2k_dist.analysis.report import Run, confusion_examples, pair_label
 
     saved = []
@@ -292,6 +298,8 @@ def test_confused_pairs_figure_names_the_classes(run_dir, synth_shards, tmp_path
     classes = synth_shards.classes
     for pair, title in zip(pairs, titles[::2]):
         true = classes[pair["true"]]
-        assert pair_label(pair, "true") == (true["product_name"] or true["name"])
-        assert f"true #{pair['true']} {pair_label(pair, 'true')[:31]}" in title
+        assert pair_label(pair, "true") == (true["product_name"] or true["name"]) and pair["true_sku"] == true["sku"]
+        # the name where a font draws it (a CJK font for the Chinese names), else the SKU
+        shown = pair_label(pair, "true") if drawable(pair_label(pair, "true")) else f"SKU {true['sku']}"
+        assert f"true #{pair['true']} {shown[:31]}" in title
         assert f"predicted #{pair['predicted']}" in title

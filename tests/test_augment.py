@@ -119,3 +119,14 @@ def test_config_validation():
         AugmentConfig(brightness_max=-0.1)
     with pytest.raises(ConfigError, match="augment.border_fill"):
         AugmentConfig(border_fill="purple")
+
+
+def test_fractions_of_the_crop_are_pixels_of_the_transform_s_crop():
+    relative = AugmentConfig(border_max_frac=0.25, crop_max_frac=0.125)
+    assert TrainTransform(InputSpec(48, 56), relative).augment == AugmentConfig(border_max=12, crop_max=6)
+    assert TrainTransform(InputSpec(224, 256), relative).augment == AugmentConfig(border_max=56, crop_max=28)
+    from rp2k_dist.data.device_transforms import DeviceBatchTransform
+
+    assert DeviceBatchTransform(InputSpec(48, 56), relative, "cpu").augment == AugmentConfig(border_max=12, crop_max=6)
+    with pytest.raises(ValueError, match="in_pixels"):
+        sample_params(np.random.default_rng(0), W, H, relative)

@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 from rp2k_dist.config import (
+    PAPER_BORDER_FRAC,
+    PAPER_CROP_FRAC,
+    AugmentConfig,
     ConfigError,
     ExperimentConfig,
     SweepConfig,
@@ -84,6 +87,9 @@ def test_saved_config_round_trips(tmp_path):
         ("data.meta_category=liquor", "type=liquor"),
         ("data.batch_size=0", "batch_size"),
         ("augment.perspective_scale=2", "perspective_scale"),
+        ("augment.border_max_frac=1.5", r"augment.border_max_frac must be in \[0, 1\]"),
+        ("augment.crop_max_frac=-0.1", r"augment.crop_max_frac must be in \[0, 1\)"),
+        ("augment.crop_max_frac=much", "augment.crop_max_frac"),
         ("run.name=a/b", "run.name"),
         ("model.pretrained=imagenet21k", "pretrained"),
         ("nonsense", "section.key=value"),
@@ -128,3 +134,19 @@ def test_the_sweep_section_is_checked_like_the_others():
     with pytest.raises(ConfigError, match="tune.grace_period must be an integer"):
         sweep_config({"grace_period": "soon"})
     assert SweepConfig().with_flags({"samples": 3, "scheduler": None}) == SweepConfig(samples=3)
+
+
+def test_augmentation_magnitudes_relative_to_the_crop_resolve_to_pixels():
+    paper = AugmentConfig(border_max_frac=PAPER_BORDER_FRAC, crop_max_frac=PAPER_CROP_FRAC)
+    at = {crop: paper.in_pixels(crop) for crop in (48, 224, 299)}
+    assert {crop: (a.border_max, a.crop_max) for crop, a in at.items()} == {48: (6, 2), 224: (30, 10), 299: (40, 13)}
+    assert at[224].border_max_frac is None and at[224].crop_max_frac is None
+    # pixels as given where no fraction is set, whatever the crop; a fraction overrides them
+    assert AugmentConfig(border_max=7, crop_max=3).in_pixels(48) == AugmentConfig(border_max=7, crop_max=3)
+    assert AugmentConfig(border_max=7, crop_max_frac=0.25).in_pixels(48) == AugmentConfig(border_max=7, crop_max=12)
+    # the paper's presets stay in pixels: 30 px border and 10 px crop at their 224 px crop
+    augmented = load_config(JOBS / "table4_scratch_aug.yaml")
+    crop = input_spec(augmented.model.name, augmented.model.crop_size or None).crop_size
+    resolved = augmented.augment.in_pixels(crop)
+    assert (crop, resolved.border_max, resolved.crop_max) == (224, 30, 10)
+    assert load_config(None, ["augment.border_max_frac=0.5"]).augment.border_max_frac == 0.5

@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from rp2k_dist.data.augment import AugmentConfig, AugmentParams, apply, sample_params
+from rp2k_dist.config import DataConfig
+from rp2k_dist.data.augment import AugmentConfig, AugmentParams, apply, augment_rng, augment_seed, sample_params
 from rp2k_dist.data.device_transforms import DeviceBatchTransform, decode_batch, warp
+from rp2k_dist.data.loader import LoaderConfig, ShardLoader
 from rp2k_dist.data.transforms import EvalTransform, InputSpec, RawJpeg, normalize
 from rp2k_dist.engine.batches import DeviceBatches
 
@@ -67,23 +69,57 @@ def test_eval_geometry_equals_the_cpu_eval_transform():
 
 
 def test_device_augmentations_draw_from_the_cpu_parameter_ranges():
-    transform = DeviceBatchTransform(SPEC, AugmentConfig(), torch.device("cpu"), seed=0)
-    draws = [transform.params(60, 80) for _ in range(400)]
+    transform = DeviceBatchTransform(SPEC, AugmentConfig(), torch.device("cpu"))
+    draws = [transform.params(60, 80, seed) for seed in range(400)]
     assert min(p.border for p in draws) == 0 and max(p.border for p in draws) == 30
     assert 0.8 <= min(p.brightness for p in draws) and max(p.brightness for p in draws) <= 1.2
     assert all(60 + 2 * p.border - p.crop[2] <= 10 for p in draws)
-    batch = transform([_jpeg(i) for i in range(4)])
+    batch = transform([_jpeg(i) for i in range(4)], seeds=[0, 1, 2, 3])
     assert batch.shape == (4, 3, 48, 48) and torch.isfinite(batch).all()
 
 
-def test_a_corrupt_jpeg_is_dropped_with_its_label_and_key():
+def test_device_path_draws_a_samples_cpu_parameters_whatever_the_batch():
+    config = AugmentConfig()
+    transform = DeviceBatchTransform(SPEC, config, torch.device("cpu"))
+    for seed in (0, 7, 2**64 - 1):
+        assert transform.params(60, 80, seed) == sample_params(augment_rng(seed), 60, 80, config)  # TrainTransform's draw
+    jpegs, seeds = [_jpeg(i) for i in range(3)], [11, 12, 13]
+    together = transform(jpegs, seeds)
+    for i in range(3):  # an image's pixels do not depend on its batch neighbours
+        assert torch.equal(transform([jpegs[i]], [seeds[i]])[0], together[i])
+    with pytest.raises(ValueError, match="seed"):
+        transform(jpegs)
+
+
+def test_a_corrupt_jpeg_is_dropped_with_its_label_key_and_seed():
     good = [_jpeg(i) for i in range(3)]
     broken = good[1][: len(good[1]) // 2]
     prepare = DeviceBatches(SPEC, AugmentConfig(), torch.device("cpu"), channels_last=False)
-    batch = {"jpeg": [good[0], broken, good[2]], "label": torch.tensor([5, 6, 7]), "key": ["a", "b", "c"]}
+    batch = {"jpeg": [good[0], broken, good[2]], "seed": [1, 2, 3], "label": torch.tensor([5, 6, 7]), "key": ["a", "b", "c"]}
     images, labels, keys = prepare(batch)
     assert images.shape[0] == 2 and labels.tolist() == [5, 7] and keys == ["a", "c"]
+    assert torch.equal(images, prepare.transform([good[0], good[2]], [1, 3]))
     assert prepare.skipped == 1
+
+
+def _device_augmented(manifest, world: int) -> dict[str, torch.Tensor]:
+    """``{key: device-augmented image}`` of one training epoch (epoch 1) over ``world`` ranks."""
+    prepare = DeviceBatches(SPEC, AugmentConfig(), torch.device("cpu"), channels_last=False)
+    out = {}
+    for rank in range(world):
+        loader = ShardLoader(manifest, "train", RawJpeg(), LoaderConfig(DataConfig(batch_size=4, loader_workers=0)), rank, world)
+        loader.set_epoch(1)
+        for batch in loader:
+            assert batch["seed"] == [augment_seed(0, 1, 0, key) for key in batch["key"]]
+            images, _, keys = prepare(batch)
+            out.update(zip(keys, images))
+    return out
+
+
+def test_device_augmentation_is_bit_identical_at_world_size_1_and_2(many_shards):
+    one, two = _device_augmented(many_shards, 1), _device_augmented(many_shards, 2)
+    assert one.keys() == two.keys() and len(one) > 100
+    assert all(torch.equal(one[key], two[key]) for key in one)
 
 
 def test_raw_jpeg_rejects_truncated_bytes_in_the_worker():

@@ -161,7 +161,7 @@ def test_apinet_specialist_and_routed_ensemble(synth_shards, tmp_path):
     from rp2k_dist.evaluation.metrics import accuracy_table
     from rp2k_dist.run_folder import find_checkpoint
 
-    _, general, _ = _run(synth_shards, tmp_path, "general", epochs=1)
+    _, general, _ = _run(synth_shards, tmp_path, "general", ["data.holdout=0.2"], epochs=1)
     types = synth_shards.meta_categories("type")
     counts = synth_shards.class_counts("train")
     category = max(set(types), key=lambda t: sum(1 for i, x in enumerate(types) if x == t and counts[i] >= 2))
@@ -181,7 +181,12 @@ def test_apinet_specialist_and_routed_ensemble(synth_shards, tmp_path):
     # the specialist starts from the general model's fc rows of its classes, and says so
     load = json.loads((special.local_path() / "weights_load.json").read_text())
     assert load["sliced"] == ["fc.weight", "fc.bias"] and sorted(load["new"]) == ["map1.bias", "map1.weight", "map2.bias", "map2.weight"]
-    assert row == pytest.approx(_table3_from_parquet(general.local_path(), category, synth_shards.classes), nan_ok=True)
+    expected = _table3_from_parquet(general.local_path(), category, synth_shards.classes)
+    assert {key: row[key] for key in expected} == pytest.approx(expected, nan_ok=True)
+    # (e): routed by mass with a threshold chosen on the held-out train images, never on test
+    assert saved["threshold_source"].startswith("calibrated on the general run's") and "data.holdout=0.2" in saved["threshold_source"]
+    assert saved["mass_thresholds"] == [row["mass_threshold"]] == result.thresholds
+    assert row["mass_recall"] is not None and row["mass_top1"] is not None
 
 
 def _table3_from_parquet(run_dir, category, classes) -> dict:
@@ -201,9 +206,10 @@ def _table3_from_parquet(run_dir, category, classes) -> dict:
     mine = {key: r for key, r in general.items() if r["type"] == category}
     sent = {key for key, r in general.items() if kind[r["top5_classes"][0]] == category}
     row = {"meta_category": category, "samples": len(mine), "routing_recall": 100 * len(sent & set(mine)) / len(mine),
-           "routed_in": len(sent - set(mine))}
-    ensemble = rows("ensemble_predictions.parquet")
-    parts = {"general": mine, "ensemble": {key: ensemble[key] for key in mine},
+           "routed_in": len(sent - set(mine)),
+           "routing_precision": 100 * len(sent & set(mine)) / len(sent) if sent else math.nan}
+    ensemble, by_mass = rows("ensemble_predictions.parquet"), rows("ensemble_mass_predictions.parquet")
+    parts = {"general": mine, "ensemble": {key: ensemble[key] for key in mine}, "mass": {key: by_mass[key] for key in mine},
              "restricted": rows(f"ensemble_{category}_restricted.parquet"),
              "specialist": rows(f"ensemble_{category}_specialist.parquet")}
     for name, table in parts.items():

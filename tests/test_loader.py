@@ -302,3 +302,86 @@ def test_a_pack_without_byte_ranges_is_a_clear_error(many_shards, tmp_path):
     with pytest.raises(ManifestError, match="no byte ranges") as error:
         ShardLoader(Manifest.load(out), "test", EvalTransform(SPEC), LoaderConfig(DataConfig(loader_workers=0)), train=False)
     assert "rp2k pack" in error.value.hint
+
+
+# --- augmentation: a function of (run seed, epoch, pass, sample key) only ---------------------------------------
+
+
+def _augmented(manifest, world, workers=0, epoch=0, seed=0, consumed=None, stop_after=None):
+    """``{key: augmented uint8 CHW pixels}`` of one training epoch over all ``world`` ranks, and
+    the epoch's consumed samples; ``stop_after``: each rank stops after that many batches."""
+    pixels, done = {}, None
+    for rank in range(world):
+        loader = ShardLoader(manifest, "train", TrainTransform(SPEC, AugmentConfig()),
+                             LoaderConfig(DataConfig(batch_size=4, loader_workers=workers, shuffle_buffer=16), seed=seed),
+                             rank, world)
+        loader.set_epoch(epoch, consumed)
+        for step, batch in enumerate(loader, 1):  # a batch handed out counts as consumed
+            for key, image in zip(batch["key"], batch["image"]):
+                assert key not in pixels
+                pixels[key] = image.numpy().copy()
+            if step == stop_after:
+                break
+        done = loader.consumed if done is None else (done.update(loader.consumed) or done)
+    return pixels, done
+
+
+def test_a_samples_augmentation_is_bit_identical_at_world_size_1_and_2(many_shards):
+    train_keys = {r["key"] for r in many_shards.index().to_pylist() if r["split"] == "train"}
+    one, _ = _augmented(many_shards, world=1, workers=0)
+    two, _ = _augmented(many_shards, world=2, workers=2)  # other ranks, other loader workers, other batches
+    assert one.keys() == two.keys() == train_keys  # batch 4 divides every reader's samples: all trained
+    differ = [k for k in one if not np.array_equal(one[k], two[k])]
+    assert not differ, f"{len(differ)} of {len(one)} samples augmented differently, e.g. {differ[:3]}"
+    # and the draws are random: another run seed gives other pixels for (nearly) every sample
+    other, _ = _augmented(many_shards, world=1, seed=1)
+    assert sum(np.array_equal(one[k], other[k]) for k in one) <= len(one) // 20
+
+
+def test_each_epoch_augments_a_sample_anew(many_shards):
+    first, _ = _augmented(many_shards, world=1, epoch=0)
+    again, _ = _augmented(many_shards, world=1, epoch=0)
+    second, _ = _augmented(many_shards, world=1, epoch=1)
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    same = sum(np.array_equal(first[k], second[k]) for k in first)
+    assert same <= len(first) // 20, f"{same} of {len(first)} samples kept epoch 0's augmentation in epoch 1"
+
+
+def test_a_mid_epoch_resume_at_another_world_size_augments_the_rest_as_before(many_shards):
+    from rp2k_dist.data.epoch_state import ConsumedSamples
+
+    whole, _ = _augmented(many_shards, world=1, epoch=2)
+    before, consumed = _augmented(many_shards, world=2, epoch=2, stop_after=5)  # 2 workers, stopped after 5 steps
+    assert consumed.count == len(before) == 2 * 5 * 4
+    saved = ConsumedSamples.from_tensor(consumed.to_tensor(), len(consumed))  # as a step checkpoint holds it
+    rest, _ = _augmented(many_shards, world=1, epoch=2, consumed=saved)  # resumed on one worker
+    assert not before.keys() & rest.keys()
+    assert before.keys() | rest.keys() == whole.keys()
+    for part in (before, rest):
+        assert all(np.array_equal(image, whole[key]) for key, image in part.items())
+
+
+def test_a_sample_read_again_by_a_top_up_pass_is_augmented_anew(many_shards, tmp_path):
+    train_keys = sorted(r["key"] for r in many_shards.index().to_pylist() if r["split"] == "train")
+    manifest = _corrupt_copy(many_shards, tmp_path, set(train_keys[:3]))  # 3 skips leave the rank a batch short
+    loader = ShardLoader(manifest, "train", TrainTransform(SPEC, AugmentConfig()),
+                         LoaderConfig(DataConfig(batch_size=4, loader_workers=0, max_corrupt_fraction=0.5)))
+    loader.set_epoch(0)
+    seen, again = {}, 0
+    for batch in loader:
+        for key, image in zip(batch["key"], batch["image"]):
+            if key in seen:
+                again += 1
+                assert not np.array_equal(seen[key], image.numpy()), key
+            seen[key] = image.numpy().copy()
+    assert again > 0  # the top-up pass ran
+
+
+def test_augment_seed_is_stable_and_depends_on_each_input():
+    from rp2k_dist.data.augment import augment_seed
+
+    # pinned: a sample's seed must not change between processes or releases (resumed runs)
+    assert augment_seed(0, 3, 0, "train-0000007") == 17599035781740696894
+    assert len({augment_seed(0, 3, 0, "train-0000007"), augment_seed(0, 3, 1, "train-0000007"),
+                augment_seed(0, 4, 0, "train-0000007"), augment_seed(1, 3, 0, "train-0000007"),
+                augment_seed(0, 3, 0, "train-0000008")}) == 5

@@ -192,8 +192,8 @@ def test_confused_pairs_ordered_by_count_then_index():
     got = confused_pairs(predictions, classes)
     assert [(p["true"], p["predicted"], p["count"]) for p in got] == [(0, 1, 3), (2, 1, 3), (0, 2, 1), (1, 0, 1)]
     assert got[0] == {
-        "true": 0, "true_name": "a", "true_product_name": "", "predicted": 1, "predicted_name": "b",
-        "predicted_product_name": "", "count": 3, "share_of_true": 3 / 5,
+        "true": 0, "true_name": "a", "true_product_name": "", "true_sku": "", "predicted": 1, "predicted_name": "b",
+        "predicted_product_name": "", "predicted_sku": "", "count": 3, "share_of_true": 3 / 5,
     }
     assert got[1]["share_of_true"] == pytest.approx(3 / 4) and got[3]["share_of_true"] == 1.0
     assert len(confused_pairs(predictions, classes, top=2)) == 2

@@ -10,6 +10,7 @@ import time
 import psutil
 import pytest
 import ray
+import torch
 
 from rp2k_dist.config import load_config
 from rp2k_dist.launch.trainer import read_metrics, run_training
@@ -66,6 +67,25 @@ def _descends_from_this_process(process: psutil.Process) -> bool:
         return any(parent.pid == os.getpid() for parent in process.parents())
     except psutil.Error:
         return False
+
+
+def test_sync_batchnorm_in_a_two_worker_run(ray_cluster, synth_shards, tmp_path):
+    """model.bn=sync on 2 Ray Train workers (DDP over gloo, CPU tensors): all 36 BatchNorm
+    layers of the ResNet-34 synchronise (GlooSyncBatchNorm: DDP refuses PyTorch's SyncBatchNorm in a CPU model),
+    the ranks stay identical and the checkpoint loads into the plain model."""
+    from rp2k_dist.evaluation.inference import load_trained, predict_shards
+
+    config = _config(synth_shards, tmp_path, "sync", epochs=1, extra=["model.bn=sync"])
+    final = run_training(config)
+    assert final["world_size"] == 2 and final["sync_batchnorm_layers"] == 36
+    ranks = _ranks(config)
+    assert ranks[0]["parameters_sha256"] == ranks[1]["parameters_sha256"]
+    storage = RunStorage(config.run.storage_path, config.run.name)
+    trained = load_trained(storage.local_path(), "cpu")
+    assert type(trained.model.net.bn1) is torch.nn.BatchNorm2d
+    again = predict_shards(trained, synth_shards.root, workers=0)
+    assert len(again) == final["val_samples"]
+    assert 100 * float((again.topk[:, 0] == again.labels).mean()) == pytest.approx(final["val_top1"])
 
 
 def _kill_a_train_worker(killed: list[int], started_after: float) -> None:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from rp2k_dist import run_folder
 from rp2k_dist.launch import reproduce as rep
+from rp2k_dist.launch.reproduce import plan
 from rp2k_dist.launch.preflight import PreflightError
 from rp2k_dist.errors import ConfigError
 
@@ -58,24 +60,24 @@ def test_sets_apply_to_every_run_or_to_one_part_or_run():
 
 
 def _planned(name, gpus, hours, needs=None):
-    return rep.PlannedRun(name, "resnet34", 1, int(hours * 3600 * gpus), 0, 0, gpus, 1.0, needs)
+    return plan.PlannedRun(name, "resnet34", 1, int(hours * 3600 * gpus), 0, 0, gpus, 1.0, needs)
 
 
 def test_schedule_starts_runs_when_inputs_exist_and_gpus_are_free():
     planned = [_planned("general", 4, 2.0), _planned("other", 4, 1.0), _planned("third", 4, 1.0),
                _planned("specialist", 4, 0.5, needs="general")]
-    times = {name: (start / 3600, end / 3600) for name, (start, end) in rep.simulate(planned, gpus=8).items()}
+    times = {name: (start / 3600, end / 3600) for name, (start, end) in plan.simulate(planned, gpus=8).items()}
     assert times == {"general": (0, 2), "other": (0, 1), "third": (1, 2), "specialist": (2, 2.5)}
     for t in (0.5, 1.5, 2.2):  # never more GPUs than the plan has
         assert sum(4 for s, e in times.values() if s <= t < e) <= 8
     with pytest.raises(ConfigError, match="needs 16 GPUs"):
-        rep.simulate([_planned("big", 16, 1.0)], gpus=8)
+        plan.simulate([_planned("big", 16, 1.0)], gpus=8)
 
 
 def test_plan_for_real_rp2k_on_8_gpus_from_given_img_per_s():
-    text = rep.plan(None, None, [], 8, {"resnet34": 3000.0, "inception_v3": 1000.0, "apinet": 2500.0})
+    text = plan.plan(None, None, [], 8, {"resnet34": 3000.0, "inception_v3": 1000.0, "apinet": 2500.0})
     # Table 2 ResNet-34: 30 epochs x 344,854 train images + 30 evaluations x 39,457 test images at 3x
-    expected = (30 * 344_854 + 30 * 39_457 / rep.EVAL_SPEEDUP) / 3000.0 / 3600
+    expected = (30 * 344_854 + 30 * 39_457 / plan.EVAL_SPEEDUP) / 3000.0 / 3600
     line = next(line for line in text.splitlines() if line.startswith(rep.GENERAL))
     assert line.split()[-3] == f"{expected:.1f}" and "30 x 344,854" in line
     liquor = next(line for line in text.splitlines() if line.startswith("table3-apinet-liquor"))
@@ -157,7 +159,7 @@ RUNS = [e.name for e in rep.PAPER if e.name != "table2-inception-v3"]
 
 
 def _state(runs: Path) -> dict:
-    path = runs / rep.STATE_FILE
+    path = runs / run_folder.REPRODUCE_STATE
     try:
         return json.loads(path.read_text()) if path.exists() else {}
     except json.JSONDecodeError:  # caught mid-write
@@ -216,7 +218,7 @@ def test_reproduce_runs_the_graph_survives_a_killed_driver_and_reports_every_tab
         assert f"weights: {checkpoint}" in config
 
     # The report holds Tables 2, 3, 4 with each run's own numbers.
-    report = (runs / rep.REPORT_FILE).read_text()
+    report = (runs / f"{run_folder.REPRODUCE}.md").read_text()
     evaluation = json.loads((runs / rep.GENERAL / "evaluation.json").read_text())
     table2 = report.split("## Table 2")[1].split("\n## ")[0]
     assert table_from_dict(evaluation["table2"]).to_markdown(PAPER_TABLE2["resnet34"]) in table2

@@ -51,7 +51,7 @@ def test_one_layout_checkpoints_sit_directly_in_the_run_folder(tmp_path):
     assert checkpoint_dirs(storage) == ["epoch_0001", "epoch_0001_step_0000017"]
     run = tmp_path / "one"
     for inner in (run / "epoch_0001_step_0000017" / CHECKPOINT, run / "epoch_0001", run):
-        assert find_run_dir(inner) == run
+        assert find_run_dir(inner) == str(run)
     other = RunStorage(str(tmp_path), "other")
     other.write_bytes(f"checkpoints/{checkpoint_dir(2)}/{CHECKPOINT}", to_bytes(_checkpoint(2)))
     assert checkpoint_dirs(other) == []

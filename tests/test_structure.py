@@ -113,9 +113,11 @@ def test_pyproject_lists_every_package_and_ships_the_presets():
     assert not (PACKAGE / "presets").exists()  # jobs/ is the one copy
 
 
-def test_the_readme_layout_names_every_module_once():
-    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
-    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+def test_the_documented_layout_names_every_module_once():
+    """docs/contributing.md's "## Layout" tree lists each module of the package exactly once."""
+    text = (PACKAGE.parent / "docs" / "contributing.md").read_text(encoding="utf-8")
+    assert "\n## Layout\n" in text, "docs/contributing.md has no '## Layout' section"
+    layout = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
     lines = [line.split()[0] for line in layout.splitlines() if line.startswith("  ") and line.split()]
     modules = sorted(p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py")
     assert sorted(name for name in lines if name.endswith(".py")) == modules

@@ -286,3 +286,29 @@ def test_progress_bar_is_silent_off_a_terminal(tmp_path: Path, capsys: pytest.Ca
     make_synthetic_rp2k(tmp_path / "rp2k", SMALL, progress=True)
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
+
+
+@pytest.mark.parametrize("cue, differs", [("accent", {"accent"}), ("mark", {"mark", "aspect"})])
+def test_a_fine_grained_family_differs_in_one_cue_only(cue, differs):
+    """fine_grained: the liquor classes are one family whose designs differ only in the
+    cue's fields; every other field (palette, pattern, print) is shared; no other class is
+    liquor; and the default catalogue is the same as without the option."""
+    config = SynthConfig(classes=16, images_per_class=8, image_size=64, quirks=False, fine_grained=cue,
+                         fine_classes=7)
+    classes, _ = synth._catalogue(config)
+    family = [c for c in classes if c.type == "liquor"]
+    assert len(family) == 7 and len({c.folder for c in classes}) == len(classes)
+    fields = {name for name in synth.Design.__dataclass_fields__}
+    for name in fields:
+        values = {getattr(c.design, name) for c in family}
+        assert (len(values) > 1) == (name in differs), name
+    assert len({tuple(getattr(c.design, n) for n in sorted(differs)) for c in family}) == 7  # each SKU its own look
+    plain = SynthConfig(classes=16, images_per_class=8, image_size=64, quirks=False)
+    assert synth._catalogue(plain) == synth._catalogue(SynthConfig(**{**plain.__dict__, "fine_classes": 3}))
+
+
+@pytest.mark.parametrize("bad", [dict(fine_grained="colour"), dict(fine_grained="accent", fine_classes=11),
+                                 dict(fine_grained="mark", fine_classes=14, classes=16)])
+def test_bad_fine_grained_settings_are_refused(bad):
+    with pytest.raises(ConfigError, match="fine_"):
+        SynthConfig(**{"classes": 16, **bad})

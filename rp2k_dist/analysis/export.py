@@ -8,11 +8,15 @@ normalisation (mean/std) is inside the graph, so a consumer only decodes, resize
 shorter side to ``resize_size`` and centre-crops. Output: ``logits`` [N, classes] (softmax
 gives the scores of the evaluation). The graph is written by PyTorch's ``torch.export``
 based exporter, whose operators start at opset 18.
+
+Outputs are locations of :mod:`rp2k_dist.storage` (local, mounted, s3://, gs://): each file
+is made and checked in a local temporary folder, then moved or uploaded whole.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import run_folder, storage
 from ..data.transforms import normalize
 from ..evaluation.inference import TrainedModel, load_trained
 from ..errors import ExportCheckError
@@ -32,10 +37,10 @@ CARD_CLASS_FIELDS = ("index", "global_index", "name", "product_name", "sku", "br
 
 @dataclass
 class ExportResult:
-    """An exported file, its model card, and (ONNX) the opset and the checked difference."""
+    """An exported file, its model card (locations), and (ONNX) the opset and the checked difference."""
 
-    path: Path
-    card: Path
+    path: str
+    card: str
     opset: int | None = None
     max_abs_diff: float | None = None
 
@@ -56,12 +61,12 @@ def _load(checkpoint: Checkpoint) -> TrainedModel:
     return checkpoint if isinstance(checkpoint, TrainedModel) else load_trained(checkpoint, device="cpu")
 
 
-def model_card(trained: TrainedModel, weights: Path, usage: str) -> dict[str, Any]:
+def model_card(trained: TrainedModel, weights: str | Path, usage: str) -> dict[str, Any]:
     """What a consumer needs besides the weights, as a JSON-able dict."""
     spec = trained.spec
     return {
         "format": "rp2k-dist-model",
-        "weights": weights.name,
+        "weights": storage.basename(weights),
         "usage": usage,
         "model_name": trained.name,
         "model_args": trained.checkpoint["model_args"],
@@ -72,10 +77,9 @@ def model_card(trained: TrainedModel, weights: Path, usage: str) -> dict[str, An
     }
 
 
-def _write_card(trained: TrainedModel, weights: Path, usage: str) -> Path:
-    card = weights.with_name(weights.name + ".json")
-    card.write_text(json.dumps(model_card(trained, weights, usage), ensure_ascii=False, indent=1) + "\n",
-                    encoding="utf-8")
+def _write_card(trained: TrainedModel, weights: str, usage: str) -> str:
+    card = storage.join(storage.parent(weights), run_folder.model_card(storage.basename(weights)))
+    storage.write_text(card, json.dumps(model_card(trained, weights, usage), ensure_ascii=False, indent=1) + "\n")
     return card
 
 
@@ -92,13 +96,24 @@ def export_onnx(
     """Write the model as ONNX (uint8 ``images`` -> ``logits``, dynamic batch; see the
     module docstring) and check it: onnxruntime's logits on a random batch of
     ``check_batch`` images (another size than the export's) must match PyTorch's in float32
-    within ``atol``, else :class:`ExportCheckError`."""
+    within ``atol``, else :class:`ExportCheckError`. ``out_path``: local or a URI."""
+    trained = _load(checkpoint)
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(folder) / storage.basename(out_path)
+        opset, diff = _export_and_check(trained, local, opset, check_batch, atol)
+        storage.put_file(local, out_path)
+    usage = ("onnxruntime: input 'images' uint8 RGB NCHW [N, 3, crop, crop] (decode, resize the shorter side to "
+             "resize_size, centre-crop to crop_size; normalisation is in the graph); output 'logits' [N, classes]")
+    return ExportResult(str(out_path), _write_card(trained, str(out_path), usage), opset, diff)
+
+
+def _export_and_check(trained: TrainedModel, out_path: Path, opset: int, check_batch: int,
+                      atol: float) -> tuple[int, float]:
+    """Export to the local file ``out_path`` and compare onnxruntime's logits with
+    PyTorch's; returns (the graph's opset, the largest difference)."""
     import onnx
     import onnxruntime
 
-    trained = _load(checkpoint)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ImagesToLogits(trained).eval()
     with torch.no_grad():
         torch.onnx.export(
@@ -116,20 +131,16 @@ def export_onnx(
                                f"max abs diff {diff:.3g} > {atol}")
     exported_opset = next(o.version for o in onnx.load(str(out_path), load_external_data=False).opset_import
                           if o.domain in ("", "ai.onnx"))
-    usage = ("onnxruntime: input 'images' uint8 RGB NCHW [N, 3, crop, crop] (decode, resize the shorter side to "
-             "resize_size, centre-crop to crop_size; normalisation is in the graph); output 'logits' [N, classes]")
-    return ExportResult(out_path, _write_card(trained, out_path, usage), exported_opset, diff)
+    return exported_opset, diff
 
 
 def export_safetensors(checkpoint: Checkpoint, out_path: str | Path) -> ExportResult:
     """Write the model's state dict as safetensors (no optimiser state, no pickle)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     trained = _load(checkpoint)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().cpu().contiguous() for key, value in trained.model.state_dict().items()}
-    save_file(state, str(out_path), metadata={"format": "pt", "model_name": trained.name})
+    storage.write_bytes(out_path, save(state, metadata={"format": "pt", "model_name": trained.name}))
     usage = ("state dict of rp2k_dist.models.create_model(model_name, **model_args); input: float NCHW "
              "crops normalised with input_spec mean/std (0..1 scale)")
-    return ExportResult(out_path, _write_card(trained, out_path, usage))
+    return ExportResult(str(out_path), _write_card(trained, str(out_path), usage))

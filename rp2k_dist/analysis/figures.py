@@ -6,20 +6,20 @@ users bring their own catalogues).
   ``other (N categories)``. ``unknown`` is always grey.
 - Legends sit outside the axes, in as many columns as the height needs; the
   constrained layout then sizes the axes around them, so nothing is cut.
+- Names are drawn only where the fonts have their glyphs (:mod:`.fonts`); else a category
+  is named by its position (``category 3``), a class by its index or SKU.
 - Per-category bars are vertical for a few categories; for many they turn horizontal,
   sorted, with the best and the worst :data:`MAX_BARS` // 2 shown when there are more.
 """
 
 from __future__ import annotations
 
-import functools
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
-P = ParamSpec("P")
-R = TypeVar("R")
+from .fonts import figure_text
 
 #: Distinct colours available (matplotlib's tab20, light shades after dark ones).
 MAX_COLOURS = 20
@@ -65,7 +65,8 @@ def category_colours(counts: dict[str, int], order: Sequence[str] = ()) -> Colou
         coloured, rest = [c for c in ranked if c in largest], [c for c in ranked if c not in largest]
     palette = _palette(len(coloured))
     colour = {c: palette[i] for i, c in enumerate(coloured)}
-    legend = [(f"{short(c)} ({counts[c]:,})", colour[c]) for c in coloured]
+    legend = [(f"{short(figure_text(c, f'category {i}'))} ({counts[c]:,})", colour[c])
+              for i, c in enumerate(coloured, 1)]
     grey = rest + (["unknown"] if "unknown" in counts else [])
     colour.update({c: GREY for c in grey})
     if rest:
@@ -97,11 +98,14 @@ def bars_shown(rows: list[Any], key) -> tuple[list[Any], int]:
 
 
 def bar_panel(axes, groups: list[str], samples: list[int], top1: list[float], top5: list[float], title: str,
-              paper: dict[str, float] | None = None, left_out: int = 0) -> None:
+              paper: dict[str, float] | None = None, left_out: int = 0, names: list[str] | None = None) -> None:
     """Top-1 / top-5 bars per group (``samples`` test images each): vertical for a few
     groups, horizontal (first group at the top) for many; paper top-1 as black ticks.
-    ``left_out``: groups dropped between the first and the second half (a dashed line)."""
+    ``left_out``: groups dropped between the first and the second half (a dashed line);
+    ``names``: the tick labels (default: ``groups``)."""
     import numpy as np
+
+    names = names or groups
 
     position = np.arange(len(groups))
     reported = [(i, paper[g]) for i, g in enumerate(groups) if paper and g in paper]
@@ -112,7 +116,7 @@ def bar_panel(axes, groups: list[str], samples: list[int], top1: list[float], to
             axes.scatter([i - 0.2 for i, _ in reported], [v for _, v in reported], marker="_", s=300, c="k",
                          label="paper top-1")
         wrapped = ["\n".join(textwrap.wrap(g, 12, max_lines=3, placeholder="…") + [f"(n={n:,})"])
-                   for g, n in zip(groups, samples)]
+                   for g, n in zip(names, samples)]
         axes.set_xticks(position, wrapped, fontsize=8)
         axes.set(ylabel="%", ylim=(0, 105))
         axes.grid(axis="y", alpha=0.3)
@@ -122,7 +126,7 @@ def bar_panel(axes, groups: list[str], samples: list[int], top1: list[float], to
         if reported:
             axes.scatter([v for _, v in reported], [i - 0.2 for i, _ in reported], marker="|", s=120, c="k",
                          label="paper top-1")
-        axes.set_yticks(position, [f"{short(g, 24)} (n={n:,})" for g, n in zip(groups, samples)], fontsize=8)
+        axes.set_yticks(position, [f"{short(g, 24)} (n={n:,})" for g, n in zip(names, samples)], fontsize=8)
         axes.set(xlabel="%", xlim=(0, 105), ylim=(len(groups) - 0.5, -0.5))  # best at the top
         axes.grid(axis="x", alpha=0.3)
         if left_out:
@@ -135,33 +139,6 @@ def bar_panel(axes, groups: list[str], samples: list[int], top1: list[float], to
 def bar_chart_height(n: int) -> float:
     """Inches a bar panel of ``n`` groups needs (about 0.2 in per horizontal bar)."""
     return 4.0 if n <= MAX_VERTICAL_BARS else 1.2 + 0.2 * min(n, MAX_BARS)
-
-
-#: Fonts with CJK glyphs, tried after DejaVu Sans (RP2K's class names are Chinese). None
-#: ships with matplotlib: install one (e.g. Debian's fonts-noto-cjk) for CJK text in figures.
-CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Micro Hei",
-             "WenQuanYi Zen Hei", "SimHei", "Microsoft YaHei", "PingFang SC")
-
-
-def font_family() -> list[str]:
-    """DejaVu Sans, then every installed CJK font (matplotlib falls back glyph by glyph)."""
-    from matplotlib import font_manager
-
-    installed = {font.name for font in font_manager.fontManager.ttflist}
-    return ["DejaVu Sans", *[name for name in CJK_FONTS if name in installed]]
-
-
-def readable_fonts(plot: Callable[P, R]) -> Callable[P, R]:
-    """Draw ``plot``'s text with :func:`font_family` (fonts are fixed when text is made)."""
-
-    @functools.wraps(plot)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        import matplotlib
-
-        with matplotlib.rc_context({"font.family": font_family()}):
-            return plot(*args, **kwargs)
-
-    return wrapper
 
 
 def class_label(name: str, product_name: str = "") -> str:

@@ -3,7 +3,9 @@ several runs side by side with the paper's Table 4 (:func:`compare_runs`).
 
 A report reads only the run folder (``config.yaml``, ``metrics.jsonl``,
 ``evaluation.json``, ``predictions.parquet``, optional ``ensemble.json`` / ``table3.md`` /
-``umap.png``) and, for example thumbnails, the shards named in its config. The paper's
+``umap.png``) and, for example thumbnails, the shards named in its config. Run folders and
+outputs are locations of :mod:`rp2k_dist.storage`: local, mounted, s3:// or gs://; figures
+are drawn in memory and every file is written whole. The paper's
 numbers are shown next to the run's only for runs on the real RP2K (a dataset of at least
 :data:`REAL_RP2K_MIN_CLASSES` classes: RP2K has 2,388, the synthetic sets tens) with a
 model the paper reports; otherwise the report says why they are left out.
@@ -13,9 +15,8 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,15 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .. import run_folder
+from .. import run_folder, storage
 from ..data.manifest import Manifest, ManifestError
-from ..evaluation.ensemble import table3_markdown
+from ..evaluation.ensemble import table3_markdown, verdict
 from ..evaluation.metrics import PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE4, AccuracyRow, AccuracyTable, format_percent
 from ..errors import RunFolderError
 from ..storage import RunStorage
 from . import iter_shard_images
-from .figures import MAX_VERTICAL_BARS, bar_chart_height, bar_panel, bars_shown, class_label, readable_fonts, short
+from .figures import MAX_VERTICAL_BARS, bar_chart_height, bar_panel, bars_shown, class_label, short
+from .fonts import figure_text, readable_fonts
 
 #: A dataset with at least this many classes is taken to be the real RP2K (2,388 classes).
 REAL_RP2K_MIN_CLASSES = 2000
@@ -58,7 +60,7 @@ def table_from_dict(data: dict[str, Any]) -> AccuracyTable:
 class Run:
     """The artefacts of one run folder."""
 
-    path: Path
+    folder: RunStorage
     config: dict[str, Any]
     metrics: list[dict[str, Any]]  # one per finished epoch
     evaluation: dict[str, Any] | None  # evaluation.json (after the last epoch)
@@ -66,14 +68,18 @@ class Run:
 
     @classmethod
     def read(cls, run_dir: str | Path) -> "Run":
-        path = Path(run_dir)
-        if not (path / run_folder.CONFIG).exists():
-            raise RunFolderError(f"{path} is not a run folder (no {run_folder.CONFIG})",
+        """The run folder at ``run_dir`` (a local path or a URI)."""
+        folder = RunStorage.at(run_dir)
+        if not folder.exists(run_folder.CONFIG):
+            raise RunFolderError(f"{storage.display(folder.uri)} is not a run folder (no {run_folder.CONFIG})",
                                  hint="give the folder `rp2k train` printed (<run.storage_path>/<run.name>)")
-        config = yaml.safe_load((path / run_folder.CONFIG).read_text(encoding="utf-8"))
-        metrics = run_folder.read_metrics(RunStorage(str(path.parent), path.name))
-        return cls(path, config, metrics, run_folder.read_json(path / run_folder.EVALUATION),
-                   run_folder.read_json(path / run_folder.ENSEMBLE))
+        config = yaml.safe_load(folder.read_text(run_folder.CONFIG))
+        return cls(folder, config, run_folder.read_metrics(folder), run_folder.read_json(folder, run_folder.EVALUATION),
+                   run_folder.read_json(folder, run_folder.ENSEMBLE))
+
+    @property
+    def location(self) -> str:
+        return self.folder.uri
 
     @property
     def name(self) -> str:
@@ -130,9 +136,20 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
+def png_bytes(figure: Any, path: str | Path | None = None) -> bytes:
+    """A Matplotlib figure as PNG bytes, also written to ``path`` (a local path or a URI) if given."""
+    buffer = BytesIO()
+    figure.savefig(buffer, format="png")
+    data = buffer.getvalue()
+    if path is not None:
+        storage.write_bytes(path, data)
+    return data
+
+
 @readable_fonts
-def plot_curves(metrics: list[dict[str, Any]], path: Path) -> Path:
-    """Training loss and top-1 (train, val; val top-5 dashed) per epoch."""
+def plot_curves(metrics: list[dict[str, Any]], path: str | Path | None = None) -> bytes:
+    """Training loss and top-1 (train, val; val top-5 dashed) per epoch, as PNG bytes
+    (written to ``path`` too if given)."""
     from matplotlib.ticker import MaxNLocator
 
     figure = _figure(11, 4)
@@ -153,13 +170,14 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path) -> Path:
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         axes.legend()
-    figure.savefig(path)
-    return path
+    return png_bytes(figure, path)
 
 
 @readable_fonts
-def plot_categories(table: AccuracyTable, path: Path, paper: dict[str, tuple[float, float]] | None = None) -> Path:
-    """Top-1 and top-5 per meta-category (type | shape), paper top-1 as black ticks.
+def plot_categories(table: AccuracyTable, path: str | Path | None = None,
+                    paper: dict[str, tuple[float, float]] | None = None) -> bytes:
+    """Top-1 and top-5 per meta-category (type | shape), paper top-1 as black ticks, as PNG
+    bytes (written to ``path`` too if given).
     Side by side for a few categories; for many, one horizontal sorted panel per system,
     stacked (:func:`rp2k_dist.analysis.figures.bar_panel`)."""
     systems = [("type", table.by_type), ("shape", table.by_shape)]
@@ -173,30 +191,32 @@ def plot_categories(table: AccuracyTable, path: Path, paper: dict[str, tuple[flo
         figure = _figure(14, 4.5)
         panels = figure.subplots(1, 2)
     top1_paper = {k: v[0] for k, v in (paper or {}).items()}
-    for axes, (system, _), (rows, left_out) in zip(panels, systems, shown):
+    for axes, (system, all_rows), (rows, left_out) in zip(panels, systems, shown):
+        # a name the fonts cannot draw: "<system> <its row in Table 2>"
+        row_of = {r.group: i for i, r in enumerate(all_rows, 1)}
         bar_panel(axes, [r.group for r in rows], [r.samples for r in rows], [r.top1 for r in rows],
-                  [r.top5 for r in rows], f"by {system}", paper=top1_paper, left_out=left_out)
-    figure.savefig(path)
-    return path
+                  [r.top5 for r in rows], f"by {system}", paper=top1_paper, left_out=left_out,
+                  names=[figure_text(r.group, f"{system} {row_of[r.group]}") for r in rows])
+    return png_bytes(figure, path)
 
 
 @readable_fonts
-def confusion_examples(run: Run, manifest: Manifest, pairs: list[dict[str, Any]], path: Path) -> Path | None:
+def confusion_examples(run: Run, manifest: Manifest, pairs: list[dict[str, Any]],
+                       path: str | Path | None = None) -> bytes | None:
     """Per confused pair a misclassified test image of the true class and a test image of
-    the predicted class, captioned with the classes' names (product name, else class
-    folder name). None when no image can be shown."""
-    predictions = pd.read_parquet(run.path / "predictions.parquet", columns=["key", "true_class", "top5_classes",
-                                                                             "correct_top1"])
+    the predicted class, captioned with the classes' indices and names (:func:`pair_caption`),
+    as PNG bytes (written to ``path`` too if given). None when no image can be shown."""
+    predictions = pd.read_parquet(BytesIO(run.folder.read_bytes(run_folder.PREDICTIONS)),
+                                  columns=["key", "true_class", "top5_classes", "correct_top1"])
     first = predictions["top5_classes"].map(lambda top: int(top[0]))
     cells = []
     for pair in pairs:
         wrong = predictions[(predictions["true_class"] == pair["true"]) & (first == pair["predicted"])]
         other = predictions[predictions["true_class"] == pair["predicted"]].sort_values("correct_top1", ascending=False)
         cells.append([
-            (wrong["key"].iloc[0], f"true #{pair['true']} {short(pair_label(pair, 'true'), 32)}\n"
-                                   f"predicted #{pair['predicted']} {short(pair_label(pair, 'predicted'), 27)}"),
-            (other["key"].iloc[0], f"a test image of\n#{pair['predicted']} {short(pair_label(pair, 'predicted'), 32)}")
-            if len(other) else None,
+            (wrong["key"].iloc[0], f"true {pair_caption(pair, 'true', 32)}\n"
+                                   f"predicted {pair_caption(pair, 'predicted', 27)}"),
+            (other["key"].iloc[0], f"a test image of\n{pair_caption(pair, 'predicted', 32)}") if len(other) else None,
         ])
     keys = [cell[0] for row in cells for cell in row if cell]
     if not keys:
@@ -215,14 +235,22 @@ def confusion_examples(run: Run, manifest: Manifest, pairs: list[dict[str, Any]]
             key, caption = cell
             axes.imshow(Image.open(BytesIO(images[key])).convert("RGB"))
             axes.set_title(caption, fontsize=8)
-    figure.savefig(path)
-    return path
+    return png_bytes(figure, path)
 
 
 def pair_label(pair: dict[str, Any], side: str) -> str:
     """A confused pair's ``side`` ("true" / "predicted") class by name: the product name
     when the metadata gave one, else the class folder name, else its index."""
     return class_label(pair.get(f"{side}_name") or f"#{pair[side]}", pair.get(f"{side}_product_name", ""))
+
+
+def pair_caption(pair: dict[str, Any], side: str, limit: int) -> str:
+    """``#<index> <name>`` of a confused pair's ``side`` class in a figure, the name cut to
+    ``limit`` characters; where the fonts cannot draw the name, ``#<index> SKU <sku>``
+    (or the index alone when the metadata has no SKU)."""
+    sku = pair.get(f"{side}_sku", "")
+    name = figure_text(pair_label(pair, side), f"SKU {sku}" if sku else "")
+    return f"#{pair[side]} {short(name, limit)}".rstrip()
 
 
 # -- Markdown + HTML ------------------------------------------------------------------------
@@ -254,14 +282,18 @@ table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:
 pre{background:#f6f6f6;padding:1em;overflow:auto}img{max-width:100%}code{background:#f3f3f3}"""
 
 
+@dataclass
 class Document:
     """A report written as Markdown (images linked) and HTML (images embedded) at once."""
 
-    def __init__(self, title: str, out_dir: Path):
-        self.title = title
-        self.out_dir = out_dir
-        self.md = [f"# {title}\n"]
-        self.html = [f"<h1>{html.escape(title)}</h1>"]
+    title: str
+    md: list[str] = field(default_factory=list)
+    html: list[str] = field(default_factory=list)
+    images: dict[str, bytes] = field(default_factory=dict)  # PNGs by the name the Markdown links
+
+    def __post_init__(self) -> None:
+        self.md.append(f"# {self.title}\n")
+        self.html.append(f"<h1>{html.escape(self.title)}</h1>")
 
     def heading(self, text: str, level: int = 2) -> None:
         self.md.append(f"{'#' * level} {text}\n")
@@ -279,21 +311,34 @@ class Document:
         self.md.append(f"```{language}\n{text.rstrip()}\n```\n")
         self.html.append(f"<pre><code>{html.escape(text.rstrip())}</code></pre>")
 
-    def image(self, path: Path, alt: str) -> None:
-        self.md.append(f"![{alt}]({Path(os.path.relpath(path, self.out_dir)).as_posix()})\n")
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
+    def image(self, png: bytes, name: str, alt: str) -> None:
+        """A PNG: linked as ``name`` (a path relative to the document) in the Markdown,
+        embedded in the HTML; :meth:`write` puts the file at ``name``."""
+        self.images[name] = png
+        self.md.append(f"![{alt}]({name})\n")
+        data = base64.b64encode(png).decode("ascii")
         self.html.append(f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>')
 
-    def write(self, stem: str = "report") -> tuple[Path, Path]:
-        md_path, html_path = self.out_dir / f"{stem}.md", self.out_dir / f"{stem}.html"
-        md_path.write_text("\n".join(self.md), encoding="utf-8")
-        page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>'
+    def markdown(self) -> str:
+        return "\n".join(self.md)
+
+    def page(self) -> str:
+        """The self-contained HTML page (styles and images inline, no scripts, no links)."""
+        return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>'
                 f"<style>{_STYLE}</style></head>\n<body>\n" + "\n".join(self.html) + "\n</body></html>\n")
-        html_path.write_text(page, encoding="utf-8")
-        return md_path, html_path
+
+    def write(self, out_dir: str | Path, stem: str = run_folder.REPORT, images: bool = True) -> tuple[str, str]:
+        """Write ``<stem>.md``, ``<stem>.html`` and (``images``) the PNGs the Markdown links
+        into the folder ``out_dir`` (local or a URI); returns the two documents' locations."""
+        folder = RunStorage.at(out_dir)
+        for name, png in self.images.items() if images else ():
+            folder.write_bytes(name, png)
+        folder.write_text(f"{stem}.md", self.markdown())
+        folder.write_text(f"{stem}.html", self.page())
+        return folder.location(f"{stem}.md"), folder.location(f"{stem}.html")
 
 
-def _markdown_rows(header: list[str], rows: list[list[str]], text_columns: int = 1) -> str:
+def markdown_rows(header: list[str], rows: list[list[str]], text_columns: int = 1) -> str:
     """A Markdown pipe table: the first ``text_columns`` columns left-aligned, the rest
     (numbers) right-aligned."""
 
@@ -304,21 +349,20 @@ def _markdown_rows(header: list[str], rows: list[list[str]], text_columns: int =
     return "\n".join([line(header), alignment] + [line(r) for r in rows]) + "\n"
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, Path]:
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tuple[str, str]:
     """Write ``report.md`` and ``report.html`` (plus the PNGs the Markdown links) into
-    ``out_dir`` (default ``<run>/report``); returns their paths."""
+    ``out_dir`` (default ``<run>/report``; local or a URI); returns their locations."""
     run = Run.read(run_dir)
-    out = Path(out_dir) if out_dir else run.path / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(out_dir) if out_dir else run.folder.location(run_folder.REPORT_DIR)
     manifest = run.manifest()
-    doc = Document(f"Run {run.name}: {run.model}", out)
+    doc = Document(f"Run {run.name}: {run.model}")
 
     doc.heading("Summary")
     final = run.final()
     epochs = run.metrics[-1]["epoch"] if run.metrics else 0
     seconds = sum(m.get("epoch_seconds", 0.0) for m in run.metrics)
     speeds = [m["images_per_second"] for m in run.metrics if "images_per_second" in m]
-    doc.table(_markdown_rows(
+    doc.table(markdown_rows(
         ["run", "model", "epochs", "test top-1 %", "test top-5 %", "macro top-1 %", "throughput (img/s, last epoch)",
          "training time (sum of epoch_seconds)"],
         [[run.name, run.model, f"{epochs} of {run.config['optim']['epochs']}", format_percent(final["top1"]),
@@ -326,7 +370,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tupl
           f"{seconds:.1f} s ({seconds / 3600:.2f} h)"]],
         text_columns=2,
     ))
-    doc.para(f"Run folder: `{run.path.resolve()}`. Dataset: `{run.config['data']['shards']}`"
+    doc.para(f"Run folder: `{storage.display(run.location)}`. Dataset: `{storage.display(run.config['data']['shards'])}`"
              + (f" ({manifest.num_classes} classes)." if manifest else " (not reachable from here)."))
 
     doc.heading("Table 2: accuracy per meta-category")
@@ -337,36 +381,41 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tupl
     else:
         doc.para(why)
         doc.table(table.to_markdown(paper=paper))
-        doc.image(plot_categories(table, out / "categories.png", paper), "top-1 and top-5 per meta-category")
+        doc.image(plot_categories(table, paper=paper), run_folder.CATEGORIES_PNG, "top-1 and top-5 per meta-category")
 
-    if run.ensemble or (run.path / "table3.md").exists():
+    if run.ensemble or run.folder.exists(run_folder.TABLE3):
         doc.heading("Table 3: general model vs ensemble, within the meta-category")
         doc.para("On each category's test images, top-1 / top-5 in %: (a) the general model among all classes, "
                  "(b) the general model among the category's classes only (perfect routing, no specialist), "
-                 "(c) the specialist alone, (d) the routed ensemble; routing recall: the share of the category's "
-                 "images sent to its specialist; others routed in: other categories' images sent to it.")
+                 "(c) the specialist alone, (d) the ensemble routed by the general model's top-1 class, (e) the "
+                 "ensemble routed by the general model's probability mass on the category; per routing rule, "
+                 "recall: the share of the category's images sent to its specialist, precision: the share of the "
+                 "category's images among those sent to it.")
         if run.ensemble:
             real = run.is_real_rp2k(manifest)
             routed = ", ".join(f"{n} to {category}" for category, n in run.ensemble.get("routed", {}).items())
             reference = "Paper columns: the paper's Table 3." if real else "Paper columns left out (not the real RP2K)."
-            routing = f"Routing rule `{run.ensemble.get('rule', 'top1')}`"
-            doc.para(routing + (f" (test images routed: {routed}). " if routed else ". ") + reference)
+            routing = f"Routing rule of (d) `{run.ensemble.get('rule', 'top1')}`"
+            mass = (f"(e) thresholds {', '.join(f'{t:.3f}' for t in run.ensemble['mass_thresholds'])}: "
+                    f"{run.ensemble.get('threshold_source', '')}. ") if run.ensemble.get("mass_thresholds") else ""
+            doc.para(routing + (f" (test images routed: {routed}). " if routed else ". ") + mass + reference)
             doc.table(table3_markdown(run.ensemble["table3"], paper=PAPER_TABLE3 if real else None))
+            doc.para(verdict(run.ensemble["table3"]))
             doc.heading("Table 2 of the ensemble", 3)
             doc.table(table_from_dict(run.ensemble["table2"]).to_markdown())
         else:
-            doc.table((run.path / "table3.md").read_text(encoding="utf-8"))
+            doc.table(run.folder.read_text(run_folder.TABLE3))
 
     if run.metrics:
         doc.heading("Training curves")
-        doc.image(plot_curves(run.metrics, out / "curves.png"), "training loss and accuracy per epoch")
+        doc.image(plot_curves(run.metrics), run_folder.CURVES_PNG, "training loss and accuracy per epoch")
 
     pairs = (run.evaluation or {}).get("confused_pairs", [])[:CONFUSED_PAIRS]
     doc.heading("Most confused pairs")
     if not pairs:
         doc.para("No confusions recorded (no `evaluation.json`, or every test image right).")
     else:
-        doc.table(_markdown_rows(
+        doc.table(markdown_rows(
             ["true class", "predicted as", "count", "share of the true class's test images"],
             [[f"#{p['true']} {pair_label(p, 'true')}", f"#{p['predicted']} {pair_label(p, 'predicted')}", str(p["count"]),
               f"{100 * p['share_of_true']:.1f} %"] for p in pairs],
@@ -374,19 +423,20 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tupl
         ))
         examples = None
         if manifest is not None:
-            examples = confusion_examples(run, manifest, pairs[:CONFUSED_THUMBNAILS], out / "confusions.png")
+            examples = confusion_examples(run, manifest, pairs[:CONFUSED_THUMBNAILS])
         if examples:
-            doc.image(examples, "examples of the most confused pairs")
+            doc.image(examples, run_folder.CONFUSIONS_PNG, "examples of the most confused pairs")
         else:
             doc.para("Example images left out: the run's shards are not reachable from here.")
 
-    if (run.path / "umap.png").exists():
+    if run.folder.exists(run_folder.UMAP_PNG):
         doc.heading("UMAP of the features (the paper's Fig. 3)")
-        doc.image(run.path / "umap.png", "UMAP of penultimate features coloured by type and shape")
+        doc.image(run.folder.read_bytes(run_folder.UMAP_PNG), run_folder.UMAP_PNG,
+                  "UMAP of penultimate features coloured by type and shape")
 
     doc.heading("Configuration")
-    doc.code((run.path / "config.yaml").read_text(encoding="utf-8"), "yaml")
-    return doc.write()
+    doc.code(run.folder.read_text(run_folder.CONFIG), "yaml")
+    return doc.write(out)
 
 
 # -- several runs (Table 4) -----------------------------------------------------------------
@@ -404,18 +454,14 @@ def _augmented(config: dict[str, Any]) -> bool:
     return any(augment[key] for key in ("border", "crop", "perspective", "brightness"))
 
 
-def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """Runs side by side (model, initialisation, augmentation, CBL beta, epochs, top-1,
-    top-5, macro top-1, Table 4 technique and, on the real RP2K, the paper's numbers for
-    it), then the paper's Table 4. ``out``: a ``.md`` file or a folder (``compare.md``)."""
-    out = Path(out)
-    path = out if out.suffix == ".md" else out / "compare.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
+def compare_table(runs: list[Run]) -> str:
+    """Runs side by side as a Markdown table: model, initialisation, augmentation, Table 4
+    technique, CBL beta, epochs, top-1, top-5, macro top-1 and, for ResNet-34 runs on the
+    real RP2K, the paper's Table 4 numbers for the technique."""
     rows = []
-    for run_dir in run_dirs:
-        run = Run.read(run_dir)
+    for run in runs:
         model = run.config["model"]
-        start = model["pretrained"] or (f"weights {Path(model['weights']).name}" if model["weights"] else "scratch")
+        start = model["pretrained"] or (f"weights {storage.basename(model['weights'])}" if model["weights"] else "scratch")
         technique = table4_technique(start != "scratch", _augmented(run.config))
         paper = PAPER_TABLE4.get(technique) if run.model == "resnet34" and run.is_real_rp2k(run.manifest()) else None
         final = run.final()
@@ -428,16 +474,28 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         ])
     header = ["run", "model", "init", "augmentation", "Table 4 technique", "CBL beta", "epochs", "top-1", "top-5",
               "macro top-1", "paper top-1", "paper top-5"]
-    reference = _markdown_rows(
+    return markdown_rows(header, rows, text_columns=5)
+
+
+def paper_table4() -> str:
+    """The paper's Table 4 (ResNet-34: technique, top-1, top-5) as a Markdown table."""
+    return markdown_rows(
         ["technique (paper, ResNet-34)", "top-1", "top-5"],
         [[name, format_percent(top1), format_percent(top5)] for name, (top1, top5) in PAPER_TABLE4.items()],
     )
+
+
+def compare_runs(run_dirs: list[str | Path], out: str | Path) -> str:
+    """Runs side by side (:func:`compare_table`), then the paper's Table 4. ``out``: a
+    ``.md`` file or a folder (``compare.md``), local or a URI; returns where it went."""
+    out = str(out)
+    location = out if storage.basename(out).endswith(".md") else storage.join(out, run_folder.COMPARE)
     text = (
         "# Runs compared\n\n"
         "Test-set accuracy in percent (top-1/top-5: all test images; macro: mean of per-class top-1). "
         "Paper columns only for ResNet-34 runs on the real RP2K.\n\n"
-        + _markdown_rows(header, rows, text_columns=5)
-        + "\n## Reference: the paper's Table 4\n\n" + reference
+        + compare_table([Run.read(run_dir) for run_dir in run_dirs])
+        + "\n## Reference: the paper's Table 4\n\n" + paper_table4()
     )
-    path.write_text(text, encoding="utf-8")
-    return path
+    storage.write_text(location, text)
+    return location

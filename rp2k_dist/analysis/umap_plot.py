@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
 from itertools import islice
 from pathlib import Path
 
@@ -19,13 +20,15 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from .. import storage
 from ..data.manifest import Manifest
 from ..data.metadata import SHAPES, TYPES
 from ..data.transforms import EvalTransform
 from ..errors import DataError
 from ..evaluation.inference import TrainedModel, features_of, load_trained
 from . import iter_shard_images
-from .figures import GREY, category_colours, legend_outside, readable_fonts
+from .figures import GREY, category_colours, legend_outside
+from .fonts import readable_fonts
 
 #: Figure size in inches and resolution: every UMAP PNG is 1800 x 750 pixels (two square
 #: panels, each with its legend to the right).
@@ -114,9 +117,10 @@ def embed_and_project(
 
 
 @readable_fonts
-def plot_umap(df: pd.DataFrame, path: str | Path, title: str = "UMAP of penultimate features") -> Path:
+def plot_umap(df: pd.DataFrame, path: str | Path, title: str = "UMAP of penultimate features") -> str:
     """Write the two-panel figure (coloured by type | by shape; :data:`FIGSIZE` at
-    :data:`DPI`) to ``path`` (PNG) and ``df`` next to it as ``<stem>.parquet``.
+    :data:`DPI`) to ``path`` (PNG; local or a URI) and ``df`` next to it as
+    ``<stem>.parquet``; returns the PNG's location.
 
     Each panel is square whatever the category count; colours and legends follow
     :mod:`rp2k_dist.analysis.figures` (distinct colours for up to 20 categories, the
@@ -124,8 +128,6 @@ def plot_umap(df: pd.DataFrame, path: str | Path, title: str = "UMAP of penultim
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     figure = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     figure.suptitle(f"{title} ({len(df):,} images)", fontsize=14)
     size = float(np.clip(3000 / max(len(df), 1), 1, 30))  # small markers for many points
@@ -145,6 +147,18 @@ def plot_umap(df: pd.DataFrame, path: str | Path, title: str = "UMAP of penultim
         axes.set_title(f"coloured by {system} ({len(counts)} categories)")
         axes.set_xlabel("UMAP 1")
         axes.set_ylabel("UMAP 2")
-    figure.savefig(path, dpi=DPI)
-    df.to_parquet(path.with_suffix(".parquet"), index=False)
+    path = str(path)
+    png = BytesIO()
+    figure.savefig(png, format="png", dpi=DPI)
+    table = BytesIO()
+    df.to_parquet(table, index=False)
+    storage.write_bytes(path, png.getvalue())
+    storage.write_bytes(table_location(path), table.getvalue())
     return path
+
+
+def table_location(png: str | Path) -> str:
+    """Where :func:`plot_umap` puts the table of a figure: ``umap.png`` -> ``umap.parquet``."""
+    png = str(png)
+    folder, name = storage.parent(png), storage.basename(png)
+    return storage.join(folder, f"{name.rsplit('.', 1)[0]}.parquet")

@@ -16,10 +16,20 @@ Parameter ranges (each switchable, magnitude configurable):
 * perspective: with probability ``perspective_p``, each corner moves inward by up to
   ``perspective_scale`` x half the width/height (torchvision ``RandomPerspective``);
 * brightness: pixel values times ``f ~ U[1 - brightness_max, 1 + brightness_max]``.
+
+``border_max`` / ``crop_max`` may be given as fractions of the model's crop side
+(``augment.border_max_frac`` / ``crop_max_frac``); the transforms turn them into pixels for
+their input spec (:meth:`AugmentConfig.in_pixels`) before any parameter is drawn.
+
+Each sample's draws come from its own generator, seeded by :func:`augment_seed` from the run
+seed, the epoch, the pass and the sample's key only: a sample gets the same augmentation
+at any world size and number of loader workers, after a mid-epoch resume, and on either
+data path.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import cv2
@@ -44,10 +54,30 @@ class AugmentParams:
     brightness: float
 
 
+def augment_seed(seed: int, epoch: int, draw: int, key: str) -> int:
+    """The 64-bit seed of one sample's augmentation in one epoch.
+
+    A BLAKE2b digest (stable across processes and Python versions, unlike ``hash()``) of
+    the run ``seed``, the ``epoch``, the ``draw`` (0 for an epoch's planned pass; a pass
+    that reads a sample again in the same epoch gets its own number) and the sample's
+    ``key``. The rank, the loader worker and the world size are deliberately not inputs.
+    """
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{draw}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def augment_rng(seed: int) -> np.random.Generator:
+    """The generator :func:`sample_params` draws one sample's parameters from (PCG64)."""
+    return np.random.default_rng(seed)
+
+
 def sample_params(
     rng: np.random.Generator, width: int, height: int, config: AugmentConfig
 ) -> AugmentParams:
-    """Draw the augmentation parameters for a ``width`` x ``height`` image."""
+    """Draw the augmentation parameters for a ``width`` x ``height`` image (``config`` in
+    pixels: fractions resolved by :meth:`AugmentConfig.in_pixels`)."""
+    if config.border_max_frac is not None or config.crop_max_frac is not None:
+        raise ValueError("augment.*_max_frac must be resolved to pixels first: AugmentConfig.in_pixels(crop_size)")
     border = int(rng.integers(0, config.border_max + 1)) if config.border else 0
     if config.border_fill == "random":
         fill = tuple(int(v) for v in rng.integers(0, 256, size=3))

@@ -24,13 +24,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ManifestError
+from ..errors import ConfigError, ManifestError
+from .holdout import HOLDOUT, holdout_mask
 from .manifest import Manifest
 
 DEFAULT_CHUNK_MB = 4.0
 
 
 def epoch_seed(*parts: int) -> int:
+    """A 32-bit seed mixed from non-negative integers (``numpy.random.SeedSequence``): of
+    an epoch's chunk order ``(seed, epoch)``, and of a reader's shuffle buffer ``(seed,
+    epoch, pass, rank, worker)``. Orders may follow the world size; a sample's augmentation
+    may not, and is seeded from its key instead (:func:`.augment.augment_seed`)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
@@ -85,23 +90,35 @@ class SampleTable:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, split: str, classes: Sequence[int] | None = None,
-                      chunk_bytes: int = int(DEFAULT_CHUNK_MB * 1e6)) -> "SampleTable":
-        """``split``'s samples (only labels in ``classes`` when given) from ``index.parquet``."""
+                      chunk_bytes: int = int(DEFAULT_CHUNK_MB * 1e6), holdout: float = 0.0) -> "SampleTable":
+        """``split``'s samples (only labels in ``classes`` when given) from ``index.parquet``.
+        ``holdout`` > 0: "train" leaves out the held-out share of the train split and
+        ``"holdout"`` is that share (:mod:`.holdout`)."""
         index = manifest.index()
         if "offset" not in index.column_names:
             raise ManifestError(f"{manifest.root}/index.parquet has no byte ranges (packed by an older rp2k-dist)",
                                 hint="repack the dataset with `rp2k pack`")
         rows = index.select(["split", "shard", "key", "label", "offset", "length"]).to_pydict()
-        names = [s.name for s in manifest.shards(split)]
+        source = split
+        held = None
+        if split == HOLDOUT or (split == "train" and holdout > 0):
+            if split == HOLDOUT and holdout <= 0:
+                raise ConfigError("the holdout split needs data.holdout > 0 (the share of train held out)")
+            source = "train"
+            train = [i for i, sp in enumerate(rows["split"]) if sp == "train"]
+            mask = holdout_mask([rows["key"][i] for i in train], [rows["label"][i] for i in train], holdout)
+            held = {i for i, m in zip(train, mask) if m}
+        names = [s.name for s in manifest.shards(source)]
         position = {name: i for i, name in enumerate(names)}
         keep = None if classes is None else set(int(c) for c in classes)
         picked = [i for i, (sp, lab) in enumerate(zip(rows["split"], rows["label"]))
-                  if sp == split and (keep is None or lab in keep)]
+                  if sp == source and (keep is None or lab in keep)
+                  and (held is None or (i in held) == (split == HOLDOUT))]
         shard = np.array([position[rows["shard"][i]] for i in picked], np.int64)
         offset = np.array([rows["offset"][i] for i in picked], np.int64)
         length = np.array([rows["length"][i] for i in picked], np.int64)
         keys = [rows["key"][i] for i in picked]
-        return cls(manifest.shard_paths(split), shard, offset, length, chunk_bytes, keys)
+        return cls(manifest.shard_paths(source), shard, offset, length, chunk_bytes, keys)
 
     def subset(self, keep: np.ndarray) -> "SampleTable":
         """The samples where ``keep`` (a mask over this table's rows) is true, with their

@@ -7,19 +7,22 @@ process decodes the whole batch with ``torchvision.io.decode_jpeg(..., device="c
 (nvJPEG), then applies border + crop + perspective + resize + centre crop as ONE
 ``grid_sample`` per image, driven by the same projective matrix as the CPU path
 (:func:`rp2k_dist.data.augment.output_to_source`) with parameters from the same sampler
-(:func:`rp2k_dist.data.augment.sample_params`): the two paths draw from identical
-distributions. Brightness and normalisation are fused into the final multiply-add.
+(:func:`rp2k_dist.data.augment.sample_params`), seeded per sample by the seed the loader
+sends with each image (:func:`rp2k_dist.data.augment.augment_seed`): a sample gets the same
+parameters on either path. Brightness and normalisation are fused into the final multiply-add.
 The same code runs on the CPU (``device="cpu"``), which is how it is tested here.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .augment import AugmentConfig, AugmentParams, output_to_source, sample_params
+from .augment import AugmentConfig, AugmentParams, augment_rng, output_to_source, sample_params
 from ..input_spec import InputSpec
 
 
@@ -60,28 +63,36 @@ def warp(image: torch.Tensor, params: AugmentParams, resize: int | None, crop_si
 class DeviceBatchTransform:
     """JPEG bytes of a batch -> normalised float [N, 3, S, S] on ``device``.
 
-    ``augment=None`` gives the evaluation geometry (resize shorter side + centre crop).
+    ``augment=None`` gives the evaluation geometry (resize shorter side + centre crop);
+    magnitudes given as fractions of the crop are resolved for ``spec.crop_size``.
+    With augmentation each image needs its seed (the loader batch's ``"seed"``).
     """
 
-    def __init__(self, spec: InputSpec, augment: AugmentConfig | None, device: torch.device, seed: int = 0):
+    def __init__(self, spec: InputSpec, augment: AugmentConfig | None, device: torch.device):
         self.spec = spec
-        self.augment = augment
+        self.augment = augment.in_pixels(spec.crop_size) if augment is not None else None
         self.device = torch.device(device)
-        self.rng = np.random.default_rng(seed)
         mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1) * 255
         std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1) * 255
         self.scale, self.shift = 1.0 / std, -mean / std
 
-    def params(self, width: int, height: int) -> AugmentParams:
+    def params(self, width: int, height: int, seed: int | None) -> AugmentParams:
+        """One ``width`` x ``height`` image's parameters, drawn as the CPU path draws them."""
         if self.augment is None:
             return AugmentParams(0, (0, 0, 0), (0, 0, width, height), None, 1.0)
-        return sample_params(self.rng, width, height, self.augment)
+        if seed is None:
+            raise ValueError("device augmentation needs each image's seed (the loader batch's 'seed')")
+        return sample_params(augment_rng(seed), width, height, self.augment)
 
-    def __call__(self, jpegs: list[bytes], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def __call__(self, jpegs: list[bytes], seeds: Sequence[int] | None = None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``seeds``: one augmentation seed per image (unused without augmentation)."""
+        if seeds is not None and len(seeds) != len(jpegs):
+            raise ValueError(f"{len(seeds)} seeds for {len(jpegs)} images")
         images = decode_batch(jpegs, self.device)
         out, brightness = [], []
-        for image in images:
-            params = self.params(image.shape[2], image.shape[1])
+        for index, image in enumerate(images):
+            params = self.params(image.shape[2], image.shape[1], None if seeds is None else seeds[index])
             rgb, _ = warp(image, params, self.spec.resize_size, self.spec.crop_size)
             out.append(rgb)
             brightness.append(params.brightness)

@@ -12,7 +12,10 @@ Evaluation keeps partial batches and no quota, so every test sample is seen exac
 whatever the world size.
 
 Inside a reader: ranged reads -> tar members -> shuffle buffer -> decode + transform ->
-``partial=False`` batching. Samples that fail to decode, or that a damaged shard no longer
+``partial=False`` batching. The order (chunk plan, shuffle buffer, class-balanced draws)
+is seeded per rank and worker; each sample's augmentation is seeded from the run seed,
+the epoch, the pass and the sample's key only (:func:`~.augment.augment_seed`), so it is
+the same at any world size and after a mid-epoch resume. Samples that fail to decode, or that a damaged shard no longer
 holds, are counted and skipped (no sleeping warn-and-continue); if skips leave a rank
 short of its planned steps, a second, differently shuffled pass tops it up, so DDP never
 sees unequal step counts. Too many corrupt samples abort the run with
@@ -21,6 +24,7 @@ sees unequal step counts. Too many corrupt samples abort the run with
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import random
 import tarfile
@@ -35,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .. import storage
 from ..config import DataConfig
+from .augment import augment_rng, augment_seed
 from .chunks import Piece, ReaderPlan, SampleTable, epoch_seed, plan_epoch, plan_training_epoch, training_steps
 from .epoch_state import ConsumedSamples, rest_of_epoch
 from .images import DECODE_ERRORS
@@ -44,7 +49,9 @@ from .transforms import stack_images
 from .workers import worker_context
 from ..errors import ConfigError, CorruptDataError, DataError
 
-Transform = Callable[[bytes, np.random.Generator], torch.Tensor]
+#: A sample's bytes and its own augmentation generator -> what the batch holds. Transforms
+#: that draw nothing set ``uses_rng = False`` and are passed ``None`` (no generator is made).
+Transform = Callable[[bytes, np.random.Generator | None], Any]
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,27 @@ class LoaderStats:
         return self.skipped / seen if seen else 0.0
 
 
+class EpochState(ctypes.Structure):
+    """What a loader's persistent workers read at the start of each pass: one
+    struct in shared memory (``RawValue``), written by the training process between
+    passes (:meth:`ShardLoader.set_epoch`, :meth:`ShardLoader.__iter__`)."""
+
+    _fields_ = [
+        ("epoch", ctypes.c_int64),
+        ("refill", ctypes.c_int64),  # 0: the planned pass; 1, 2: passes topping up a rank short after skips
+        ("resumed", ctypes.c_bool),  # a mid-epoch resume: plan only the samples not in ``consumed``
+        ("batches", ctypes.c_int64),  # batches per rank with a fixed global batch, else 0
+    ]
+
+
+@dataclass
+class _ReaderCounts:
+    """A reader's tallies since its last batch."""
+
+    skipped: int = 0  # planned samples that could not be read or decoded
+    bytes: int = 0  # storage.bytes_read() when last reported
+
+
 class _ShardStream(IterableDataset):
     """Yields this rank's batches; runs inside each loader worker."""
 
@@ -123,19 +151,17 @@ class _ShardStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.transform = transform
+        self.uses_rng = getattr(transform, "uses_rng", True)
         self.config = config
         self.train = train
-        # (epoch, pass, resumed, batches per rank with a fixed global batch, else 0) shared
-        # with the persistent workers, read at each new iteration; a resumed epoch plans
-        # only the samples not in ``consumed``.
-        self.state = context.RawArray("q", 4)
+        self.state: EpochState = context.RawValue(EpochState)
         self.consumed = context.RawArray("b", len(table) if train else 0)
         self._rest: tuple[bytes, SampleTable] | None = None
         self.storage_env = storage.environment()
 
     def planned_table(self) -> SampleTable:
         """The split, or in a resumed epoch the samples it has not consumed yet."""
-        if not self.state[2]:
+        if not self.state.resumed:
             return self.table
         mask = bytes(self.consumed)
         if self._rest is None or self._rest[0] != mask:
@@ -144,50 +170,50 @@ class _ShardStream(IterableDataset):
         return self._rest[1]
 
     def readers(self) -> list[ReaderPlan]:
-        epoch = int(self.state[0])
+        epoch = self.state.epoch
         c = self.config
         if self.train:
             table = self.planned_table()
             return plan_training_epoch(table, self.rank, self.world_size, c.workers, self.batch_size, epoch, c.seed,
-                                       batches=int(self.state[3]) if c.global_batch else None)[1]
+                                       batches=self.state.batches if c.global_batch else None)[1]
         return plan_epoch(self.table, self.world_size, c.workers, shuffle=False, rank=self.rank)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        epoch, refill = int(self.state[0]), int(self.state[1])
+        epoch, refill = self.state.epoch, self.state.refill
         storage.use_environment(self.storage_env)
         table = self.planned_table() if self.train else self.table
         plan = self.readers()[worker]
+        # the order of this reader's samples; each sample's augmentation has its own seed (_decode)
         seed = epoch_seed(self.config.seed, epoch, refill, self.rank, worker)
         errors: list[str] = []
-        counter = {"skipped": 0, "bytes": storage.bytes_read()}
-        samples = (s for piece in plan.pieces for s in self._read_piece(table, piece, counter, errors))
+        counts = _ReaderCounts(bytes=storage.bytes_read())
+        samples = (s for piece in plan.pieces for s in self._read_piece(table, piece, counts, errors))
         if self.train:
             buffer = self.config.shuffle_buffer
             samples = wds.shuffle(buffer, min(buffer, 100), rng=random.Random(seed))(samples)
-        rng = np.random.default_rng(seed)
-        decoded = self._decode(samples, rng, counter, errors)
+        decoded = self._decode(samples, epoch, refill, counts, errors)
         if self.pk and self.train:
-            batches = _class_balanced_batches(decoded, *self.pk, rng)
+            batches = _class_balanced_batches(decoded, *self.pk, np.random.default_rng(seed))
         else:
             batches = _plain_batches(decoded, self.batch_size, partial=not self.train)
         quota = plan.quota if self.train and not refill else None
         for emitted, (images, labels, keys) in enumerate(batches):
             if quota is not None and emitted >= quota:
                 break
-            batch = self._batch(images, labels, keys, counter["skipped"], errors)
-            yield {**batch, "bytes_read": self._bytes_since(counter)}
-            counter["skipped"], errors[:] = 0, []
-        yield {"skipped": counter["skipped"], "errors": list(errors), "bytes_read": self._bytes_since(counter)}
+            batch = self._batch(images, labels, keys, counts.skipped, errors, epoch, refill)
+            yield {**batch, "bytes_read": self._bytes_since(counts)}
+            counts.skipped, errors[:] = 0, []
+        yield {"skipped": counts.skipped, "errors": list(errors), "bytes_read": self._bytes_since(counts)}
 
     @staticmethod
-    def _bytes_since(counter: dict[str, int]) -> int:
+    def _bytes_since(counts: _ReaderCounts) -> int:
         now = storage.bytes_read()
-        delta, counter["bytes"] = now - counter["bytes"], now
+        delta, counts.bytes = now - counts.bytes, now
         return delta
 
-    def _read_piece(self, table: SampleTable, piece: Piece, counter: dict[str, int],
+    def _read_piece(self, table: SampleTable, piece: Piece, counts: _ReaderCounts,
                     errors: list[str]) -> Iterator[dict[str, Any]]:
         """The planned samples of one ranged read of ``table``'s plan; those a damaged shard
         no longer holds are counted as skipped."""
@@ -216,24 +242,28 @@ class _ShardStream(IterableDataset):
         except (storage.NotFoundError, OSError, EOFError, tarfile.TarError) as err:
             errors.append(f"{where}: {type(err).__name__}: {err}"[:300])
         if got < piece.samples:
-            counter["skipped"] += piece.samples - got
+            counts.skipped += piece.samples - got
             errors.append(f"{where}: {piece.samples - got} of {piece.samples} planned samples unreadable"[:300])
 
-    def _decode(self, samples, rng, counter, errors):
+    def _augment_seed(self, epoch: int, refill: int, key: str) -> int:
+        return augment_seed(self.config.seed, epoch, refill, key)
+
+    def _decode(self, samples, epoch: int, refill: int, counts: _ReaderCounts, errors):
         for sample in samples:
             try:
+                rng = augment_rng(self._augment_seed(epoch, refill, sample["__key__"])) if self.uses_rng else None
                 image = self.transform(sample["jpg"], rng)
                 label = int(sample["cls"])
             except (*DECODE_ERRORS, KeyError) as err:
-                counter["skipped"] += 1
+                counts.skipped += 1
                 errors.append(f"{sample.get('__key__')}: {type(err).__name__}: {err}"[:300])
                 continue
             yield image, label, sample["__key__"]
 
-    @staticmethod
-    def _batch(images, labels, keys, skipped, errors) -> dict[str, Any]:
-        if isinstance(images[0], bytes):  # device decoding: the JPEG bytes travel as they are
-            return {"jpeg": images, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
+    def _batch(self, images, labels, keys, skipped, errors, epoch: int, refill: int) -> dict[str, Any]:
+        if isinstance(images[0], bytes):  # device decoding: the JPEG bytes travel as they are, with each one's seed
+            return {"jpeg": images, "seed": [self._augment_seed(epoch, refill, k) for k in keys],
+                    "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
                     "skipped": skipped, "errors": list(errors)}
         return {
             "image": stack_images(images),
@@ -298,7 +328,8 @@ def _class_balanced_batches(decoded, classes_per_batch: int, per_class: int, rng
 
 class ShardLoader:
     """Batches of one split for one rank: ``{"image": uint8 NCHW, "label": int64 N, "key": [str]}``
-    (``{"jpeg": [bytes], ...}`` with the :class:`~rp2k_dist.data.transforms.RawJpeg` transform).
+    (``{"jpeg": [bytes], "seed": [int], ...}`` with the :class:`~rp2k_dist.data.transforms.RawJpeg`
+    transform: each image's :func:`~rp2k_dist.data.augment.augment_seed`, for device augmentation).
 
     Training loaders (``train=True``) shuffle, drop partial batches and yield exactly
     ``len(loader)`` batches per epoch on every rank; call :meth:`set_epoch` first.
@@ -321,7 +352,7 @@ class ShardLoader:
         (a meta-category specialist). ``class_balanced``: (P, K) batches for training."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        table = SampleTable.from_manifest(manifest, split, classes, int(config.chunk_mb * 1e6))
+        table = SampleTable.from_manifest(manifest, split, classes, int(config.chunk_mb * 1e6), config.data.holdout)
         if len(table) == 0:
             raise DataError(f"split {split!r} of {manifest.root} has no samples"
                             + (" of the run's classes (data.meta_category)" if classes is not None else ""))
@@ -357,23 +388,23 @@ class ShardLoader:
             )
 
     def set_epoch(self, epoch: int, consumed: ConsumedSamples | None = None, steps_done: int = 0) -> None:
-        """Select the epoch's shard order and augmentation seeds. ``consumed``: the samples
-        of this epoch already trained on (a mid-epoch checkpoint, summed over all ranks of
-        the run that wrote it); the epoch then plans only the rest, dealt over this run's
-        ranks. :attr:`consumed` tracks this rank's samples of the epoch (with ``consumed``).
+        """Select the epoch: its chunk order and its samples' augmentation seeds.
+        ``consumed``: the samples of this epoch already trained on (a mid-epoch checkpoint,
+        summed over all ranks of the run that wrote it); the epoch then plans only the rest,
+        dealt over this run's ranks, each augmented as it would have been without the stop. :attr:`consumed` tracks this rank's samples of the epoch (with ``consumed``).
         ``steps_done``: with a fixed global batch, the optimiser steps of the epoch already
         done (the epoch keeps ``samples // global_batch`` steps in all)."""
         if consumed is not None and not self.train:
             raise ValueError("only a training loader resumes mid-epoch")
         self.epoch = epoch
-        self.dataset.state[0] = epoch
-        self.dataset.state[2] = consumed is not None
+        self.dataset.state.epoch = epoch
+        self.dataset.state.resumed = consumed is not None
         if self.train and self.config.global_batch:
             steps = self.steps_per_epoch - steps_done
             if steps < 0:
                 raise ValueError(f"{steps_done} steps done of an epoch of {self.steps_per_epoch}")
             self._batches = steps * self.config.step_batches
-            self.dataset.state[3] = self._batches
+            self.dataset.state.batches = self._batches
         if self.train:
             self.consumed = ConsumedSamples(len(self.dataset.table), None if consumed is None else consumed.mask)
             self.dataset.consumed[:] = self.consumed.mask.astype(np.int8).tobytes()
@@ -405,7 +436,7 @@ class ShardLoader:
         steps = len(self) if self.train else None
         emitted = 0
         for refill in (0, 1, 2):
-            self.dataset.state[1] = refill
+            self.dataset.state.refill = refill
             for item in self.loader:
                 self._count(item)
                 if "key" not in item:

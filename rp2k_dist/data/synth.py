@@ -80,6 +80,13 @@ class SynthConfig:
     seed: int = 0  #: >= 0
     quirks: bool = True  #: plant RP2K's real quirks (module docstring)
     workers: int = 0  #: rendering processes; 0 = os.cpu_count()
+    #: "" (RP2K-like) | "accent" | "mark": the liquor classes are ONE product family of
+    #: ``fine_classes`` SKUs told apart only by the accent stripe colour ("accent") or by
+    #: the position of the label mark and the bottle's proportions ("mark"); a fine-grained
+    #: category for benchmarking specialists (``bench/specialist_ablation.py``), each SKU
+    #: with ``images_per_class`` images (the other classes keep the long tail)
+    fine_grained: str = ""
+    fine_classes: int = 8  #: SKUs of that family: 2..10 (accent) or 2..16 (mark)
 
     def __post_init__(self) -> None:
         checks = (
@@ -99,6 +106,13 @@ class SynthConfig:
             (_is_int(self.seed) and self.seed >= 0, "seed must be an int >= 0"),
             (isinstance(self.quirks, bool), "quirks must be a bool"),
             (_is_int(self.workers) and self.workers >= 0, "workers must be an int >= 0"),
+            (self.fine_grained in FINE_CUES, f"fine_grained must be one of {FINE_CUES}"),
+            (
+                not self.fine_grained
+                or (_is_int(self.fine_classes) and 2 <= self.fine_classes <= FINE_CUES.get(self.fine_grained, 0)
+                    and self.fine_classes <= self.classes - 3),
+                "fine_classes must be an int in [2, 10] (accent) or [2, 16] (mark), and <= classes - 3",
+            ),
         )
         problems = [message for ok, message in checks if not ok]
         if problems:
@@ -298,6 +312,12 @@ MARK_SPOTS: tuple[tuple[float, float], ...] = (
 )
 #: Proportions (width / height multipliers) of size variants.
 SIZE_ASPECTS: tuple[float, ...] = (0.72, 0.86, 1.0, 1.18)
+#: ``SynthConfig.fine_grained`` cues and how many SKUs each can tell apart ("" = off).
+FINE_CUES: dict[str, int] = {"": 0, "accent": len(ACCENTS), "mark": len(MARK_SPOTS) * len(SIZE_ASPECTS)}
+FINE_TYPE, FINE_SHAPE = "liquor", "bottle"
+#: The family's stripe and mark are this much larger than other products': still a small
+#: part of the bottle, but a few pixels wide in the 32-48 px crops a CPU benchmark trains on.
+FINE_CUE_SIZE = 1.8
 #: Width / height of each shape's silhouette.
 SHAPE_ASPECT: dict[str, float] = {
     "bottle": 0.34,
@@ -325,6 +345,7 @@ class Design:
     mark: int  #: index into MARK_SPOTS
     aspect: float  #: multiplier of the shape's width / height (size variants)
     text: tuple[tuple[float, float, float], ...]  #: fake text lines: (y, x, length) fractions
+    cue_size: float = 1.0  #: size multiplier of the accent stripe and the mark (fine-grained families)
 
 
 # --------------------------------------------------------------------------- catalogue
@@ -464,19 +485,49 @@ def _make_group(
     return group
 
 
-def _products(count: int, rng: np.random.Generator) -> list[ClassSpec]:
-    """``count`` products in groups; the first groups cover every type and shape."""
-    weights = np.array([TYPE_WEIGHTS[t] for t in TYPES])
+def _products(count: int, rng: np.random.Generator, fine_grained: str = "", fine_classes: int = 0) -> list[ClassSpec]:
+    """``count`` products in groups; the first groups cover every type and shape. With
+    ``fine_grained``, the first ``fine_classes`` are the fine-grained family
+    (:func:`_fine_family`) and no other group is of its type."""
     taken: set[str] = {OTHERS}
     out: list[ClassSpec] = []
+    types, first = TYPES, FIRST_GROUPS
+    if fine_grained:
+        out = _fine_family(fine_grained, fine_classes, taken, rng)
+        count -= fine_classes
+        types = tuple(t for t in TYPES if t != FINE_TYPE)
+        first = tuple(g for g in FIRST_GROUPS if g[0] != FINE_TYPE)
+    weights = np.array([TYPE_WEIGHTS[t] for t in types])
     for g, size in enumerate(_group_sizes(count, rng)):
-        if g < len(FIRST_GROUPS):
-            kind, shape = FIRST_GROUPS[g]
+        if g < len(first):
+            kind, shape = first[g]
         else:
-            kind = TYPES[int(rng.choice(len(TYPES), p=weights / weights.sum()))]
+            kind = types[int(rng.choice(len(types), p=weights / weights.sum()))]
             shape = _pick(rng, TYPE_SHAPES[kind])
         out.extend(_make_group(kind, shape, size, taken, rng))
     return out
+
+
+def _fine_family(cue: str, count: int, taken: set[str], rng: np.random.Generator) -> list[ClassSpec]:
+    """``count`` SKUs of one liquor bottle that share everything (brand, palette, pattern,
+    print) but one cue: the accent stripe colour, or the mark position with the bottle's
+    proportions. Stripe and mark are drawn :data:`FINE_CUE_SIZE` times larger."""
+    vocab = VOCAB[FINE_TYPE]
+    base = replace(_base_design(FINE_TYPE, FINE_SHAPE, rng), cue_size=FINE_CUE_SIZE)
+    brand, product, size = _pick(rng, vocab.brands), _pick(rng, vocab.products), _pick(rng, vocab.sizes)
+    if cue == "accent":
+        designs = [replace(base, accent=ACCENTS[i]) for i in rng.permutation(len(ACCENTS))[:count]]
+    else:
+        looks = [(m, a) for m in range(len(MARK_SPOTS)) for a in range(len(SIZE_ASPECTS))]
+        designs = [replace(base, mark=looks[i][0], aspect=SIZE_ASPECTS[looks[i][1]])
+                   for i in rng.permutation(len(looks))[:count]]
+    family = []
+    for k, design in enumerate(designs):
+        flavour = f"{vocab.flavours[k % len(vocab.flavours)]}{k + 1}号"
+        folder = _folder_name(FINE_TYPE, brand, product, size, flavour)
+        taken.add(folder)
+        family.append(ClassSpec(folder, product, brand, FINE_TYPE, FINE_SHAPE, size, flavour, design))
+    return family
 
 
 def _class_sizes(config: SynthConfig, rng: np.random.Generator) -> list[int]:
@@ -518,7 +569,9 @@ def _catalogue(config: SynthConfig) -> tuple[list[ClassSpec], dict[str, object]]
     rng = np.random.default_rng([config.seed, _CATALOGUE])
     sizes = _class_sizes(config, rng)
     # With quirks one more product is made: it becomes the empty class folder.
-    products = _products(config.classes - 1 + int(config.quirks), rng)
+    products = _products(config.classes - 1 + int(config.quirks), rng, config.fine_grained, config.fine_classes)
+    if config.fine_grained:  # the family (products 1..fine_classes) is balanced: a clean benchmark
+        sizes[1 : 1 + config.fine_classes] = [config.images_per_class] * config.fine_classes
     # The paper files every image under some type and shape (Table 1 sums to the whole
     # set), so ``others`` gets the largest ones although it shows all kinds of products.
     others = ClassSpec(OTHERS, OTHERS, "", "seasonings", "bottle", "", "", design=None)
@@ -808,10 +861,11 @@ def _draw_marks(draw: ImageDraw.ImageDraw, box: Box, d: Design) -> None:
     for y, x, length in d.text:
         line = (x0 + x * lw, y0 + y * lh, x0 + (x + length) * lw, y0 + (y + 0.06) * lh)
         draw.rectangle(line, fill=d.ink)
-    draw.rectangle((x0, y0 + 0.56 * lh, x1, y0 + 0.7 * lh), fill=d.accent)
+    draw.rectangle((x0, y0 + 0.56 * lh, x1, y0 + (0.56 + 0.14 * d.cue_size) * lh), fill=d.accent)
     mx, my = MARK_SPOTS[d.mark]
+    mw, mh = min(0.26 * d.cue_size, 1 - mx), min(0.2 * d.cue_size, 1 - my)  # inside the label
     draw.rectangle(
-        (x0 + mx * lw, y0 + my * lh, x0 + (mx + 0.26) * lw, y0 + (my + 0.2) * lh),
+        (x0 + mx * lw, y0 + my * lh, x0 + (mx + mw) * lw, y0 + (my + mh) * lh),
         fill=d.ink,
         outline=d.accent,
         width=max(1, int(0.03 * lw)),

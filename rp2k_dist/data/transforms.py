@@ -90,11 +90,14 @@ def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
 
 
 class TrainTransform:
-    """Decode -> paper augmentations -> resize + centre crop, one resampling pass."""
+    """Decode -> paper augmentations -> resize + centre crop, one resampling pass.
+    Magnitudes given as fractions of the crop are resolved for ``spec.crop_size``. The
+    parameters are drawn from ``rng``: the loader passes each sample its own generator
+    (:func:`~rp2k_dist.data.augment.augment_rng`)."""
 
     def __init__(self, spec: InputSpec, augment: AugmentConfig):
         self.spec = spec
-        self.augment = augment
+        self.augment = augment.in_pixels(spec.crop_size)
 
     def __call__(self, jpeg: bytes, rng: np.random.Generator) -> torch.Tensor:
         array = decode_array(jpeg)
@@ -104,6 +107,8 @@ class TrainTransform:
 
 class EvalTransform:
     """Decode -> resize shorter side -> centre crop (the same geometry as training)."""
+
+    uses_rng = False  # the loader makes no generator for it
 
     def __init__(self, spec: InputSpec):
         self.spec = spec
@@ -132,8 +137,11 @@ class RawJpeg:
     """No decoding in the loader workers: pass the JPEG bytes on for device decoding.
 
     Only a cheap framing check (start and end markers) happens here, so truncated images
-    are counted and skipped in the worker like any other corrupt sample.
+    are counted and skipped in the worker like any other corrupt sample. The loader sends
+    each image's augmentation seed with the batch instead of a generator.
     """
+
+    uses_rng = False
 
     def __call__(self, jpeg: bytes, rng: np.random.Generator | None = None) -> bytes:
         if jpeg[:2] != b"\xff\xd8" or b"\xff\xd9" not in jpeg[-16:]:

@@ -31,20 +31,21 @@ class CpuBatches:
 
 
 class DeviceBatches:
-    """Decode + augment on the device. A JPEG that fails to decode (the batch call raises)
-    is found by decoding one by one and dropped, with its label; ``skipped`` counts them."""
+    """Decode + augment on the device, each image with the augmentation seed the loader sent.
+    A JPEG that fails to decode (the batch call raises) is found by decoding one by one and
+    dropped, with its label; ``skipped`` counts them."""
 
-    def __init__(self, spec: InputSpec, augment: AugmentConfig | None, device: torch.device, channels_last: bool, seed: int = 0):
-        self.transform = DeviceBatchTransform(spec, augment, device, seed)
+    def __init__(self, spec: InputSpec, augment: AugmentConfig | None, device: torch.device, channels_last: bool):
+        self.transform = DeviceBatchTransform(spec, augment, device)
         self.device = device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.skipped = 0
 
     def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(normalised images, labels) on the device, and the keys of the images kept."""
-        jpegs, labels, keys = batch["jpeg"], batch["label"], batch["key"]
+        jpegs, labels, keys, seeds = batch["jpeg"], batch["label"], batch["key"], batch.get("seed")
         try:
-            images = self.transform(jpegs)
+            images = self.transform(jpegs, seeds)
         except (RuntimeError, *DECODE_ERRORS):
             keep = []
             for index, jpeg in enumerate(jpegs):
@@ -53,6 +54,6 @@ class DeviceBatches:
                     keep.append(index)
                 except (RuntimeError, *DECODE_ERRORS):
                     self.skipped += 1
-            images = self.transform([jpegs[i] for i in keep])
+            images = self.transform([jpegs[i] for i in keep], None if seeds is None else [seeds[i] for i in keep])
             labels, keys = labels[keep], [keys[i] for i in keep]
         return images.contiguous(memory_format=self.memory_format), labels.to(self.device, non_blocking=True), keys

@@ -45,13 +45,17 @@ class WorkerContext(Protocol):
 
 
 class LocalContext:
-    """A single process: rank 0 of 1; checkpoints in ``<run>/epoch_NNNN/`` as under Ray Train."""
+    """A single process: rank 0 of 1; checkpoints in ``<run>/epoch_NNNN/`` as under Ray Train.
 
-    rank = 0
-    world_size = 1
-    local_rank = 0
+    ``rank`` / ``world_size``: one rank of a ``torch.distributed`` group the caller has
+    initialised on this machine (processes without Ray: benchmarks, tests); every rank reads
+    the same run folder, rank 0 writes the checkpoints."""
 
-    def __init__(self, storage: RunStorage, device: str | torch.device | None = None, keep: int = 2):
+    def __init__(self, storage: RunStorage, device: str | torch.device | None = None, keep: int = 2,
+                 rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.rank, self.world_size, self.local_rank = rank, world_size, rank
         self.storage = storage
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.keep = keep

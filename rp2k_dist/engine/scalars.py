@@ -14,9 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .. import run_folder
 from ..storage import RunStorage
 
-TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_DIR = run_folder.TENSORBOARD
 
 
 class ScalarLog:

@@ -37,7 +37,9 @@ from ..run_folder import FORMAT, VERSION, write_metrics
 from ..storage import RunStorage, display
 from . import distributed as dist_utils
 from ..data.epoch_state import consumed_of
+from ..data.holdout import held_out_count
 from .checkpoint import rng_state, set_rng_state
+from .batchnorm import batchnorm_eval, prepare_batchnorm, synced_layers
 from .context import WorkerContext
 from .global_batch import BatchPlan, plan_batch
 from .scalars import ScalarLog
@@ -62,7 +64,8 @@ def select_data(config: ExperimentConfig) -> RunData:
         subset = manifest.classes_of(*parse_meta_category(config.data.meta_category))
     chosen = subset if subset is not None else list(range(manifest.num_classes))
     classes = [{**manifest.classes[g], "index": i, "global_index": g} for i, g in enumerate(chosen)]
-    counts = manifest.class_counts("train")
+    # the images each class trains on (the CBL's n_c): train less the held-out share
+    counts = [n - held_out_count(n, config.data.holdout) for n in manifest.class_counts("train")]
     return RunData(manifest, subset, classes, [counts[g] for g in chosen])
 
 
@@ -75,15 +78,11 @@ def uses_device_decode(config: ExperimentConfig, device: torch.device) -> bool:
 BatchToDevice = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor, list[str]]]
 
 
-def build_batches(
-    config: ExperimentConfig, spec: InputSpec, device: torch.device, rank: int
-) -> tuple[BatchToDevice, BatchToDevice]:
+def build_batches(config: ExperimentConfig, spec: InputSpec, device: torch.device) -> tuple[BatchToDevice, BatchToDevice]:
     """(train, eval) callables turning loader batches into device tensors."""
     channels_last = config.model.channels_last
-    if uses_device_decode(config, device):
-        seed = config.run.seed * 1000 + rank
-        return (DeviceBatches(spec, config.augment, device, channels_last, seed),
-                DeviceBatches(spec, None, device, channels_last, seed))
+    if uses_device_decode(config, device):  # augmentation seeds come with the loader's batches
+        return DeviceBatches(spec, config.augment, device, channels_last), DeviceBatches(spec, None, device, channels_last)
     return CpuBatches(spec, device, channels_last), CpuBatches(spec, device, channels_last)
 
 
@@ -107,15 +106,28 @@ def build_loaders(config: ExperimentConfig, data: RunData, spec: InputSpec, rank
 
 
 def build_optimizer(model: nn.Module, config: ExperimentConfig, global_batch: int):
-    """SGD/AdamW with the learning rate scaled linearly by the global batch size."""
+    """SGD/AdamW with the learning rate scaled linearly by the global batch size; returns
+    (optimizer, head learning rate).
+
+    A model with a backbone / head split (API-Net) gets two parameter groups: "backbone" at
+    lr x ``optim.backbone_lr_scale`` and "head" at lr; other models one group "all". Weight
+    decay, momentum and the fused kernels are the optimiser's defaults, so they apply to
+    every group, and the schedule (:func:`warmup_cosine` through ``LambdaLR``) multiplies
+    each group's own initial rate. Parameters without gradient (``model.bn=frozen``) are
+    left out."""
     o = config.optim
     lr = o.lr * global_batch / o.lr_reference_batch
     model_without_ddp = getattr(model, "module", model)
+
+    def trained(params) -> list[nn.Parameter]:
+        return [p for p in params if p.requires_grad]
+
     if hasattr(model_without_ddp, "backbone_parameters"):
-        groups = [{"params": list(model_without_ddp.backbone_parameters()), "name": "backbone"},
-                  {"params": list(model_without_ddp.head_parameters()), "name": "head"}]
+        groups = [{"params": trained(model_without_ddp.backbone_parameters()), "name": "backbone",
+                   "lr": lr * o.backbone_lr_scale},
+                  {"params": trained(model_without_ddp.head_parameters()), "name": "head", "lr": lr}]
     else:
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "all"}]
+        groups = [{"params": trained(model.parameters()), "name": "all"}]
     if o.optimizer == "sgd":
         kind, options = torch.optim.SGD, {"momentum": o.momentum, "weight_decay": o.weight_decay}
     else:
@@ -128,6 +140,14 @@ def build_optimizer(model: nn.Module, config: ExperimentConfig, global_batch: in
         except RuntimeError:
             pass
     return kind(groups, lr=lr, **options), lr
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The current rate of the head (``lr``; the only group of other models) and, for a
+    backbone / head split, of the backbone (``backbone_lr``)."""
+    rates = {"lr": optimizer.param_groups[-1]["lr"]}
+    rates.update({"backbone_lr": g["lr"] for g in optimizer.param_groups if g.get("name") == "backbone"})
+    return rates
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, warmup_start: int = 0):
@@ -253,6 +273,8 @@ def train_one_epoch(
     :data:`CHECK_EVERY_STEPS` steps and at the end of the epoch.
     """
     model.train()
+    if config.model.bn == "frozen":
+        batchnorm_eval(model_without_ddp)
     metrics = _StepMetrics(device)
     steps = 0
     start = time.perf_counter()
@@ -381,7 +403,7 @@ def train_worker(
     batches = plan_batch(config.optim.global_batch, context.world_size,
                          c.classes_per_batch * c.images_per_class if c.classes_per_batch else c.batch_size)
     train_loader, eval_loader = build_loaders(config, data, spec, context.rank, context.world_size, device, batches)
-    train_to_device, eval_to_device = build_batches(config, spec, device, context.rank)
+    train_to_device, eval_to_device = build_batches(config, spec, device)
 
     model_without_ddp = create_model(config.model.name, len(data.classes), pretrained=config.model.pretrained or None)
     if config.model.weights:
@@ -391,10 +413,12 @@ def train_worker(
                                    partial=config.model.partial_weights)
         if context.rank == 0:
             print(report.summary(), flush=True)
-            context.storage.write_text("weights_load.json", json.dumps(report.to_dict(), indent=1))
+            context.storage.write_text(run_folder.WEIGHTS_LOAD, json.dumps(report.to_dict(), indent=1))
     model_without_ddp.to(device)
     if config.model.channels_last:
         model_without_ddp.to(memory_format=torch.channels_last)
+    model_without_ddp = prepare_batchnorm(model_without_ddp, config.model.bn, context.world_size, device)
+    synced = synced_layers(model_without_ddp)
     model: nn.Module = model_without_ddp
     if context.world_size > 1:
         model = DistributedDataParallel(model_without_ddp, device_ids=[device.index] if cuda else None,
@@ -440,7 +464,7 @@ def train_worker(
         train_loader.set_epoch(epoch, consumed_of(partial) if resumed else None, steps_done)
         step_hook.start_epoch(epoch, len(train_loader) // batches.accumulation)
         set_backbone_frozen(optimizer, epoch < config.model.freeze_backbone_epochs)
-        metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], **batches.to_metrics(),
+        metrics = {"epoch": epoch + 1, **learning_rates(optimizer), **batches.to_metrics(),
                    **train_one_epoch(model=model, model_without_ddp=model_without_ddp, criterion=criterion,
                                      optimizer=optimizer, lr_scheduler=lr_scheduler, data_loader=train_loader,
                                      batch_to_device=train_to_device, device=device, config=config, epoch=epoch,
@@ -451,6 +475,8 @@ def train_worker(
             val, predictions = evaluate(model_without_ddp, eval_loader, eval_to_device, device, data.classes)
             metrics.update(val)
         metrics["world_size"] = context.world_size
+        if synced:
+            metrics["sync_batchnorm_layers"] = synced
         if epoch == start_epoch and start_epoch > 0:
             metrics["resumed_from_epoch"] = start_epoch
         if resumed:

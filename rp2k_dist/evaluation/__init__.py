@@ -1,7 +1,19 @@
 """Evaluation: per-sample predictions, the paper's accuracy tables (Table 2 per
-meta-category, Table 3 general model vs routed ensemble) and confusions."""
+meta-category, Table 3 general model vs the ensembles routed by the top-1 rule and by
+probability mass) and confusions."""
 
-from .ensemble import Specialist, combine, in_global_classes, route, table3, table3_markdown, within_category
+from .ensemble import (
+    Specialist,
+    calibrate_threshold,
+    combine,
+    in_global_classes,
+    route,
+    route_by_mass,
+    table3,
+    table3_markdown,
+    verdict,
+    within_category,
+)
 from .metrics import (
     PAPER_TABLE2,
     PAPER_TABLE3,
@@ -24,13 +36,16 @@ __all__ = [
     "Predictions",
     "Specialist",
     "accuracy_table",
+    "calibrate_threshold",
     "combine",
     "confused_pairs",
     "in_global_classes",
     "per_class_accuracy",
     "route",
+    "route_by_mass",
     "table3",
     "table3_markdown",
     "top_k_accuracy",
+    "verdict",
     "within_category",
 ]

@@ -4,12 +4,16 @@ API-Net specialist per hard meta-category (liquor, cosmetics).
 The paper does not say how images reach a specialist nor how Table 3's test set is
 formed. What this module does:
 
-Routing (:func:`route`)
+Routing (:func:`route`, :func:`route_by_mass`)
     Only the general model's predictions decide, never the true label. Rule ``"top1"``:
     an image goes to the specialist of the meta-category of the general model's top-1
     class. Rule ``"top5-majority"``: to the specialist of the meta-category most frequent
     among the general top-5 classes (a tie goes to the category of the higher-ranked
-    class). Other images stay with the general model.
+    class). Routing by mass: to the specialist whose category holds at least its
+    threshold of the general model's probability (the softmax summed over the category's
+    classes), the largest such mass when several do; the threshold of each category is
+    chosen on a validation split carved from train (:func:`calibrate_threshold`), never
+    on test. Other images stay with the general model.
 
 Combining (:func:`combine`)
     A routed image's ensemble top-k is the specialist's top-k, mapped to global class ids
@@ -23,8 +27,9 @@ Table 3 (:func:`table3`)
     ensemble's top-1/top-5 on the same images: misrouting is charged to the ensemble.
     Between them, so that a gain or a loss can be traced: (b) the general model among C's
     classes only (what perfect routing without a specialist gives), (c) the specialist
-    alone on all of C's images (perfect routing with it), and the routing recall (share
-    of C's images sent to C's specialist) with the count of other images sent to it.
+    alone on all of C's images (perfect routing with it), and per routing rule the recall
+    (share of C's images sent to C's specialist) and the precision (share of C's images
+    among those sent to it). (e) is the ensemble routed by mass, charged like (d).
     Consequences, stated so the numbers can be read correctly:
 
     - Rule ``"top1"``: an image of C whose general top-1 lies outside C is not sent to
@@ -130,6 +135,45 @@ def route(
     return routes
 
 
+def route_by_mass(mass: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """int64 [N]: the specialist each sample goes to by probability mass, -1 = none.
+
+    ``mass`` [N, S]: the general model's softmax summed over specialist s's classes
+    (:attr:`Predictions.mass`); a sample goes to the specialist with the largest mass among
+    those whose mass is >= their threshold (ties: the first)."""
+    mass = np.asarray(mass, dtype=np.float64)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    if mass.ndim != 2 or mass.shape[1] != len(thresholds):
+        raise ValueError(f"mass {mass.shape} needs one column per threshold ({len(thresholds)})")
+    passing = mass >= thresholds[None, :]
+    routes = np.where(passing, mass, -np.inf).argmax(axis=1).astype(np.int64) if mass.shape[1] else \
+        np.full(len(mass), -1, dtype=np.int64)
+    routes[~passing.any(axis=1)] = -1
+    return routes
+
+
+def calibrate_threshold(mass: np.ndarray, inside: np.ndarray) -> float:
+    """The threshold t of "route when mass >= t" that misroutes the fewest validation
+    images: the category's images with mass < t plus other images with mass >= t.
+
+    ``mass`` [N]: the general model's probability on the category; ``inside`` bool [N]:
+    the image's true class is in it. Candidates lie halfway between consecutive distinct
+    masses (and below the lowest; +inf routes nothing), so t keeps a margin on both sides;
+    of equally good ones the lowest wins, as the specialist is the better model for the
+    images it should get. No image of the category: +inf."""
+    mass = np.asarray(mass, dtype=np.float64)
+    inside = np.asarray(inside, dtype=bool)
+    if mass.shape != inside.shape or mass.ndim != 1:
+        raise ValueError(f"mass {mass.shape} and inside {inside.shape} must be [N]")
+    if not inside.any():
+        return math.inf
+    values = np.unique(mass)
+    candidates = np.concatenate([[values[0] / 2], (values[:-1] + values[1:]) / 2, [math.inf]])
+    routed = mass[None, :] >= candidates[:, None]  # [T, N]
+    errors = (~routed & inside).sum(axis=1) + (routed & ~inside).sum(axis=1)
+    return float(candidates[int(np.argmin(errors))])
+
+
 def combine(
     general: Predictions,
     specialist_preds: dict[int, Predictions],
@@ -217,6 +261,9 @@ def table3(
     routes: np.ndarray | None = None,
     restricted: dict[int, Predictions] | None = None,
     specialist_preds: dict[int, Predictions] | None = None,
+    mass_ensemble: Predictions | None = None,
+    mass_routes: np.ndarray | None = None,
+    thresholds: Sequence[float] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per specialist, accuracies in percent on the category's test images (every
     test image whose TRUE class is in the category):
@@ -227,24 +274,32 @@ def table3(
       general model's predictions in specialist s's label space;
     * ``specialist_top1/5`` (c): specialist s alone (``specialist_preds[s]``, its own
       label space), every category image given to it;
-    * ``ensemble_top1/5`` (d): the routed ensemble;
-    * ``routing_recall``: the share (%) of the category's images routed to its specialist;
-      ``routed_in``: the other categories' images routed to it (``routes`` from :func:`route`).
+    * ``ensemble_top1/5`` (d): the ensemble routed by ``routes`` (:func:`route`), with
+      ``routing_recall`` (share of the category's images routed to its specialist, %),
+      ``routing_precision`` (share of the category's images among those routed to it, %)
+      and ``routed_in`` (the other categories' images routed to it);
+    * ``mass_top1/5`` (e): the ensemble routed by mass (``mass_ensemble``, routed by
+      ``mass_routes`` from :func:`route_by_mass` with ``thresholds``), with
+      ``mass_recall``, ``mass_precision``, ``mass_routed_in`` and ``mass_threshold``.
 
     (b) - (a) is what knowing the category is worth, (c) - (b) what the specialist adds
-    over the general model on its classes, (d) - (c) what routing costs. Columns whose
-    input is not given are None. ``restricted`` and ``specialist_preds`` are matched by key
-    and must cover the category's images."""
-    if general.keys != ensemble.keys or not np.array_equal(general.labels, ensemble.labels):
-        raise ValueError("general and ensemble predictions must cover the same samples in the same order")
-    if routes is not None and np.shape(routes) != (len(general),):
-        raise ValueError(f"routes has shape {np.shape(routes)}, expected ({len(general)},)")
+    over the general model on its classes, (d) - (c) and (e) - (c) what routing costs.
+    Columns whose input is not given are None; a precision with nothing routed is NaN.
+    ``restricted`` and ``specialist_preds`` are matched by key and must cover the
+    category's images."""
+    for name, other in (("ensemble", ensemble), ("mass_ensemble", mass_ensemble)):
+        if other is not None and (general.keys != other.keys or not np.array_equal(general.labels, other.labels)):
+            raise ValueError(f"general and {name} predictions must cover the same samples in the same order")
+    for name, given in (("routes", routes), ("mass_routes", mass_routes)):
+        if given is not None and np.shape(given) != (len(general),):
+            raise ValueError(f"{name} has shape {np.shape(given)}, expected ({len(general)},)")
     rows = []
     for index, specialist in enumerate(specialists):
         inside = class_column(classes, specialist.system)[general.labels] == specialist.meta_category
-        plain, routed = general.subset(inside), ensemble.subset(inside)
+        plain = general.subset(inside)
         row: dict[str, Any] = {"meta_category": specialist.meta_category, "samples": len(plain)}
-        parts = {"general": plain, "restricted": None, "specialist": None, "ensemble": routed}
+        parts = {"general": plain, "restricted": None, "specialist": None, "ensemble": ensemble.subset(inside),
+                 "mass": None if mass_ensemble is None else mass_ensemble.subset(inside)}
         for name, given in (("restricted", restricted), ("specialist", specialist_preds)):
             if given is not None and index in given:
                 parts[name] = in_global_classes(given[index], specialist.classes, plain,
@@ -252,14 +307,23 @@ def table3(
         for name, preds in parts.items():
             for k in (1, 5):
                 row[f"{name}_top{k}"] = None if preds is None else 100 * top_k_accuracy(preds.labels, preds.topk, k)
-        if routes is not None:
-            sent = np.asarray(routes) == index
-            row["routing_recall"] = 100 * float(sent[inside].mean()) if inside.any() else math.nan
-            row["routed_in"] = int(sent[~inside].sum())
-        else:
-            row["routing_recall"] = row["routed_in"] = None
+        for prefix, given in (("routing", routes), ("mass", mass_routes)):
+            recall, precision, routed_in = _routing(given, index, inside)
+            row[f"{prefix}_recall"], row[f"{prefix}_precision"] = recall, precision
+            row["routed_in" if prefix == "routing" else "mass_routed_in"] = routed_in
+        row["mass_threshold"] = None if thresholds is None else float(thresholds[index])
         rows.append(row)
     return rows
+
+
+def _routing(routes: np.ndarray | None, index: int, inside: np.ndarray) -> tuple[Any, Any, Any]:
+    """(recall %, precision %, others routed in) of specialist ``index``; Nones without routes."""
+    if routes is None:
+        return None, None, None
+    sent = np.asarray(routes) == index
+    recall = 100 * float(sent[inside].mean()) if inside.any() else math.nan
+    precision = 100 * float(inside[sent].mean()) if sent.any() else math.nan
+    return recall, precision, int(sent[~inside].sum())
 
 
 #: Table 3's columns: (key prefix, header). Each cell shows "top-1 / top-5".
@@ -267,27 +331,32 @@ TABLE3_COLUMNS = (
     ("general", "(a) general"),
     ("restricted", "(b) general, category's classes"),
     ("specialist", "(c) specialist alone"),
-    ("ensemble", "(d) routed ensemble"),
+    ("ensemble", "(d) routed by top-1"),
+    ("mass", "(e) routed by mass"),
 )
+#: Routing columns: (key prefix of recall and precision, header). Each cell: "recall / precision".
+ROUTING_COLUMNS = (("routing", "routing (d): recall / precision"), ("mass", "routing (e): recall / precision"))
 
 
 def table3_markdown(
     rows: list[dict[str, Any]], paper: dict[str, dict[str, tuple[float, float]]] | None = PAPER_TABLE3
 ) -> str:
-    """Markdown of :func:`table3` rows: columns (a)-(d) as "top-1 / top-5", routing recall
-    and the other categories' images routed in; with ``paper`` (keys "resnet34" and
+    """Markdown of :func:`table3` rows: columns (a)-(e) as "top-1 / top-5", each routing
+    rule's recall / precision and the mass threshold; with ``paper`` (keys "resnet34" and
     "resnet34+apinet", like :data:`PAPER_TABLE3`) the paper's general model (its (a)) and
-    ensemble (its (d)) are added, "–" where not reported or not computed."""
-    header = ["meta-category", "images"] + [title for _, title in TABLE3_COLUMNS] + ["routing recall", "others routed in"]
+    ensemble (its (d)) are added. "–" where not reported or not computed (rows written
+    before a column existed included)."""
+    header = (["meta-category", "images"] + [title for _, title in TABLE3_COLUMNS]
+              + [title for _, title in ROUTING_COLUMNS] + ["mass threshold"])
     if paper is not None:
         header += ["paper R34", "paper R34+API-Net"]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for row in rows:
         cells = [row["meta_category"], str(row["samples"])]
         cells += [_pair(row.get(f"{name}_top1"), row.get(f"{name}_top5")) for name, _ in TABLE3_COLUMNS]
-        recall = row.get("routing_recall")
-        cells += [format_percent(recall) if recall is not None else "–",
-                  str(row["routed_in"]) if row.get("routed_in") is not None else "–"]
+        cells += [_pair(row.get(f"{name}_recall"), row.get(f"{name}_precision")) for name, _ in ROUTING_COLUMNS]
+        threshold = row.get("mass_threshold")
+        cells.append("–" if threshold is None else f"{threshold:.3f}")
         if paper is not None:
             for model in ("resnet34", "resnet34+apinet"):
                 reported = paper.get(model, {}).get(row["meta_category"])
@@ -296,7 +365,38 @@ def table3_markdown(
     return "\n".join(lines) + "\n"
 
 
+def verdict(rows: list[dict[str, Any]]) -> str:
+    """One sentence: did the specialists help, with the numbers, and if not why.
+
+    Judged per category on top-1 by the ensemble routed by the top-1 rule (d) against the
+    general model (a); the ensemble routed by mass (e) is given beside it. Where an ensemble
+    is not above (a), the reason given is: the specialist alone is no better than the
+    general model among the category's classes ((c) <= (b)); otherwise the routing that
+    ensemble used (its recall and precision)."""
+    parts, helped = [], []
+    for row in rows:
+        a, d, e = row["general_top1"], row["ensemble_top1"], row.get("mass_top1")
+        b, c = row.get("restricted_top1"), row.get("specialist_top1")
+        helped.append(d > a)
+        text = f"{row['meta_category']} (d) {d:.1f} %{'' if e is None else f' and (e) {e:.1f} %'} vs (a) {a:.1f} % top-1"
+        behind = [(name, prefix) for name, value, prefix in (("(d)", d, "routing"), ("(e)", e, "mass"))
+                  if value is not None and value <= a]
+        if behind and b is not None and c is not None and c <= b:
+            text += (f", because the specialist alone is no better than the general model among the category's "
+                     f"classes ((c) {c:.1f} % vs (b) {b:.1f} %)")
+        elif behind:
+            routing = " and ".join(
+                f"{name} sends {format_percent(row.get(f'{prefix}_recall'))} % of the category's images to the "
+                f"specialist (precision {format_percent(row.get(f'{prefix}_precision'))} %)" for name, prefix in behind)
+            gain = "" if b is None or c is None else f" of (c) {c:.1f} % over (b) {b:.1f} %"
+            text += f", because routing loses the gain{gain}: {routing}"
+        parts.append(text)
+    lead = ("The specialists helped" if all(helped) else "The specialists did not help" if not any(helped)
+            else "The specialists helped on " + ", ".join(r["meta_category"] for r, h in zip(rows, helped) if h) + " only")
+    return f"{lead} (the top-1 routed ensemble (d) against the general model (a)): {'; '.join(parts)}."
+
+
 def _pair(top1: float | None, top5: float | None) -> str:
-    if top1 is None or top5 is None:
+    if top1 is None and top5 is None:
         return "–"
     return f"{format_percent(top1)} / {format_percent(top5)}"

@@ -3,33 +3,42 @@
 A general model's run plus one API-Net specialist run per meta-category (trained with
 ``data.meta_category: type=liquor`` etc.) -> routed ensemble predictions on the test split,
 Table 3 (within-category accuracy: general, general among the category's classes,
-specialist alone, routed ensemble; routing recall) and the ensemble's Table 2.
+specialist alone, ensemble routed by the top-1 rule and by probability mass; each rule's
+routing recall and precision) and the ensemble's Table 2.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import run_folder
+from .. import run_folder, storage
 from ..config import parse_meta_category
 from ..data.manifest import Manifest
 from ..run_folder import find_run_dir
+from ..data.chunks import SampleTable
+from ..data.holdout import HOLDOUT
+from ..storage import RunStorage
 from ..errors import CheckpointError
-from .ensemble import Specialist, combine, in_global_classes, route, table3, table3_markdown, within_category
+from .ensemble import (
+    Specialist, calibrate_threshold, combine, in_global_classes, route, route_by_mass, table3, table3_markdown,
+    within_category,
+)
 from .inference import load_trained, predict_shards
 from .metrics import accuracy_table
-from .predictions import Predictions
+from .predictions import Predictions, class_column
 
 
 @dataclass
 class EnsembleResult:
     table3: list[dict[str, Any]]
     general: Predictions
-    ensemble: Predictions
+    ensemble: Predictions  # (d): routed by ``rule``
     markdown: str
+    mass_ensemble: Predictions | None = None  # (e): routed by probability mass
+    thresholds: list[float] | None = None  # of (e), one per specialist
+    threshold_source: str = ""  # how they were chosen
 
 
 def specialist_of(trained) -> Specialist:
@@ -42,56 +51,87 @@ def specialist_of(trained) -> Specialist:
     return Specialist(value, system, tuple(trained.class_subset))
 
 
+def mass_thresholds(general_model, shards: Path, specialists: list[Specialist], classes: list[dict[str, Any]],
+                    workers: int = 2, given: float | None = None) -> tuple[list[float], str]:
+    """The routing threshold of each specialist for (e), and how it was chosen: ``given``;
+    else calibrated (:func:`~.ensemble.calibrate_threshold`) on the held-out part of train
+    when the general run held one out (``data.holdout``); else 0.5 (more of the general
+    model's probability inside the category than outside), said so."""
+    if given is not None:
+        return [float(given)] * len(specialists), f"given ({given})"
+    holdout = float(general_model.checkpoint["config"]["data"].get("holdout", 0.0))
+    if holdout <= 0:
+        return [0.5] * len(specialists), "0.5: the general run held out no train images (data.holdout=0)"
+    if len(SampleTable.from_manifest(Manifest.load(shards), HOLDOUT, holdout=holdout)) == 0:
+        return [0.5] * len(specialists), f"0.5: data.holdout={holdout:g} holds out no image of this dataset"
+    validation = predict_shards(general_model, shards, split=HOLDOUT, workers=workers,
+                                groups=[s.classes for s in specialists], holdout=holdout)
+    thresholds = []
+    for index, specialist in enumerate(specialists):
+        inside = class_column(classes, specialist.system)[validation.labels] == specialist.meta_category
+        thresholds.append(calibrate_threshold(validation.mass[:, index], inside))
+    return thresholds, (f"calibrated on the general run's {len(validation)} held-out train images "
+                        f"(data.holdout={holdout:g}), not on test")
+
+
 def evaluate_ensemble(
     general_run: str | Path, specialist_runs: list[str | Path], shards: str | Path | None = None,
-    out: str | Path | None = None, rule: str = "top1", workers: int = 2,
+    out: str | Path | None = None, rule: str = "top1", workers: int = 2, mass_threshold: float | None = None,
 ) -> EnsembleResult:
-    """Route every test image (general model's top-1 meta-category) and score the ensemble.
+    """Route every test image and score the ensemble: (d) by ``rule`` (the general model's
+    top-1 meta-category by default), (e) by the general model's probability mass on each
+    category (:func:`mass_thresholds`; ``mass_threshold`` fixes it for every category).
 
     Writes ``ensemble.json``, ``table3.md``, ``ensemble_table2.md`` and the predictions
-    behind every Table 3 column into ``out`` (default: the general run's folder):
-    ``ensemble_predictions.parquet`` (d), ``ensemble_general_predictions.parquet`` (a, and
-    the routing), and per category ``ensemble_<category>_restricted.parquet`` (b) and
-    ``ensemble_<category>_specialist.parquet`` (c), all in global class ids.
+    behind every Table 3 column into ``out`` (default: the general run's folder; run
+    folders and ``out`` may be local, mounted or in object storage):
+    ``ensemble_predictions.parquet`` (d), ``ensemble_mass_predictions.parquet`` (e),
+    ``ensemble_general_predictions.parquet`` (a, and the top-1 routing), and per category
+    ``ensemble_<category>_restricted.parquet`` (b) and ``ensemble_<category>_specialist.parquet``
+    (c), all in global class ids.
     """
     general_model = load_trained(general_run)
     if general_model.class_subset is not None:
         raise CheckpointError("the general model must be trained on all classes (no data.meta_category)",
                               hint="pass the general ResNet-34's run folder first, specialists with --specialist")
-    shards = Path(shards or general_model.checkpoint["config"]["data"]["shards"])
+    shards = str(shards or general_model.checkpoint["config"]["data"]["shards"])
     classes = Manifest.load(shards).classes
-    general = predict_shards(general_model, shards, workers=workers)
-    specialists, predictions, restricted = [], {}, {}
-    for index, run in enumerate(specialist_runs):
-        trained = load_trained(run)
-        specialist = specialist_of(trained)
-        specialists.append(specialist)
+    experts = [load_trained(run) for run in specialist_runs]
+    specialists = [specialist_of(trained) for trained in experts]
+    general = predict_shards(general_model, shards, workers=workers, groups=[s.classes for s in specialists])
+    predictions, restricted = {}, {}
+    for index, (trained, specialist) in enumerate(zip(experts, specialists)):
         # every test image: the ones routed here are then picked by key
         predictions[index] = predict_shards(trained, shards, workers=workers, restrict_to_subset=False)
         # Table 3 (b): the general model's answer among the category's classes only
         restricted[index] = predict_shards(general_model, shards, workers=workers, classes=specialist.classes)
     routes = route(general.topk, classes, specialists, rule)
     ensemble = combine(general, predictions, routes, specialists)
-    rows = table3(general, ensemble, classes, specialists, routes, restricted, predictions)
+    thresholds, source = mass_thresholds(general_model, shards, specialists, classes, workers, mass_threshold)
+    mass_routes = route_by_mass(general.mass, thresholds)
+    mass_ensemble = combine(general, predictions, mass_routes, specialists)
+    rows = table3(general, ensemble, classes, specialists, routes, restricted, predictions,
+                  mass_ensemble, mass_routes, thresholds)
     table2 = accuracy_table(ensemble, classes)
     markdown = table3_markdown(rows)
 
-    out = Path(out or find_run_dir(general_run))
-    out.mkdir(parents=True, exist_ok=True)
+    out = RunStorage.at(out or find_run_dir(general_run))
     routed = {s.meta_category: int((routes == i).sum()) for i, s in enumerate(specialists)}
-    (out / run_folder.ENSEMBLE).write_text(json.dumps(
-        {"rule": rule, "specialists": [str(r) for r in specialist_runs], "routed": routed,
-         "table3": rows, "table2": table2.to_dict()}, indent=1, ensure_ascii=False, default=float), encoding="utf-8")
-    (out / run_folder.TABLE3).write_text(markdown + "\n", encoding="utf-8")
-    (out / run_folder.ENSEMBLE_TABLE2).write_text(table2.to_markdown() + "\n", encoding="utf-8")
+    routed_by_mass = {s.meta_category: int((mass_routes == i).sum()) for i, s in enumerate(specialists)}
+    run_folder.write_json(out, run_folder.ENSEMBLE,
+        {"rule": rule, "specialists": [storage.display(r) for r in specialist_runs], "routed": routed,
+         "routed_by_mass": routed_by_mass, "mass_thresholds": thresholds, "threshold_source": source,
+         "table3": rows, "table2": table2.to_dict()})
+    out.write_text(run_folder.TABLE3, markdown + "\n")
+    out.write_text(run_folder.ENSEMBLE_TABLE2, table2.to_markdown() + "\n")
     # every column of Table 3 can be recomputed from these files (global class ids)
-    files = {run_folder.ENSEMBLE_PREDICTIONS: ensemble, "ensemble_general_predictions.parquet": general}
+    files = {run_folder.ENSEMBLE_PREDICTIONS: ensemble, run_folder.ENSEMBLE_MASS_PREDICTIONS: mass_ensemble,
+             run_folder.ENSEMBLE_GENERAL_PREDICTIONS: general}
     for index, specialist in enumerate(specialists):
         inside = within_category(general, classes, specialist)
         for part, preds in (("specialist", predictions[index]), ("restricted", restricted[index])):
-            files[f"ensemble_{specialist.meta_category}_{part}.parquet"] = in_global_classes(preds, specialist.classes, inside)
+            name = run_folder.ensemble_category_predictions(specialist.meta_category, part)
+            files[name] = in_global_classes(preds, specialist.classes, inside)
     for name, preds in files.items():
-        preds.to_parquet(out / name, classes)
-    return EnsembleResult(rows, general, ensemble, markdown)
-
-
+        preds.to_parquet(out.location(name), classes)
+    return EnsembleResult(rows, general, ensemble, markdown, mass_ensemble, thresholds, source)

@@ -64,11 +64,12 @@ def autocast(device: torch.device, enabled: bool = True) -> AbstractContextManag
 @torch.no_grad()
 def predict_batches(
     model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]], device: torch.device,
-    *, amp: bool = True, columns: Sequence[int] | None = None,
+    *, amp: bool = True, columns: Sequence[int] | None = None, groups: Sequence[Sequence[int]] | None = None,
 ) -> Predictions | None:
     """Top-5 predictions of ``(normalised images on device, labels, keys)`` batches, in eval
     mode; None when there was no batch (a rank with no evaluation samples). ``columns``:
-    score among these logits only (top-k are then positions in ``columns``)."""
+    score among these logits only (top-k are then positions in ``columns``). ``groups``:
+    keep each group's probability mass (:attr:`Predictions.mass`)."""
     model.eval()
     parts = []
     for images, labels, keys in batches:
@@ -76,7 +77,7 @@ def predict_batches(
             logits = model(images)
         if columns is not None:
             logits = logits[:, list(columns)]
-        parts.append(Predictions.from_logits(keys, labels.cpu().numpy(), logits.float().cpu()))
+        parts.append(Predictions.from_logits(keys, labels.cpu().numpy(), logits.float().cpu(), groups=groups))
     return Predictions.concat(parts) if parts else None
 
 
@@ -96,6 +97,7 @@ def features_of(trained: TrainedModel, images: torch.Tensor) -> torch.Tensor:
 def predict_shards(
     trained: TrainedModel, shards: str | Path, split: str = "test", batch_size: int = 64, workers: int = 2,
     restrict_to_subset: bool = True, classes: Sequence[int] | None = None,
+    groups: Sequence[Sequence[int]] | None = None, holdout: float = 0.0,
 ) -> Predictions:
     """Top-5 predictions for every sample of ``split`` (labels in the model's label space).
 
@@ -104,7 +106,9 @@ def predict_shards(
     class, which is not the specialist's label space: only its top-k are meaningful).
     ``classes`` (global indices, all known to the model): only the samples of these
     classes, scored among these classes only (the model's logits of them); labels and
-    top-k are then positions in ``classes``.
+    top-k are then positions in ``classes``. ``groups``: class indices (the model's labels)
+    whose probability mass to keep (:attr:`Predictions.mass`). ``holdout``: the share of
+    train held out (``data.holdout``), needed for ``split="holdout"``.
     """
     manifest = Manifest.load(shards)
     subset = trained.class_subset if restrict_to_subset else None
@@ -116,11 +120,11 @@ def predict_shards(
             raise CheckpointError(f"{trained.name} does not predict global classes {unknown[:10]}",
                                   hint="was it trained on these shards?")
         subset, columns = list(classes), [position[int(g)] for g in classes]
-    settings = LoaderConfig(DataConfig(batch_size=batch_size, loader_workers=workers))
+    settings = LoaderConfig(DataConfig(batch_size=batch_size, loader_workers=workers, holdout=holdout))
     loader = ShardLoader(manifest, split, EvalTransform(trained.spec), settings, train=False, classes=subset)
     device = trained.device
     batches = ((normalize(b["image"].to(device), trained.spec), b["label"], b["key"]) for b in loader)
-    predictions = predict_batches(trained.model, batches, device, columns=columns)
+    predictions = predict_batches(trained.model, batches, device, columns=columns, groups=groups)
     if predictions is None:
         raise DataError(f"{storage.display(shards)} has no {split} samples for this model")
     return predictions

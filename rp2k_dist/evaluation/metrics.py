@@ -192,14 +192,17 @@ def confused_pairs(predictions: Predictions, classes: list[dict[str, Any]], top:
     per_class = np.bincount(labels, minlength=len(classes))
     names = class_column(classes, "name", default="")
     products = class_column(classes, "product_name", default="")
+    skus = class_column(classes, "sku", default="")
     return [
         {
             "true": int(true),
             "true_name": names[true],
             "true_product_name": products[true],
+            "true_sku": skus[true],
             "predicted": int(pred),
             "predicted_name": names[pred],
             "predicted_product_name": products[pred],
+            "predicted_sku": skus[pred],
             "count": int(count),
             "share_of_true": float(count / per_class[true]),
         }

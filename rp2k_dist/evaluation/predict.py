@@ -8,6 +8,10 @@ Files that are not images (by suffix), cannot be read or cannot be decoded are r
 ``rejected`` with a reason; they never stop the run. Shard images were re-encoded and
 resized at pack time, so an original photo and its shard copy give slightly different
 scores; the shard bytes themselves give the evaluation's scores.
+
+Image folders, checkpoints and the output table are locations of :mod:`rp2k_dist.storage`
+(local, mounted, s3://, gs://); the table's ``path`` column names each file as given,
+without a URI's query.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +32,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from .. import storage
 from ..data.images import DECODE_ERRORS, IMAGE_SUFFIXES
 from ..data.transforms import EvalTransform
-from ..errors import CheckpointError, ConfigError, NotFoundError
+from ..errors import CheckpointError, ConfigError, NotFoundError, StorageError
 from .ensemble import Specialist, combine, route
 from .ensemble_eval import specialist_of
 from .inference import TrainedModel, load_trained, logits_of
@@ -50,19 +56,26 @@ def _load(checkpoint: Checkpoint) -> TrainedModel:
     return checkpoint if isinstance(checkpoint, TrainedModel) else load_trained(checkpoint)
 
 
-def prepare(path: Path, transform: EvalTransform) -> tuple[torch.Tensor | None, dict[str, str] | None]:
+def suffix(location: str | Path) -> str:
+    """A file's suffix with its dot (``.jpg``), '' without one."""
+    name = storage.basename(location)
+    return f".{name.rsplit('.', 1)[1]}" if "." in name.lstrip(".") else ""
+
+
+def prepare(path: str | Path, transform: EvalTransform) -> tuple[torch.Tensor | None, dict[str, str] | None]:
     """(uint8 CHW model input, None), or (None, ``{"path", "error", "reason"}``) when the
-    file is missing, not an image (suffix), unreadable or undecodable."""
+    file (local or a URI) is missing, not an image (suffix), unreadable or undecodable."""
 
     def reject(error: str, reason: str) -> tuple[None, dict[str, str]]:
-        return None, {"path": str(path), "error": error, "reason": reason}
+        return None, {"path": storage.display(path), "error": error, "reason": reason}
 
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        return reject("unsupported", f"not an image file: suffix {path.suffix or '(none)'!r} is not one of "
+    kind = suffix(path)
+    if kind.lower() not in IMAGE_SUFFIXES:
+        return reject("unsupported", f"not an image file: suffix {kind or '(none)'!r} is not one of "
                                      f"{', '.join(sorted(IMAGE_SUFFIXES))}")
     try:
-        data = path.read_bytes()
-    except OSError as err:
+        data = storage.read_bytes(path)
+    except (OSError, StorageError) as err:
         return reject("unreadable", f"cannot read file: {err}")
     try:
         with warnings.catch_warnings():
@@ -99,7 +112,7 @@ def _with_specialists(
             batch = torch.stack([images[r] for r in rows])
         else:  # e.g. API-Net at another resolution: its own transform of the file
             transform = EvalTransform(expert.spec)
-            batch = torch.stack([prepare(Path(keys[r]), transform)[0] for r in rows])
+            batch = torch.stack([prepare(keys[r], transform)[0] for r in rows])
         own[s] = _predictions(expert, [keys[r] for r in rows], batch)
     return combine(general_predictions, own, routes, routing)
 
@@ -112,7 +125,7 @@ def predict_images(
     batch_size: int = 64,
     workers: int = 2,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Top-5 predictions of each image file, in input order.
+    """Top-5 predictions of each image file (local or a URI), in input order.
 
     results: ``{"path", "routed_to", "top5": [{"rank", "class" (global index), "name",
     "product_name", "sku", "type", "shape", "score"}, ...]}``; rejected: ``{"path",
@@ -131,7 +144,7 @@ def predict_images(
     transform = EvalTransform(general.spec)
     results: list[dict[str, Any]] = []
     rejected: list[dict[str, str]] = []
-    paths = [Path(p) for p in paths]
+    paths = [str(p) for p in paths]
     with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(
         total=len(paths), desc="predict", unit="file", disable=None
     ) as bar:
@@ -142,7 +155,7 @@ def predict_images(
                 if problem is not None:
                     rejected.append(problem)
                 else:
-                    keys.append(str(path))
+                    keys.append(path)
                     images.append(image)
             bar.update(len(chunk))
             if not keys:
@@ -156,7 +169,7 @@ def predict_images(
                 top = [_describe(general.classes, c, r + 1, s)
                        for r, (c, s) in enumerate(zip(predictions.topk[i], predictions.scores[i]))]
                 routed = routing[routes[i]].meta_category if routes[i] >= 0 else None
-                results.append({"path": key, "routed_to": routed, "top5": top})
+                results.append({"path": storage.display(key), "routed_to": routed, "top5": top})
     return results, rejected
 
 
@@ -170,38 +183,43 @@ def prediction_table(results: list[dict[str, Any]], rejected: list[dict[str, str
     return _frame(rows + list(rejected))
 
 
-def write_table(table: pd.DataFrame, out: Path) -> Path:
-    """Write ``table`` as Parquet, CSV or JSON (records) by ``out``'s suffix."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".parquet":
-        table.to_parquet(out, index=False)
-    elif out.suffix == ".csv":
-        table.to_csv(out, index=False)
+def write_table(table: pd.DataFrame, out: str | Path) -> str:
+    """Write ``table`` as Parquet, CSV or JSON (records) by ``out``'s suffix, whole, to a
+    local path or a URI; returns ``out``."""
+    kind = suffix(out)
+    if kind == ".parquet":
+        buffer = BytesIO()
+        table.to_parquet(buffer, index=False)
+        data = buffer.getvalue()
+    elif kind == ".csv":
+        data = table.to_csv(index=False).encode("utf-8")
     else:
         records = json.loads(table.to_json(orient="records", force_ascii=False))
-        out.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    return out
+        data = (json.dumps(records, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+    storage.write_bytes(out, data)
+    return str(out)
 
 
-def _check_format(out: Path) -> None:
-    if out.suffix not in FORMATS:
-        raise ConfigError(f"--out {out} must end in one of {', '.join(FORMATS)}")
+def _check_format(out: str | Path) -> None:
+    if suffix(out) not in FORMATS:
+        raise ConfigError(f"--out {storage.display(out)} must end in one of {', '.join(FORMATS)}")
 
 
-def list_files(folder: str | Path) -> list[Path]:
-    """Every file under ``folder`` (recursively, sorted): images and everything else, so
-    that non-images are reported rather than silently ignored."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise NotFoundError(f"{folder} is not a folder", hint="give a folder of image files (searched recursively)")
-    return sorted(p for p in folder.rglob("*") if p.is_file())
+def list_files(folder: str | Path) -> list[str]:
+    """Every file under ``folder`` (local or a URI; recursively, sorted by path parts):
+    images and everything else, so that non-images are reported rather than silently
+    ignored."""
+    if not storage.is_dir(folder):
+        raise NotFoundError(f"{storage.display(folder)} is not a folder",
+                            hint="give a folder of image files (searched recursively)")
+    return [storage.join(folder, name) for name in sorted(storage.walk(folder), key=lambda name: name.split("/"))]
 
 
 @dataclass
 class FolderPrediction:
     """What :func:`predict_folder` did: the table it wrote and the counts."""
 
-    out: Path
+    out: str  # where the table went (local or a URI)
     images: int  # files predicted
     rejected: list[dict[str, str]]  # files skipped, with reasons
 
@@ -212,7 +230,6 @@ def predict_folder(
 ) -> FolderPrediction:
     """Predict every file under ``folder`` and write :func:`prediction_table` to ``out``
     (``.parquet``, ``.csv`` or ``.json``)."""
-    out = Path(out)
     _check_format(out)
     results, rejected = predict_images(checkpoint, list_files(folder), specialists, rule, batch_size, workers)
     return FolderPrediction(write_table(prediction_table(results, rejected), out), len(results), rejected)
@@ -242,12 +259,11 @@ def predict_folder_ray(
     Same table, rows ordered by path."""
     import ray
 
-    out = Path(out)
     _check_format(out)
     files = list_files(folder)
     models = {"checkpoint": str(checkpoint), "specialists": [str(s) for s in specialists], "rule": rule,
               "batch_size": batch_size}
-    dataset = ray.data.from_items([{"path": str(p)} for p in files]).map_batches(
+    dataset = ray.data.from_items([{"path": p} for p in files]).map_batches(
         _RayPredictor, fn_constructor_kwargs=models,
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=num_gpus,
     )

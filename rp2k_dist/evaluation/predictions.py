@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..data.manifest import write_atomic
+from .. import storage
 from ..data.metadata import UNKNOWN
 
 #: Columns of a predictions Parquet file, in order. ``top5_*`` hold K entries per row
@@ -60,6 +60,9 @@ class Predictions:
     labels: np.ndarray  # int64 [N] true class index
     topk: np.ndarray  # int64 [N, K] predicted classes, best first
     scores: np.ndarray  # float32 [N, K] softmax probabilities of those classes
+    # float32 [N, G]: the softmax probability summed over each of G groups of classes (the
+    # specialists' meta-categories), when asked for (:meth:`from_logits`); not in Parquet
+    mass: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.keys = [str(k) for k in self.keys]
@@ -75,6 +78,10 @@ class Predictions:
             raise ValueError("predictions need at least one top-k column")
         if self.scores.shape != self.topk.shape:
             raise ValueError(f"scores {self.scores.shape} and topk {self.topk.shape} differ in shape")
+        if self.mass is not None:
+            self.mass = _numpy(self.mass).astype(np.float32, copy=False)
+            if self.mass.ndim != 2 or len(self.mass) != n:
+                raise ValueError(f"mass {self.mass.shape} is not [N, G] for {n} samples")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -91,13 +98,20 @@ class Predictions:
         labels: torch.Tensor | np.ndarray | Sequence[int],
         logits: torch.Tensor | np.ndarray,
         k: int = 5,
+        groups: Sequence[Sequence[int]] | None = None,
     ) -> "Predictions":
         """From logits [N, C] (any device/dtype; softmax is taken in float32).
-        ``k`` is clipped to C."""
+        ``k`` is clipped to C. ``groups``: class indices of G groups, whose probability
+        mass [N, G] is kept in :attr:`mass`."""
         logits = torch.as_tensor(logits).detach().float()
         k = min(k, logits.shape[-1])
-        scores, topk = torch.softmax(logits, dim=-1).topk(k, dim=-1)
-        return cls(list(keys), _numpy(labels), topk.cpu().numpy(), scores.cpu().numpy())
+        probabilities = torch.softmax(logits, dim=-1)
+        scores, topk = probabilities.topk(k, dim=-1)
+        mass = None
+        if groups is not None:
+            mass = torch.stack([probabilities[:, list(g)].sum(dim=1) for g in groups], dim=1).cpu().numpy() \
+                if groups else np.zeros((len(logits), 0), np.float32)
+        return cls(list(keys), _numpy(labels), topk.cpu().numpy(), scores.cpu().numpy(), mass)
 
     @classmethod
     def concat(cls, parts: Sequence["Predictions"]) -> "Predictions":
@@ -110,6 +124,8 @@ class Predictions:
         widths = {p.k for p in parts}
         if len(widths) > 1:
             raise ValueError(f"predictions with different top-k widths {sorted(widths)}")
+        if len({p.mass is None for p in parts}) > 1:
+            raise ValueError("some predictions have group masses and others not")
         keys = [key for p in parts for key in p.keys]
         order = np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
         keys = [keys[i] for i in order]
@@ -121,6 +137,7 @@ class Predictions:
             np.concatenate([p.labels for p in parts])[order],
             np.concatenate([p.topk for p in parts])[order],
             np.concatenate([p.scores for p in parts])[order],
+            None if parts[0].mass is None else np.concatenate([p.mass for p in parts])[order],
         )
 
     def subset(self, index: np.ndarray) -> "Predictions":
@@ -128,11 +145,13 @@ class Predictions:
         index = np.asarray(index)
         if index.dtype == bool:
             index = np.flatnonzero(index)
-        return Predictions([self.keys[i] for i in index], self.labels[index], self.topk[index], self.scores[index])
+        return Predictions([self.keys[i] for i in index], self.labels[index], self.topk[index], self.scores[index],
+                           None if self.mass is None else self.mass[index])
 
     def to_parquet(self, path: str | Path, classes: list[dict[str, Any]]) -> None:
-        """Write one row per sample (:data:`PARQUET_SCHEMA`) atomically; ``classes`` is
-        the manifest class table, for names and the true class's type and shape."""
+        """Write one row per sample (:data:`PARQUET_SCHEMA`) atomically to ``path`` (local or
+        a URI); ``classes`` is the manifest class table, for names and the true class's type
+        and shape."""
         n, k = self.topk.shape
         names = class_column(classes, "name", default="")
         offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
@@ -156,14 +175,12 @@ class Predictions:
         table = pa.Table.from_arrays(columns, schema=schema)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, sink.getvalue().to_pybytes())
+        storage.write_bytes(path, sink.getvalue().to_pybytes())
 
     @classmethod
     def read_parquet(cls, path: str | Path) -> "Predictions":
-        """Read a file written by :meth:`to_parquet`."""
-        table = pq.read_table(path)
+        """Read a file written by :meth:`to_parquet` (local or a URI)."""
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(path)))
         n = table.num_rows
         k = int(table.schema.metadata[_K_METADATA])
 

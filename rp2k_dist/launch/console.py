@@ -27,13 +27,14 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, TextIO
 
+from .. import run_folder
 from ..errors import StorageError
 from ..run_folder import read_preemptions
 from ..storage import RunStorage
 from .ray_private import TOKEN_NOTICE_LOGGER
 
-PROGRESS_FILE = "progress.json"
-LOG_DIR = "logs"
+PROGRESS_FILE = run_folder.PROGRESS
+LOG_DIR = run_folder.LOGS
 
 
 def ray_init_options(verbose: bool) -> dict[str, Any]:
@@ -104,7 +105,7 @@ class EpochPrinter:
 
     def _history(self) -> list[dict[str, Any]]:
         try:
-            text = self.storage.read_bytes("metrics.jsonl").decode()
+            text = self.storage.read_bytes(run_folder.METRICS).decode()
         except StorageError:
             return []
         rows = []
@@ -241,9 +242,9 @@ def worker_log(storage: RunStorage, rank: int) -> Iterator[None]:
 def artefact_lines(storage: RunStorage) -> list[str]:
     """Where a finished run's files are, one per line, for the end-of-run summary."""
     base = storage.uri
-    entries = [("metrics", "metrics.jsonl"), ("Table 2", "table2.md"), ("evaluation", "evaluation.json"),
-               ("predictions", "predictions.parquet"), ("TensorBoard", "tensorboard"), ("worker logs", LOG_DIR),
-               ("config", "config.yaml")]
+    entries = [("metrics", run_folder.METRICS), ("Table 2", run_folder.TABLE2), ("evaluation", run_folder.EVALUATION),
+               ("predictions", run_folder.PREDICTIONS), ("TensorBoard", run_folder.TENSORBOARD),
+               ("worker logs", LOG_DIR), ("config", run_folder.CONFIG)]
     lines = [f"  {label + ':':<13}{base}/{name}" for label, name in entries if storage.exists(name)]
     checkpoints = [n for n in storage.listdir() if n.startswith("epoch_") or n.startswith("checkpoint")]
     if checkpoints:

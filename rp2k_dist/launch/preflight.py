@@ -142,18 +142,13 @@ def _resource_problems(config: ExperimentConfig, resources: dict[str, float]) ->
     """What the run's workers ask for that the cluster does not have in total (Ray would
     otherwise wait for it forever)."""
     r = config.run
-    problems = []
     workers = r.min_workers  # an elastic run starts once its minimum fits (and grows as nodes join)
-    wanted_cpus = workers * r.cpus_per_worker
-    if wanted_cpus > resources.get("CPU", 0):
-        problems.append(f"run.workers x run.cpus_per_worker: {workers} x {r.cpus_per_worker:g} = {wanted_cpus:g} CPUs, "
-                        f"the cluster has {resources.get('CPU', 0):g}; lower run.workers or run.cpus_per_worker")
-    if r.use_gpu:
-        wanted_gpus = workers * r.gpus_per_worker
-        if wanted_gpus > resources.get("GPU", 0):
-            problems.append(f"run.workers x run.gpus_per_worker: {workers} x {r.gpus_per_worker:g} = {wanted_gpus:g} GPUs, "
-                            f"the cluster has {resources.get('GPU', 0):g}; lower run.workers, or run.use_gpu=false")
-    return problems
+    wanted = r.demand(workers)
+    per_worker = {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}
+    fixes = {"CPU": "lower run.workers or run.cpus_per_worker", "GPU": "lower run.workers, or run.use_gpu=false"}
+    return [f"run.workers x run.{unit.lower()}s_per_worker: {workers} x {per_worker[unit]:g} = {amount:g} {unit}s, "
+            f"the cluster has {resources.get(unit, 0):g}; {fixes[unit]}"
+            for unit, amount in wanted.items() if amount > resources.get(unit, 0)]
 
 
 def local_resources() -> dict[str, float]:

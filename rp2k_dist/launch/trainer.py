@@ -101,17 +101,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                      observers=loop_config.get("observers", ()))
 
 
-def storage_uri(path: str) -> str:
-    """Ray needs absolute local paths; URIs (s3://, gs://) pass through."""
-    return path if "://" in path else str(Path(path).resolve())
-
-
 def ray_storage(path: str) -> dict[str, Any]:
     """``RunConfig`` storage arguments: a URI with filesystem parameters
     (``?endpoint_override=...``) becomes its pyarrow filesystem and the path inside it, so
     Ray joins run folders onto the path rather than onto the query."""
     if "?" not in path or not storage.is_uri(path):
-        return {"storage_path": storage_uri(path)}
+        return {"storage_path": storage.absolute(path)}
     fs, inner = storage.resolve(path)
     return {"storage_path": inner, "storage_filesystem": fs}
 
@@ -121,9 +116,6 @@ def build_trainer(config: ExperimentConfig, run_callbacks: list | None = None, p
     """The run's TorchTrainer; ``progress``: rank 0 writes the epoch's step count for a
     progress bar; ``observers``: step observers every worker runs (sent pickled)."""
     r = config.run
-    resources = {"CPU": r.cpus_per_worker}
-    if r.use_gpu:
-        resources["GPU"] = r.gpus_per_worker
     backend = r.backend or ("nccl" if r.use_gpu else "gloo")
     return fail_fast_trainer(TorchTrainer, lambda failures: first_not_retryable(failures) is not None)(
         train_loop_per_worker,
@@ -132,7 +124,7 @@ def build_trainer(config: ExperimentConfig, run_callbacks: list | None = None, p
         # run.workers [min, max]: Ray Train's elastic scaling (start with >= min, resize
         # towards max as nodes come and go); the engine re-plans the epoch for each size
         scaling_config=ScalingConfig(num_workers=(r.min_workers, r.max_workers) if r.elastic else r.workers,
-                                     use_gpu=r.use_gpu, resources_per_worker=resources,
+                                     use_gpu=r.use_gpu, resources_per_worker=r.demand(1),
                                      placement_strategy=r.placement_strategy,
                                      elastic_resize_monitor_interval_s=r.elastic_resize_interval_s),
         run_config=RunConfig(
@@ -152,12 +144,8 @@ def run_training(config: ExperimentConfig, address: str | None = None, verbose: 
     """Fit (or resume) the run on a Ray cluster; returns the final metrics from the run folder.
     ``console``: one summary line per epoch on stdout (a progress bar too on a terminal);
     ``verbose``: Ray's own console output as well; ``mlflow_uri``: also log each epoch to
-    MLflow there; ``observers``: see :func:`build_trainer`."""
-    # Workers may start in another folder than the driver: make local paths absolute.
-    config.run.storage_path = storage_uri(config.run.storage_path)
-    config.data.shards = storage_uri(config.data.shards)
-    if config.model.weights:
-        config.model.weights = storage_uri(config.model.weights)
+    MLflow there; ``observers``: see :func:`build_trainer`. ``config`` is not changed."""
+    config = config.with_absolute_paths()  # workers may start in another folder than the driver
     # Checked before Ray starts where the cluster's size is known (a bad config costs
     # seconds); a cluster we join is measured once connected.
     if ray.is_initialized():

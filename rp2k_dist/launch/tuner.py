@@ -60,6 +60,11 @@ Choices (each made where it is used):
   every trial evaluates each epoch (``run.eval_every=1``); a trial that reaches ``max_t``
   finishes on its own instead of being stopped (``stop_last_trials=False``).
 - **Best trial**: the highest val top-1 at any epoch among trials that did not fail.
+- **Default space** (``jobs/search_space.yaml``): border and crop magnitudes are sampled as
+  fractions of the model's crop side (``augment.border_max_frac`` / ``crop_max_frac``, turned
+  into pixels by the trial's transforms), so one space means the same at 48 px and 224 px;
+  ``optim.lr: {loguniform: auto}`` is the range of the preset's optimizer
+  (:data:`DEFAULT_LR_RANGES`), as SGD and AdamW learning rates differ by about 50x.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ from ray.tune.search.sample import Categorical, Float, Integer
 from ..config import (
     ConfigError,
     ExperimentConfig,
+    OptimConfig,
     SweepConfig,
     config_from_dict,
     load_config,
@@ -92,9 +98,11 @@ from ..config import (
     sweep_config,
 )
 from ..errors import Rp2kError
+from .. import storage
+from ..run_folder import BEST, SWEEP_BASE, TRIAL_RECORD, TRIALS, TRIALS_CSV, TRIALS_PARQUET
 from ..storage import RunStorage
 from .ray_private import drop_placement_group_cleaner, orphaned_placement_groups
-from .trainer import build_trainer, ray_address, ray_storage, read_metrics, storage_uri
+from .trainer import build_trainer, ray_address, ray_storage, read_metrics
 
 #: What a trial's driver function reserves (see "Driver resources" above).
 DRIVER_RESOURCES: dict[str, float] = {"node:__internal_head__": 0.01}
@@ -103,10 +111,33 @@ DRIVER_RESOURCES: dict[str, float] = {"node:__internal_head__": 0.01}
 SWEEP_KEYS = ("run.name", "run.storage_path", "run.eval_every")
 
 METRIC = "val_top1"
-TRIAL_RECORD = "trial.json"
 DEFAULT_RANDOM_SAMPLES = 16
 
+#: Log-uniform learning-rate ranges of ``optim.lr: {loguniform: auto}``, per
+#: :data:`LR_RANGE_BATCH` images of global batch (the config's lr is per
+#: ``optim.lr_reference_batch`` images, so the range is scaled to it). Each spans 25x (100x
+#: for AdamW) around a usual value: SGD around 0.1 per 256 (Goyal et al. 2017, "Accurate,
+#: Large Minibatch SGD"); AdamW around 2e-3 per 256, from DeiT's 5e-4 per 512 (Touvron et
+#: al. 2021) up to the demo preset's 0.016.
+DEFAULT_LR_RANGES: dict[str, tuple[float, float]] = {"sgd": (0.02, 0.5), "adamw": (2e-4, 2e-2)}
+LR_RANGE_BATCH = 256
+#: The argument of ``{loguniform: auto}``.
+AUTO = "auto"
+
 # --------------------------------------------------------------------------- search spaces
+
+
+@dataclass(frozen=True)
+class OptimizerLrRange:
+    """``optim.lr: {loguniform: auto}`` before the base config is known: a log-uniform
+    learning rate over the range of the config's optimizer (:func:`resolve_search_space`)."""
+
+
+def lr_range(optim: OptimConfig) -> tuple[float, float]:
+    """``optim.lr`` bounds for ``optim.optimizer``, per ``optim.lr_reference_batch`` images."""
+    low, high = DEFAULT_LR_RANGES[optim.optimizer]
+    scale = optim.lr_reference_batch / LR_RANGE_BATCH
+    return low * scale, high * scale
 
 
 def _number(value: Any) -> Any:
@@ -158,7 +189,9 @@ def parse_search_space(spec: Any, source: str = "search space") -> dict[str, Any
 
     Each value names exactly one of :data:`DISTRIBUTIONS` with its arguments: ``choice`` /
     ``grid_search`` a list of values, ``uniform`` / ``loguniform`` ``[low, high]``, ``randint``
-    ``[low, high)`` (high excluded, as in Tune). Keys are checked by :func:`check_search_space`.
+    ``[low, high)`` (high excluded, as in Tune). ``optim.lr: {loguniform: auto}`` takes the
+    range of the optimizer (:data:`DEFAULT_LR_RANGES`) once the base config is known
+    (:func:`resolve_search_space`). Keys are checked by :func:`check_search_space`.
     """
     if not isinstance(spec, dict) or not spec:
         raise ConfigError(f"{source} must be a non-empty mapping of config keys to distributions, "
@@ -170,8 +203,26 @@ def parse_search_space(spec: Any, source: str = "search space") -> dict[str, Any
         (kind, args), = entry.items()
         if kind not in DISTRIBUTIONS:
             raise ConfigError(f"{source}: {key}: unknown distribution {kind!r}; known: {', '.join(DISTRIBUTIONS)}")
+        if args == AUTO:
+            if (key, kind) != ("optim.lr", "loguniform"):
+                raise ConfigError(f"{source}: {key}: {{{kind}: auto}} is only for optim.lr: {{loguniform: auto}} "
+                                  "(the optimizer's learning-rate range); give this key its values")
+            space[key] = OptimizerLrRange()
+            continue
         space[str(key)] = DISTRIBUTIONS[kind](f"{source}: {key}", args)
     return space
+
+
+def resolve_search_space(config: ExperimentConfig, space: dict[str, Any]) -> dict[str, Any]:
+    """``space`` with ``optim.lr: {loguniform: auto}`` replaced by the log-uniform range of
+    the base ``config``'s optimizer (:func:`lr_range`)."""
+    if not any(isinstance(entry, OptimizerLrRange) for entry in space.values()):
+        return space
+    if "optim.optimizer" in space:
+        raise ConfigError("search space: optim.lr: {loguniform: auto} follows the base config's optim.optimizer; "
+                          "with optim.optimizer searched too, give optim.lr explicit bounds [low, high]")
+    return {key: tune.loguniform(*lr_range(config.optim)) if isinstance(entry, OptimizerLrRange) else entry
+            for key, entry in space.items()}
 
 
 def load_search_space(path: str | Path) -> dict[str, Any]:
@@ -214,6 +265,12 @@ def check_search_space(config: ExperimentConfig, space: dict[str, Any]) -> None:
     key or an invalid value fails here, before any trial starts."""
     if not space:
         raise ConfigError("the search space is empty")
+    for name in ("border_max", "crop_max"):
+        if f"augment.{name}" in space and (f"augment.{name}_frac" in space
+                                           or getattr(config.augment, f"{name}_frac") is not None):
+            raise ConfigError(f"search space: augment.{name} (px) has no effect while augment.{name}_frac is set or "
+                              f"searched (a fraction of the crop side replaces the pixels); search one of them, and "
+                              f"set augment.{name}_frac=null in the base config to search pixels")
     base = config.to_dict()
     for key, entry in space.items():
         if key in SWEEP_KEYS:
@@ -248,7 +305,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, search_spac
     A sweep preset is a training preset (sections, ``base: other.yaml``) plus ``search_space:``
     (a mapping as in ``jobs/search_space.yaml``) and optionally ``tune:`` (:class:`SweepConfig`).
     The space is ``search_space`` (a file) if given, else the preset's ``search_space:``, else
-    ``search_space.yaml`` next to the preset (``jobs/search_space.yaml`` for the presets in jobs/).
+    ``search_space.yaml`` next to the preset (``jobs/search_space.yaml`` for the presets in jobs/);
+    ``optim.lr: {loguniform: auto}`` becomes the range of the config's optimizer.
     """
     path = resolve_preset(path)
     data = read_yaml(path)
@@ -268,7 +326,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, search_spac
     else:
         raise ConfigError(f"{path} has no search_space: and no search_space.yaml lies next to it; "
                           "pass --search-space FILE (e.g. jobs/search_space.yaml)")
-    return Sweep(config, space, settings)
+    return Sweep(config, resolve_search_space(config, space), settings)
 
 
 # --------------------------------------------------------------------------- one trial
@@ -390,9 +448,9 @@ def trial_table(config: ExperimentConfig, space_keys: list[str]) -> pd.DataFrame
     (TERMINATED, STOPPED = stopped early by ASHA, ERROR), the sampled values, epochs run, best
     epoch, best val top-1 and the val top-5 of that epoch, the trial's run folder, its error."""
     sweep = RunStorage(config.run.storage_path, config.run.name)
-    trials_uri = f"{sweep.uri}/trials"
+    trials_uri = sweep.location(TRIALS)
     rows = []
-    for trial_id in sweep.listdir("trials"):
+    for trial_id in sweep.listdir(TRIALS):
         record = read_trial_record(trials_uri, trial_id)
         if record is None:
             continue
@@ -407,7 +465,7 @@ def trial_table(config: ExperimentConfig, space_keys: list[str]) -> pd.DataFrame
         rows.append({"trial_id": trial_id, "status": status,
                      **{key: record["params"].get(key) for key in space_keys},
                      "epochs": ran, "best_epoch": best.get("epoch"), "best_val_top1": best.get(METRIC, math.nan),
-                     "val_top5": best.get("val_top5", math.nan), "run": f"{trials_uri}/{trial_id}",
+                     "val_top5": best.get("val_top5", math.nan), "run": storage.join(trials_uri, trial_id),
                      "error": record["error"] or ""})
     table = pd.DataFrame(rows, columns=["trial_id", "status", *space_keys, "epochs", "best_epoch",
                                         "best_val_top1", "val_top5", "run", "error"])
@@ -444,23 +502,8 @@ def best_config(base: ExperimentConfig, table: pd.DataFrame, space_keys: list[st
 
 def default_max_concurrent(config: ExperimentConfig) -> int:
     """How many trials fit at once: the cluster's GPUs (or CPUs) // one trial's workers' share."""
-    resources = ray.cluster_resources()
-    r = config.run
-    if r.use_gpu:
-        total, per_trial = resources.get("GPU", 0.0), r.max_workers * r.gpus_per_worker
-    else:
-        total, per_trial = resources.get("CPU", 0.0), r.max_workers * r.cpus_per_worker
-    return max(1, int(total // per_trial))
-
-
-def _resolve_paths(config: ExperimentConfig) -> ExperimentConfig:
-    """A copy with local paths made absolute (trials run in other folders, maybe other nodes)."""
-    config = copy.deepcopy(config)
-    config.run.storage_path = storage_uri(config.run.storage_path)
-    config.data.shards = storage_uri(config.data.shards)
-    if config.model.weights:
-        config.model.weights = storage_uri(config.model.weights)
-    return config
+    unit = config.run.unit
+    return max(1, int(ray.cluster_resources().get(unit, 0.0) // config.run.demand()[unit]))
 
 
 def _mlflow_callback(uri: str, experiment: str) -> tune.Callback:
@@ -474,10 +517,10 @@ def _mlflow_callback(uri: str, experiment: str) -> tune.Callback:
 def _claim_sweep_folder(sweep: RunStorage, config: ExperimentConfig) -> None:
     """Write ``base.yaml``, or check that a resumed sweep has the same base config."""
     text = config.to_yaml()
-    if sweep.exists("base.yaml") and sweep.read_bytes("base.yaml").decode("utf-8") != text:
+    if sweep.exists(SWEEP_BASE) and sweep.read_text(SWEEP_BASE) != text:
         raise ConfigError(f"sweep {sweep.uri} was started with another base config (see its base.yaml); "
                           "run the same command to resume it, or pick a new name (--name) for a new sweep")
-    sweep.write_text("base.yaml", text)
+    sweep.write_text(SWEEP_BASE, text)
 
 
 def run_sweep(
@@ -490,14 +533,16 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or resume) the sweep ``run.name`` under ``run.storage_path``; see the module doc.
 
-    ``space``: Tune param space keyed by dotted config keys (:func:`load_search_space`);
+    ``space``: Tune param space keyed by dotted config keys (:func:`load_search_space`;
+    ``optim.lr: {loguniform: auto}`` resolved for ``config``'s optimizer);
     ``settings``: samples per grid point (None: 1 for a pure grid, else
     :data:`DEFAULT_RANDOM_SAMPLES`), scheduler, concurrency (None:
     :func:`default_max_concurrent`) and ASHA's rungs; ``mlflow_uri``: also log every trial to
     MLflow. A resumed sweep keeps the space and settings it started with.
     """
+    space = resolve_search_space(config, space)
     samples = settings.samples or (1 if is_grid(space) else DEFAULT_RANDOM_SAMPLES)
-    config = _resolve_paths(config)
+    config = config.with_absolute_paths()  # trials run in other folders, maybe on other nodes
     check_search_space(config, space)
     callbacks: list[tune.Callback] = [_mlflow_callback(mlflow_uri, config.run.name)] if mlflow_uri else []
     if not ray.is_initialized():
@@ -505,7 +550,7 @@ def run_sweep(
 
     sweep = RunStorage(config.run.storage_path, config.run.name)
     _claim_sweep_folder(sweep, config)
-    trials_uri = f"{sweep.uri}/trials"
+    trials_uri = sweep.location(TRIALS)
     trainable = tune.with_resources(
         tune.with_parameters(rp2k_trial, base=config.to_dict(), trials_uri=trials_uri), DRIVER_RESOURCES)
     if tune.Tuner.can_restore(sweep.uri):
@@ -541,11 +586,11 @@ def run_sweep(
     table = trial_table(config, keys)
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
-    sweep.write_bytes("trials.parquet", buffer.getvalue())
-    sweep.write_text("trials.csv", table.to_csv(index=False))
+    sweep.write_bytes(TRIALS_PARQUET, buffer.getvalue())
+    sweep.write_text(TRIALS_CSV, table.to_csv(index=False))
     best = best_config(config, table, keys, f"{config.run.name}-best")
     best_yaml = None
     if best is not None:
-        sweep.write_text("best.yaml", best.to_yaml())
-        best_yaml = f"{sweep.uri}/best.yaml"
+        sweep.write_text(BEST, best.to_yaml())
+        best_yaml = sweep.location(BEST)
     return SweepResult(sweep.uri, table, best, best_yaml)

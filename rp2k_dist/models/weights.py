@@ -6,7 +6,9 @@ Two sources:
   (``$TORCH_HOME/hub/checkpoints/<file>``) exactly where torchvision would have saved them.
   A missing file is an error that says which file to place where; nothing is downloaded.
 * :func:`load_weights_file`: any local file holding a torchvision state dict, a state dict of
-  this project's models, or a checkpoint of this project (state dict under ``"model"``).
+  this project's models, or a checkpoint of this project (state dict under ``"model"``),
+  which may also be in the runs' own object storage (``s3://…/epoch_0030/checkpoint.pt``:
+  a specialist of ``rp2k reproduce`` starts from its general model's checkpoint there).
   Keys are matched by their *canonical* name, the key without the wrapper prefixes
   ``module.`` (DDP), ``_orig_mod.`` (torch.compile), ``net.`` (:class:`ResNetClassifier`,
   :class:`InceptionClassifier`) and ``backbone.`` (:class:`ApiNet`); so a ResNet-34
@@ -18,6 +20,7 @@ Two sources:
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,7 +31,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import Inception_V3_Weights, ResNet34_Weights, WeightsEnum
 
-from ..errors import ConfigError, WeightsMismatchError, WeightsNotFoundError
+from .. import storage
+from ..errors import ConfigError, NotFoundError, WeightsMismatchError, WeightsNotFoundError
 
 IMAGENET_WEIGHTS: dict[str, WeightsEnum] = {
     "resnet34": ResNet34_Weights.IMAGENET1K_V1,
@@ -91,10 +95,16 @@ def load_weights_file(
     these tensors are left new and listed in the report. A file from which no tensor loads
     at all is always a :class:`WeightsMismatchError`; a missing file :class:`WeightsNotFoundError`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsNotFoundError(f"weights file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if storage.is_uri(path):
+        try:
+            state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
+        except NotFoundError:
+            raise WeightsNotFoundError(f"weights file not found: {storage.display(path)}") from None
+    else:
+        if not Path(path).is_file():
+            raise WeightsNotFoundError(f"weights file not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    path = storage.display(path)  # as messages and the report name it (a URI without its query)
     source_classes = None
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         source_classes = _global_indices(state.get("classes"))
@@ -180,13 +190,13 @@ def _global_indices(classes: object) -> list[int] | None:
     return [int(c["global_index"]) for c in classes]
 
 
-def _class_rows(source: list[int], target: Sequence[int], path: Path) -> Tensor | str:
+def _class_rows(source: list[int], target: Sequence[int], path: str) -> Tensor | str:
     """Row of the file's classifier for each of the model's classes (int64 [C]), or a
     message naming the classes the file does not know."""
     position = {g: i for i, g in enumerate(source)}
     unknown = [int(g) for g in target if int(g) not in position]
     if unknown:
-        return f"{path.name} has no row for global classes {unknown[:10]}" + (" ..." if len(unknown) > 10 else "")
+        return f"{storage.basename(path)} has no row for global classes {unknown[:10]}" + (" ..." if len(unknown) > 10 else "")
     return torch.tensor([position[int(g)] for g in target], dtype=torch.int64)
 
 
