@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from rp2k_dist.launch.trainer import run_training
+from rp2k_dist.launch.trainer import read_metrics, run_training
 from rp2k_dist.storage import RunStorage
 from tests.key_trace import KeyTrace, read_trace, trained_steps
 from tests.test_ray_train import _config, _kill_a_train_worker
@@ -101,6 +101,7 @@ def test_killed_worker_resumes_mid_epoch_at_the_same_world_size(traced_ray, synt
     lines = _check_interrupted_epoch(traced_ray, "same", uninterrupted, global_batch=2 * 16)
     assert {line["world_size"] for line in lines} == {2}
     assert final["resumed_from_step"] == max(line["origin"] for line in lines)
+    assert [m["epoch"] for m in read_metrics(config)] == [1]  # the restarted epoch reported once
 
 
 def test_killed_run_resumes_mid_epoch_at_another_world_size(traced_ray, synth_shards, tmp_path, uninterrupted):
