@@ -60,7 +60,6 @@ class EngineStep:
     the engine's model, loss and optimiser as ``train_worker`` builds them."""
 
     def __init__(self, args, num_classes: int, counts: list[int], device: torch.device):
-        cuda = device.type == "cuda"
         self.config = load_config(None, [f"model.name={args.model}", f"model.channels_last={str(args.channels_last).lower()}",
                                          "optim.grad_clip=0", "optim.amp=true", "optim.fused=true"])
         self.model_without_ddp = create_model(args.model, num_classes).to(device)
@@ -69,7 +68,7 @@ class EngineStep:
         self.model = torch.compile(self.model_without_ddp) if args.compile else self.model_without_ddp
         c = self.config.loss
         self.criterion = ClassBalancedLoss(counts, c.cbl_beta, c.variant, c.focal_gamma, c.label_smoothing).to(device)
-        self.optimizer, _ = build_optimizer(self.model_without_ddp, self.config, args.batch_size, cuda)
+        self.optimizer, _ = build_optimizer(self.model_without_ddp, self.config, args.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
         self.device = device
 
@@ -107,7 +106,7 @@ class TimmStep:
             self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if args.compile else self.model
         self.criterion = torch.nn.CrossEntropyLoss()
-        self.optimizer, _ = build_optimizer(self.model, config, args.batch_size, device.type == "cuda")
+        self.optimizer, _ = build_optimizer(self.model, config, args.batch_size)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         self.device = device
 

@@ -210,7 +210,7 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    fused: bool = True  # fused optimiser kernels where available (CUDA)
+    fused: bool = True  # fused optimiser kernels where available (CUDA; CPU with torch >= 2.4)
 
     def __post_init__(self) -> None:
         _check(self.optimizer in ("sgd", "adamw"), "optim.optimizer must be sgd or adamw")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import jpeg_bytes, write_image
+from tests.ray_clusters import RayHead, SharedRay
 
 
 @pytest.fixture(scope="session")
@@ -146,3 +147,83 @@ def s3_endpoint(s3_server):
         else:
             os.environ["AWS_ENDPOINT_URL"] = saved
         storage._filesystem.cache_clear()
+
+
+# --------------------------------------------------------------------------- Ray clusters
+# Each cluster is started by the first test that asks for it and stopped after the last test
+# of a run of consecutive modules that use it; pytest_collection_modifyitems puts those
+# modules next to each other, so each starts once per session.
+
+SHARED_RAY = SharedRay()
+RAY_HEAD = RayHead()
+#: fixture name -> the cluster it hands out, in the order their modules run
+CLUSTERS = {"ray_head": RAY_HEAD, "ray_cluster": SHARED_RAY}
+#: module node id -> names of the fixtures its tests use (set at collection)
+_MODULE_FIXTURES: dict[str, set[str]] = {}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> SharedRay:
+    """The shared single-node Ray cluster (``SHARED_CPUS`` CPUs, the test S3 server's
+    credentials in its workers' environment), connected in this process. Tests leave it as
+    they found it: their actors and placement groups gone."""
+    return SHARED_RAY.start()
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> dict:
+    """The shared ``ray start`` head (tests.ray_clusters.RayHead.start)."""
+    return RAY_HEAD.start()
+
+
+@pytest.fixture
+def no_ray() -> None:
+    """A driver without Ray: the shared cluster, if up, is shut down first."""
+    import ray
+
+    SHARED_RAY.stop()
+    assert not ray.is_initialized(), "these tests need a driver without Ray"
+
+
+@pytest.fixture(scope="module")
+def own_ray() -> None:
+    """For a test that connects this process to a Ray cluster of its own (several nodes,
+    a GPU): the shared cluster, if up, is shut down first."""
+    import ray
+
+    SHARED_RAY.stop()
+    assert not ray.is_initialized(), "a test left a Ray of its own connected"
+
+
+def _module_of(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+def _group(module: str) -> int:
+    names = _MODULE_FIXTURES[module]
+    if "own_ray" in names:
+        return len(CLUSTERS) + 1
+    return next((i + 1 for i, name in enumerate(CLUSTERS) if name in names), 0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules run in groups, each in file order: those that use no shared cluster, those
+    on the head, those on the shared local cluster, then those that connect this process to
+    a cluster of their own. A module stays whole (its module-scoped fixtures are made once)."""
+    for item in items:
+        _MODULE_FIXTURES.setdefault(_module_of(item), set()).update(getattr(item, "fixturenames", ()))
+    items.sort(key=lambda item: _group(_module_of(item)))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield  # the module's own fixtures are torn down first
+    following = _MODULE_FIXTURES.get(_module_of(nextitem), set()) if nextitem is not None else set()
+    for name, cluster in CLUSTERS.items():
+        if name not in following:
+            cluster.stop()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for cluster in CLUSTERS.values():
+        cluster.stop()

@@ -239,17 +239,11 @@ def test_predict_routes_to_a_specialist(trained, synth_shards, image_folder, tmp
 
 
 @pytest.mark.slow
-def test_predict_folder_with_ray_data_gives_the_same_table(run_dir, image_folder, tmp_path):
-    import ray
-
+def test_predict_folder_with_ray_data_gives_the_same_table(ray_cluster, run_dir, image_folder, tmp_path):
     from rp2k_dist.evaluation.predict import predict_folder_ray
 
     plain = pd.read_parquet(predict_folder(run_dir, image_folder, tmp_path / "plain.parquet").out)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        summary = predict_folder_ray(run_dir, image_folder, tmp_path / "ray.parquet", batch_size=4, actors=2)
-    finally:
-        ray.shutdown()
+    summary = predict_folder_ray(run_dir, image_folder, tmp_path / "ray.parquet", batch_size=4, actors=2)
     distributed = pd.read_parquet(summary.out)
     key = ["path", "rank"]
     plain, distributed = (t.sort_values(key, kind="stable").reset_index(drop=True) for t in (plain, distributed))

@@ -95,6 +95,29 @@ def test_nan_loss_stops_the_run_with_a_clear_error(synth_shards, tmp_path):
         _run(synth_shards, tmp_path, "nan", ["optim.lr=1e30"], epochs=1)
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4), reason="no fused CPU kernels")
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_fused_optimizer_on_cpu_takes_the_steps_of_the_per_tensor_one(optimizer):
+    from rp2k_dist.engine.train import build_optimizer
+
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)]
+    models[1].load_state_dict(models[0].state_dict())
+    start = models[0].weight.detach().clone()
+    optimizers = [build_optimizer(model, load_config(None, [f"optim.optimizer={optimizer}", f"optim.fused={fused}"]), 256)[0]
+                  for model, fused in zip(models, ("true", "false"))]
+    assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
+    x, y = torch.randn(16, 8), torch.arange(16) % 3
+    for _ in range(3):
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    assert (models[0].weight - start).abs().max() > 1e-3  # the steps moved it
+    torch.testing.assert_close(models[0].weight, models[1].weight)
+    torch.testing.assert_close(models[0].bias, models[1].bias)
+
+
 def test_warmup_then_cosine_schedule():
     factor = warmup_cosine(total_steps=100, warmup_steps=10)
     assert factor(0) == pytest.approx(0.01)

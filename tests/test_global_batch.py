@@ -154,7 +154,7 @@ def _fed_ddp_steps(rank: int, world: int, port: int, out: str, global_batch: int
     torch.manual_seed(0)
     model_without_ddp = create_model("resnet34", 10)
     model = DistributedDataParallel(model_without_ddp) if world > 1 else model_without_ddp
-    optimizer, _ = build_optimizer(model_without_ddp, config, plan.target, cuda=False)
+    optimizer, _ = build_optimizer(model_without_ddp, config, plan.target)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     fed = _FedBatches()
     for images, labels in _global_batches(steps, global_batch, 10):

@@ -41,7 +41,7 @@ def test_device_decode_matches_cpu_decode():
     assert cuda[0].is_cuda and (cuda[0].cpu().int() - cpu[0].int()).abs().float().mean() < 2
 
 
-def test_nccl_backend_with_one_ray_train_worker(tmp_path):
+def test_nccl_backend_with_one_ray_train_worker(own_ray, tmp_path):
     import ray
 
     from rp2k_dist.config import load_config

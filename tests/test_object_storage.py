@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from rp2k_dist import storage
@@ -142,9 +140,7 @@ def test_a_failed_upload_raises_instead_of_being_logged(s3_server, monkeypatch):
 
 
 @pytest.mark.slow
-def test_train_from_s3_shards_with_s3_checkpoints_resume_and_predict(s3_server, s3_pack, synth_shards):
-    import ray
-
+def test_train_from_s3_shards_with_s3_checkpoints_resume_and_predict(ray_cluster, s3_server, s3_pack, synth_shards):
     from rp2k_dist.config import load_config
     from rp2k_dist.evaluation.inference import load_trained, predict_shards
     from rp2k_dist.launch.trainer import read_metrics, run_training
@@ -153,14 +149,10 @@ def test_train_from_s3_shards_with_s3_checkpoints_resume_and_predict(s3_server, 
     shards = s3_server.uri("packs", "synth")
     pack_dataset_from_local(synth_shards, shards)
     runs = s3_server.uri("runs")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {**s3_server.env, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
-    try:
-        run_training(load_config(None, tiny_run_overrides(shards, runs, "s3run", epochs=1)))
-        config = load_config(None, tiny_run_overrides(shards, runs, "s3run", epochs=2))
-        final = run_training(config)
-    finally:
-        ray.shutdown()
+    # the cluster's workers hold the server's credentials (tests.conftest.ray_worker_env)
+    run_training(load_config(None, tiny_run_overrides(shards, runs, "s3run", epochs=1)))
+    config = load_config(None, tiny_run_overrides(shards, runs, "s3run", epochs=2))
+    final = run_training(config)
     history = read_metrics(config)
     assert [m["epoch"] for m in history] == [1, 2]
     assert history[1]["resumed_from_epoch"] == 1

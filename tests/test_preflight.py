@@ -29,8 +29,8 @@ def _assert_failed_before_ray(code, lines, tmp_path, key: str) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _no_ray():
-    assert not ray.is_initialized(), "these tests need a driver without Ray"
+def _no_ray(no_ray):
+    """Every test here starts without Ray in this process (tests.conftest.no_ray)."""
 
 
 def test_missing_shards_folder_fails_in_the_driver(capsys, tmp_path):

@@ -37,7 +37,7 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the check
 
 
 @pytest.fixture
-def spot_cluster(tmp_path):
+def spot_cluster(own_ray, tmp_path):
     trace = tmp_path / "trace"
     with pytest.MonkeyPatch.context() as patch:  # inherited by every raylet, so by Ray Train's actors
         patch.setenv(PREEMPTION_POLL_ENV, "0.5")

@@ -1,4 +1,4 @@
-"""Exact mid-epoch resume on a real local Ray: a worker SIGKILLed inside an epoch.
+"""Exact mid-epoch resume on the shared local Ray cluster: a worker SIGKILLed inside an epoch.
 
 The runs log the keys each rank trains at each step (a :class:`~tests.key_trace.KeyTrace`
 step observer). A step trained again after the restart replaces the lost one
@@ -11,9 +11,8 @@ import threading
 import time
 
 import pytest
-import ray
 
-from rp2k_dist.launch.trainer import run_training
+from rp2k_dist.launch.trainer import read_metrics, run_training
 from rp2k_dist.storage import RunStorage
 from tests.key_trace import KeyTrace, read_trace, trained_steps
 from tests.test_ray_train import _config, _kill_a_train_worker
@@ -24,11 +23,9 @@ EVERY = 2  # run.checkpoint_every_steps
 
 
 @pytest.fixture(scope="module")
-def traced_ray(tmp_path_factory):
-    trace = tmp_path_factory.mktemp("trace")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield trace
-    ray.shutdown()
+def traced_ray(ray_cluster, tmp_path_factory):
+    """The shared cluster, and the folder the runs' key traces go to."""
+    return tmp_path_factory.mktemp("trace")
 
 
 def _train(config, trace):
@@ -104,6 +101,7 @@ def test_killed_worker_resumes_mid_epoch_at_the_same_world_size(traced_ray, synt
     lines = _check_interrupted_epoch(traced_ray, "same", uninterrupted, global_batch=2 * 16)
     assert {line["world_size"] for line in lines} == {2}
     assert final["resumed_from_step"] == max(line["origin"] for line in lines)
+    assert [m["epoch"] for m in read_metrics(config)] == [1]  # the restarted epoch reported once
 
 
 def test_killed_run_resumes_mid_epoch_at_another_world_size(traced_ray, synth_shards, tmp_path, uninterrupted):

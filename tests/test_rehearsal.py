@@ -131,7 +131,10 @@ def rented(s3_endpoint, tmp_path):
         # loaded two-core machine can miss; a node that missed it is started again
         for i in range(2):
             for attempt in range(3):
-                node = start(f"worker{i}-{attempt}", [f"--address=127.0.0.1:{port}", "--num-cpus=1"])
+                # a temp dir of its own, as on a machine of its own: nodes sharing one would
+                # unpack the job's working_dir into the same folder at the same time
+                node = start(f"worker{i}-{attempt}", [f"--address=127.0.0.1:{port}", "--num-cpus=1",
+                                                      f"--temp-dir={base / f'w{i}{attempt}'}"])
                 while not re.search(rf"/{i + 1}(\.0)? CPU", _status(ray, port, env)) and node.poll() is None:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"worker node {i} did not join:\n{_status(ray, port, env)}")

@@ -78,7 +78,7 @@ def test_two_parameter_groups_with_their_learning_rates_before_and_after_schedul
     config = load_config(None, ["model.name=apinet", "optim.optimizer=sgd", "optim.lr=0.02", "optim.lr_reference_batch=32",
                                 "optim.backbone_lr_scale=0.1", "optim.weight_decay=0.0005", "optim.momentum=0.9"])
     model = create_model("apinet", 3)
-    optimizer, lr = build_optimizer(model, config, global_batch=64, cuda=False)
+    optimizer, lr = build_optimizer(model, config, global_batch=64)
     assert lr == pytest.approx(0.04)  # 0.02 per 32 images, global batch 64
     backbone, head = optimizer.param_groups
     assert (backbone["name"], head["name"]) == ("backbone", "head")
@@ -97,7 +97,7 @@ def test_two_parameter_groups_with_their_learning_rates_before_and_after_schedul
     from rp2k_dist.engine.batchnorm import freeze_batchnorm
 
     freeze_batchnorm(model)
-    frozen, _ = build_optimizer(model, config, global_batch=64, cuda=False)
+    frozen, _ = build_optimizer(model, config, global_batch=64)
     assert len(frozen.param_groups[0]["params"]) == len(backbone["params"]) - 2 * 36
 
 

@@ -1,8 +1,8 @@
 """`rp2k submit` / `rp2k jobs`: entrypoint, upload excludes, errors, and a real Ray head.
 
-The integration tests start their own head (`ray start --head --block`, own ports and temp
-dir, token authentication forced on with a token file of the test's own) and kill exactly
-the processes it started; `ray stop` is never used (it stops every Ray on the machine).
+The integration tests run against the session's ``ray start`` head (tests.ray_clusters.RayHead:
+own ports and temp dir, the dashboard's Jobs API, token authentication forced on with a
+token file of its own).
 """
 
 from __future__ import annotations
@@ -12,17 +12,12 @@ import os
 import re
 import secrets
 import shlex
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
 
-import psutil
 import pytest
 
 from rp2k_dist.cli import main
@@ -43,6 +38,7 @@ from rp2k_dist.launch.submit import (
     submit,
     wait,
 )
+from tests.ray_clusters import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -160,76 +156,6 @@ def test_missing_address_is_a_clear_error(monkeypatch):
 
 
 # --------------------------------------------------------------------------- a real Ray head
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_tree(root_pid: int, marker: str) -> None:
-    """SIGKILL the head's process tree, its process group, and anything still naming our temp dir."""
-    victims: dict[int, psutil.Process] = {}
-    try:
-        top = psutil.Process(root_pid)
-        victims[top.pid] = top
-        victims.update({p.pid: p for p in top.children(recursive=True)})
-    except psutil.NoSuchProcess:
-        pass
-    for process in psutil.process_iter(["cmdline"]):
-        if any(marker in part for part in process.info["cmdline"] or []):
-            victims[process.pid] = process
-    for process in victims.values():
-        try:
-            process.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    try:
-        os.killpg(root_pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    psutil.wait_procs(list(victims.values()), timeout=10)
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    """A Ray head with the dashboard / Jobs API and token authentication ON, whatever this
-    machine's ~/.ray/auth_token says: RAY_AUTH_MODE=token with the test's own token file."""
-    base = Path(tempfile.mkdtemp(prefix="rp2kj", dir="/tmp"))  # short: Ray's unix sockets live under it
-    token_file = base / "auth_token"
-    token_file.write_text(secrets.token_hex(32))
-    token_file.chmod(0o600)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file),
-               PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")  # the job's `python` is this venv's
-    dashboard = _free_port()
-    command = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
-               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-               f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
-               "--num-cpus=2", "--object-store-memory=150000000", f"--temp-dir={base / 'ray'}", "--disable-usage-stats"]
-    log = open(base / "head.log", "w")
-    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=base)
-    url = f"http://127.0.0.1:{dashboard}"
-    try:
-        import requests
-
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                response = requests.get(f"{url}/api/version", timeout=2)
-                if response.status_code in (200, 401):  # 401: up, and asking for the token
-                    break
-            except requests.RequestException:
-                pass
-            if head.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray head did not come up:\n{(base / 'head.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield {"url": url, "token_file": token_file, "env": env, "base": base}
-    finally:
-        _kill_tree(head.pid, str(base))
-        log.close()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -383,4 +309,4 @@ def test_auth_errors_say_what_to_do(ray_head, tmp_path):
     assert "requires an authentication token" in done.stderr and "RAY_AUTH_MODE=token" in done.stderr
     assert "Traceback" not in done.stderr
     with pytest.raises(SubmitError, match="cannot reach the Ray Jobs API"):
-        connect(f"http://127.0.0.1:{_free_port()}")
+        connect(f"http://127.0.0.1:{free_port()}")

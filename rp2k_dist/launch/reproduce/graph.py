@@ -151,12 +151,14 @@ def check_inputs(experiments: Sequence[Experiment], configs: dict[str, Experimen
 
 
 def is_finished(config: ExperimentConfig) -> bool:
-    """The run has evaluated its last planned epoch (``evaluation.json`` of that epoch)."""
+    """The run has evaluated its last planned epoch (``evaluation.json`` of that epoch) and
+    saved that epoch's checkpoint. Rank 0 writes the evaluation first: a run stopped between
+    the two (its driver killed) is not finished, and resumes from its last checkpoint."""
     folder = RunStorage(config.run.storage_path, config.run.name)
     if not folder.exists(run_folder.EVALUATION):
         return False
-    final = json.loads(folder.read_bytes(run_folder.EVALUATION)).get("final", {})
-    return int(final.get("epoch", 0)) >= config.optim.epochs
+    epoch = int(json.loads(folder.read_bytes(run_folder.EVALUATION)).get("final", {}).get("epoch", 0))
+    return epoch >= config.optim.epochs and folder.exists(f"{run_folder.checkpoint_dir(epoch)}/{run_folder.CHECKPOINT}")
 
 
 def folder_times(config: ExperimentConfig) -> tuple[float | None, float | None]:
