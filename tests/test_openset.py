@@ -18,7 +18,7 @@ from rp2k_dist.config import ConfigError, load_config
 from rp2k_dist.data.holdout import held_out_classes
 from rp2k_dist.engine.train import build_checkpoint, build_loaders, select_data
 from rp2k_dist.errors import GalleryModelMismatchError
-from rp2k_dist.evaluation.embeddings import Embedded, embed_samples, embed_source, model_id, read_embeddings, write_embeddings
+from rp2k_dist.evaluation.embeddings import Embedded, embed_samples, embed_source, folder_samples, model_id, read_embeddings, write_embeddings
 from rp2k_dist.evaluation.gallery import (
     UNKNOWN, Gallery, add_to_gallery, answers, build_gallery, calibrate_threshold, predict_with_gallery,
     recall_against_exact,
@@ -133,6 +133,10 @@ def test_embeddings_are_unit_norm_deterministic_and_written_with_the_model_id(ru
     back = read_embeddings(tmp_path / "e.parquet")
     assert back.model_id == first.model_id and np.array_equal(np.stack(back.table["embedding"]), vectors)
     assert set(back.table["class"]) <= set(range(synth_shards.num_classes))
+    # an image folder is labelled by its sub-folders, matched to the model's classes by name
+    labelled = folder_samples(synth_shards.root.parent / "rp2k" / "all" / "test", trained.classes)
+    assert len(labelled) > 0 and (labelled["class"] >= 0).all()
+    assert (labelled["class"].map(lambda c: synth_shards.classes[c]["name"]) == labelled["name"]).all()
 
 
 def _reencoded(source: Path, target: Path) -> Path:

@@ -148,8 +148,9 @@ def folder_samples(folder: str | Path, classes: Sequence[dict[str, Any]], label:
     each file's first sub-folder name (``folder/<label>/...``; '' for files at the top),
     matched to ``classes`` by name or SKU (:func:`label_of`)."""
     rows = []
+    base = storage.join(folder, "").rstrip("/")
     for path in list_files(folder):
-        relative = path[len(storage.join(folder, "")):] if path.startswith(storage.join(folder, "")) else path
+        relative = path[len(base):].lstrip("/")
         name = label if label is not None else (relative.split("/")[0] if "/" in relative else "")
         rows.append({"key": path, "split": "", **label_of(classes, name)})
     return pd.DataFrame(rows, columns=list(LABEL_COLUMNS))
