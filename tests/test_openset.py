@@ -244,16 +244,15 @@ def test_openset_writes_its_table_for_a_run_with_unseen_classes(run, synth_shard
 def test_embed_with_ray_equals_one_process(run, synth_shards, tmp_path):
     import ray
 
-    from rp2k_dist.cli import main
+    from rp2k_dist.evaluation.embeddings import embed_source_ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        assert main(["embed", str(run["dir"]), str(synth_shards.root), "--out", str(tmp_path / "ray.parquet"),
-                     "--ray", "--actors", "1", "--batch-size", "16"]) == 0
+        with_ray = embed_source_ray(run["dir"], synth_shards.root, "test", batch_size=16, actors=1)
     finally:
         ray.shutdown()
-    assert main(["embed", str(run["dir"]), str(synth_shards.root), "--out", str(tmp_path / "one.parquet")]) == 0
-    ray_table, one = read_embeddings(tmp_path / "ray.parquet").table, read_embeddings(tmp_path / "one.parquet").table
-    ray_table = ray_table.sort_values("key").reset_index(drop=True)
-    assert ray_table["key"].tolist() == one["key"].tolist()
-    assert np.allclose(np.stack(ray_table["embedding"]), np.stack(one["embedding"]), atol=1e-6)
+    one = embed_source(run["dir"], synth_shards.root, "test")
+    table = with_ray.table.sort_values("key").reset_index(drop=True)
+    assert table["key"].tolist() == one.table["key"].tolist() and with_ray.model_id == one.model_id
+    assert table["class"].tolist() == one.table["class"].tolist()
+    assert np.allclose(np.stack(table["embedding"]), np.stack(one.table["embedding"]), atol=1e-6)
