@@ -9,7 +9,7 @@ every consumer sees the same decode, evaluation transform and model call
 preprocessing, same rejection of unreadable files).
 
 An embedding table (Parquet) has one row per image: ``key`` (a shard sample's key, or a
-file's path), ``split`` (shards) , ``class`` (global class index; -1 for a label the model
+file's path), ``split`` (shards; '' for files), ``class`` (global class index; -1 for a label the model
 does not know), ``name``, ``sku``, ``type``, ``shape`` and ``embedding`` (float32 [D],
 unit norm); its schema metadata holds the model's id (:func:`model_id`).
 """

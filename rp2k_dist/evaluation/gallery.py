@@ -27,7 +27,6 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -131,9 +130,9 @@ class Gallery:
     def create(cls, embedded: Embedded, checkpoint: str = "", index: str = "auto", nlist: int = 0,
                nprobe: int = 0) -> "Gallery":
         """A gallery of an embedding table, with its index built."""
-        vectors = np.stack(list(embedded.table["embedding"])).astype(np.float32) if len(embedded.table) else None
-        if vectors is None:
+        if embedded.table.empty:
             raise DataError("no image to put into the gallery")
+        vectors = np.stack(list(embedded.table["embedding"])).astype(np.float32)
         built, kind, nlist, nprobe = build_index(vectors, index, nlist, nprobe)
         return cls(embedded.table[list(LABEL_COLUMNS)].reset_index(drop=True), vectors, embedded.model_id,
                    checkpoint, index_kind=kind, nlist=nlist, nprobe=nprobe, index=built)

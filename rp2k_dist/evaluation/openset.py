@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .. import run_folder, storage
+from .. import run_folder
 from ..data.manifest import Manifest
 from ..data.metadata import TYPES
 from ..errors import DataError
