@@ -116,6 +116,11 @@ class DataConfig:
     # the same for every run of the dataset): the "holdout" split on which `rp2k ensemble`
     # chooses the routing threshold (Table 3 column e); 0 = none
     holdout: float = 0.0
+    # classes never trained on (open-set evaluation, `rp2k openset`): a count, a fraction of
+    # the classes, or a list of class names / indices; a count or fraction is drawn by a hash
+    # of the class names, stratified across product types (rp2k_dist.data.holdout); 0 = none.
+    # Class indices stay global: the model keeps a (never trained) output for each.
+    holdout_classes: int | float | list = 0
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size must be >= 1")
@@ -128,6 +133,15 @@ class DataConfig:
         _check(0.0 <= self.holdout < 0.5, f"data.holdout must be in [0, 0.5), got {self.holdout}")
         if self.meta_category:
             parse_meta_category(self.meta_category)
+        spec = self.holdout_classes
+        if isinstance(spec, list):
+            _check(all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in spec),
+                   f"data.holdout_classes as a list must hold class names or indices, got {spec!r}")
+        elif isinstance(spec, float):
+            _check(0.0 <= spec < 1.0, f"data.holdout_classes as a fraction must be in [0, 1), got {spec}")
+        else:
+            _check(isinstance(spec, int) and not isinstance(spec, bool) and spec >= 0,
+                   f"data.holdout_classes must be a count >= 0, a fraction in [0, 1) or a list of classes, got {spec!r}")
         if self.classes_per_batch:
             _check(self.images_per_class >= 2, "data.images_per_class must be >= 2 (API-Net needs intra-class pairs)")
             _check(self.classes_per_batch >= 2, "data.classes_per_batch must be >= 2 (API-Net needs inter-class pairs)")
@@ -138,6 +152,10 @@ class DataConfig:
 SPLIT_MODELS = ("apinet",)
 #: ``model.bn`` values (see :class:`ModelConfig`).
 BN_MODES = ("train", "frozen", "sync")
+#: ``model.head`` values, the margin losses of the cosine head, and the models that have one.
+HEADS = ("softmax", "cosine")
+MARGIN_LOSSES = ("arcface", "cosface")
+COSINE_HEAD_MODELS = ("resnet34",)
 
 
 @dataclass
@@ -158,6 +176,13 @@ class ModelConfig:
     # model.weights / model.pretrained stay as they are) | sync (SyncBatchNorm: statistics over
     # the global batch under DDP; the same as train on one worker)
     bn: str = "train"
+    # classifier: softmax (a linear layer, the paper's) | cosine (logits = scale x cosine of
+    # the pooled feature and each class's weight vector, trained with an additive angular
+    # (ArcFace) or cosine (CosFace) margin; pytorch-metric-learning's losses)
+    head: str = "softmax"
+    margin_loss: str = "arcface"  # cosine head: arcface | cosface
+    margin: float = 0.0  # cosine head; 0 = the loss's default (ArcFace 28.6 degrees = 0.5 rad, CosFace 0.35)
+    scale: float = 64.0  # cosine head: s of both papers
 
     def __post_init__(self) -> None:
         from .models.registry import model_names  # torch is only needed once a config is checked
@@ -168,6 +193,19 @@ class ModelConfig:
         _check(self.crop_size == 0 or self.crop_size >= 32, "model.crop_size must be 0 or >= 32")
         _check(self.freeze_backbone_epochs >= 0, "model.freeze_backbone_epochs must be >= 0")
         _check(self.bn in BN_MODES, f"model.bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
+        _check(self.head in HEADS, f"model.head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        _check(self.head == "softmax" or self.name in COSINE_HEAD_MODELS,
+               f"model.head=cosine is available for {', '.join(COSINE_HEAD_MODELS)}, not {self.name}")
+        _check(self.margin_loss in MARGIN_LOSSES,
+               f"model.margin_loss must be one of {', '.join(MARGIN_LOSSES)}, got {self.margin_loss!r}")
+        _check(self.margin >= 0 and self.scale > 0, "model.margin must be >= 0 and model.scale > 0")
+
+    def head_args(self) -> dict[str, Any]:
+        """The builder's keyword arguments of the head (empty for the softmax head, so
+        checkpoints of softmax models keep their ``model_args``)."""
+        if self.head == "softmax":
+            return {}
+        return {"head": self.head, "margin_loss": self.margin_loss, "margin": self.margin, "scale": self.scale}
 
 
 @dataclass
@@ -313,6 +351,10 @@ class ExperimentConfig:
                    "(data.classes_per_batch): set optim.global_batch=0")
             _check(self.optim.global_batch >= self.run.max_workers, f"optim.global_batch {self.optim.global_batch} "
                    f"is below run.workers' {self.run.max_workers}: every worker needs one image per step")
+        if self.model.head == "cosine":
+            _check(self.loss.variant == "softmax" and not self.loss.label_smoothing,
+                   "model.head=cosine trains with a margin softmax loss weighted per sample by CBL: set "
+                   "loss.variant=softmax and loss.label_smoothing=0")
         _check(not self.run.elastic or bool(self.optim.global_batch),
                "elastic run.workers [min, max] needs a fixed optim.global_batch (else the experiment changes with "
                "the number of live workers)")

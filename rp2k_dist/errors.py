@@ -145,6 +145,19 @@ class ExportCheckError(Rp2kError):
     hint = f"{TROUBLESHOOTING}#exportcheckerror"
 
 
+class GalleryError(Rp2kError):
+    """A gallery folder that is missing, incomplete or not a gallery of this project."""
+
+    hint = f"build it with `rp2k gallery build CKPT SOURCE --out G`; {TROUBLESHOOTING}#galleryerror"
+
+
+class GalleryModelMismatchError(GalleryError):
+    """A gallery used with another model than the one whose embeddings it holds."""
+
+    hint = (f"query the gallery with the checkpoint that built it, or rebuild it with this one; "
+            f"{TROUBLESHOOTING}#gallerymodelmismatcherror")
+
+
 # ----------------------------------------------------------------------------- storage and clusters
 class StorageError(Rp2kError):
     """A read or write of a local file or object failed; the message says where and why."""

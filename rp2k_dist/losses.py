@@ -79,6 +79,11 @@ class ClassBalancedLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"variant={self.variant}, classes={self.weights.numel()}, gamma={self.gamma}"
 
+    def weighted(self, losses: Tensor, labels: Tensor) -> Tensor:
+        """mean_i(w[y_i] * losses_i) of per-sample losses [N] computed elsewhere (the cosine
+        head's margin softmax): the softmax variant's weighting of any per-sample loss."""
+        return (self.weights[labels] * losses.float()).mean()
+
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         num_classes = self.weights.numel()
         if logits.ndim != 2 or logits.shape[1] != num_classes:
@@ -87,7 +92,7 @@ class ClassBalancedLoss(nn.Module):
         sample_weights = self.weights[labels]
         if self.variant == "softmax":
             ce = F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.label_smoothing)
-            return (sample_weights * ce).mean()
+            return self.weighted(ce, labels)
         targets = F.one_hot(labels, num_classes).float()
         if self.label_smoothing:
             targets = targets * (1.0 - self.label_smoothing) + self.label_smoothing / num_classes

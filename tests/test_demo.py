@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from rp2k_dist.data.holdout import held_out_classes
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +62,11 @@ def test_tiny_demo_runs_end_to_end_from_an_installed_wheel(tmp_path):
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert history[-1]["world_size"] == 2
     manifest = json.loads((out / "shards" / "dataset.json").read_text())
-    assert history[-1]["val_samples"] == manifest["splits"]["test"]["samples"]
+    unseen = held_out_classes(manifest["classes"], 1)  # the tiny demo's data.holdout_classes
+    unseen_test = sum(manifest["classes"][c]["counts"]["test"] for c in unseen)
+    assert len(unseen) == 1 and unseen_test > 0
+    assert history[-1]["val_samples"] == manifest["splits"]["test"]["samples"] - unseen_test  # seen classes only
+    assert "open set: 1 class never trained on" in done.stdout and (run / "openset.md").exists()
     assert len(manifest["skipped"]) == 1  # the planted corrupt file, counted, not fatal
     assert (run / "predictions.parquet").exists()
     assert (run / "umap.png").exists() and (run / "report" / "report.html").exists()

@@ -1,8 +1,9 @@
 """The paper's Fig. 3: a UMAP projection of a trained model's penultimate features,
 coloured by meta-category, here in two panels (type and shape) side by side.
 
-Features come from :func:`rp2k_dist.evaluation.inference.features_of` on the evaluation transform of
-the shard images. A subsample (``max_samples``) is drawn deterministically from the
+Features come from :func:`rp2k_dist.evaluation.embeddings.shard_features` (unnormalised):
+the evaluation transform of the shard images, then the model's pooled features, the same
+loop as ``rp2k embed``. A subsample (``max_samples``) is drawn deterministically from the
 split's keys before any image is decoded, so tens of thousands of test images stay
 tractable on a CPU.
 """
@@ -10,23 +11,18 @@ tractable on a CPU.
 from __future__ import annotations
 
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from tqdm import tqdm
 
 from .. import storage
 from ..data.manifest import Manifest
 from ..data.metadata import SHAPES, TYPES
-from ..data.transforms import EvalTransform
 from ..errors import DataError
-from ..evaluation.inference import TrainedModel, features_of, load_trained
-from . import iter_shard_images
+from ..evaluation.embeddings import shard_features
+from ..evaluation.inference import TrainedModel, load_trained
 from .figures import GREY, category_colours, legend_outside
 from .fonts import readable_fonts
 
@@ -58,18 +54,10 @@ def select_samples(
 def extract_features(
     trained: TrainedModel, manifest: Manifest, keys: list[str], batch_size: int = 64, workers: int = 2
 ) -> dict[str, np.ndarray]:
-    """Penultimate features [D] of each key's image (evaluation transform), by key."""
-    transform = EvalTransform(trained.spec)
-    features: dict[str, np.ndarray] = {}
-    stream = iter_shard_images(manifest, keys)
-    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(
-        total=len(keys), desc="features", unit="img", disable=None
-    ) as bar:
-        while batch := list(islice(stream, batch_size)):
-            images = torch.stack(list(pool.map(transform, [jpeg for _, jpeg in batch])))
-            features.update(zip([key for key, _ in batch], features_of(trained, images).numpy()))
-            bar.update(len(batch))
-    return features
+    """Penultimate features [D] of each key's image (evaluation transform), by key: the raw
+    pooled features of :func:`rp2k_dist.evaluation.embeddings.shard_features`, the feature
+    loop ``rp2k embed`` and the galleries share."""
+    return shard_features(trained, manifest, keys, batch_size, workers, normalise=False)
 
 
 def project(features: np.ndarray, seed: int = 0) -> np.ndarray:

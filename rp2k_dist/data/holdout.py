@@ -1,5 +1,7 @@
-"""The validation split carved from train (``data.holdout``): held out of training, used to
-choose the ensemble's routing threshold without looking at the test split.
+"""What training never sees: the validation split carved from train (``data.holdout``),
+used to choose the ensemble's routing threshold and the open-set threshold without looking
+at the test split, and the unseen classes (``data.holdout_classes``,
+:func:`held_out_classes`), whose images stay out of training altogether.
 
 Which images are held out is a pure function of the train split's keys, labels and the
 fraction: within each class the images are ordered by a hash of their key and the first
@@ -47,3 +49,59 @@ def holdout_mask(keys: Sequence[str], labels: Sequence[int], fraction: float) ->
         rows.sort(key=lambda i: (_rank_of(str(keys[i])), str(keys[i])))
         mask[rows[: held_out_count(len(rows), fraction)]] = True
     return mask
+
+
+def _class_rank(name: str) -> bytes:
+    return hashlib.blake2b(name.encode(), digest_size=8, person=b"rp2k-unseen").digest()
+
+
+def held_out_classes(classes: Sequence[dict], spec: int | float | Sequence[int | str]) -> list[int]:
+    """``data.holdout_classes``: the classes kept out of training (global indices, sorted),
+    a pure function of the manifest's class table.
+
+    ``spec``: a count (int >= 1), a fraction of the eligible classes (float in (0, 1), at
+    least one class), or a list of class names / indices; 0 = none. A count or a fraction is
+    drawn among the eligible classes (at least one train image, for a gallery, and one test
+    image, for queries), stratified across the ``type`` meta-categories: each type gets its
+    share of the count by largest remainder (in proportion to its eligible classes), and
+    within a type the classes come in the order of a hash of their name. So every run of a
+    dataset holds out the same classes whatever else its config says.
+    """
+    if isinstance(spec, (list, tuple)):
+        by_name = {c["name"]: int(c["index"]) for c in classes}
+        chosen, unknown = set(), []
+        for item in spec:
+            if isinstance(item, int) and not isinstance(item, bool) and 0 <= item < len(classes):
+                chosen.add(item)
+            elif isinstance(item, str) and item in by_name:
+                chosen.add(by_name[item])
+            else:
+                unknown.append(item)
+        if unknown:
+            raise ConfigError(f"data.holdout_classes: {unknown[:5]} are neither class names nor indices of the "
+                              f"dataset ({len(classes)} classes)")
+        return sorted(chosen)
+    eligible = [c for c in classes if c["counts"].get("train", 0) >= 1 and c["counts"].get("test", 0) >= 1]
+    if isinstance(spec, float):
+        if not 0.0 <= spec < 1.0:
+            raise ConfigError(f"data.holdout_classes as a fraction must be in [0, 1), got {spec}")
+        count = max(1, math.floor(len(eligible) * spec + 0.5)) if spec > 0 else 0
+    else:
+        count = int(spec)
+    if count < 0 or count >= len(eligible):
+        raise ConfigError(f"data.holdout_classes: {count} classes cannot be held out of {len(eligible)} with both "
+                          "train and test images (some must stay seen)")
+    if count == 0:
+        return []
+    by_type: dict[str, list[dict]] = defaultdict(list)
+    for c in eligible:
+        by_type[str(c.get("type", "unknown"))].append(c)
+    quotas = {t: count * len(members) / len(eligible) for t, members in by_type.items()}
+    share = {t: math.floor(q) for t, q in quotas.items()}
+    for t in sorted(quotas, key=lambda t: (-(quotas[t] - share[t]), -len(by_type[t]), t))[: count - sum(share.values())]:
+        share[t] += 1
+    chosen = []
+    for t, members in by_type.items():
+        members = sorted(members, key=lambda c: (_class_rank(str(c["name"])), str(c["name"])))
+        chosen.extend(int(c["index"]) for c in members[: share[t]])
+    return sorted(chosen)

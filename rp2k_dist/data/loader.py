@@ -347,12 +347,19 @@ class ShardLoader:
         train: bool = True,
         classes: Sequence[int] | None = None,
         class_balanced: tuple[int, int] | None = None,
+        exclude: Sequence[int] = (),
     ):
         """``classes``: keep only these global labels, relabelled 0..len-1 in that order
-        (a meta-category specialist). ``class_balanced``: (P, K) batches for training."""
+        (a meta-category specialist). ``class_balanced``: (P, K) batches for training.
+        ``exclude``: global labels left out entirely, without relabelling (unseen classes,
+        ``data.holdout_classes``)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        table = SampleTable.from_manifest(manifest, split, classes, int(config.chunk_mb * 1e6), config.data.holdout)
+        kept = classes
+        if exclude:
+            left_out = set(int(c) for c in exclude)
+            kept = [c for c in (classes if classes is not None else range(manifest.num_classes)) if c not in left_out]
+        table = SampleTable.from_manifest(manifest, split, kept, int(config.chunk_mb * 1e6), config.data.holdout)
         if len(table) == 0:
             raise DataError(f"split {split!r} of {manifest.root} has no samples"
                             + (" of the run's classes (data.meta_category)" if classes is not None else ""))

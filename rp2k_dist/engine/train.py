@@ -10,6 +10,7 @@ loop (train, evaluate, report, checkpoint) and leaves the evaluation artefacts
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -37,7 +38,7 @@ from ..run_folder import FORMAT, VERSION, write_metrics
 from ..storage import RunStorage, display
 from . import distributed as dist_utils
 from ..data.epoch_state import consumed_of
-from ..data.holdout import held_out_count
+from ..data.holdout import held_out_classes, held_out_count
 from .checkpoint import rng_state, set_rng_state
 from .batchnorm import batchnorm_eval, prepare_batchnorm, synced_layers
 from .context import WorkerContext
@@ -55,6 +56,7 @@ class RunData:
     class_subset: list[int] | None  # global indices, in the run's label order
     classes: list[dict[str, Any]]  # the run's class table, "index" = run label
     train_counts: list[int]
+    unseen: list[int] = dataclasses.field(default_factory=list)  # data.holdout_classes (global indices)
 
 
 def select_data(config: ExperimentConfig) -> RunData:
@@ -63,10 +65,14 @@ def select_data(config: ExperimentConfig) -> RunData:
     if config.data.meta_category:
         subset = manifest.classes_of(*parse_meta_category(config.data.meta_category))
     chosen = subset if subset is not None else list(range(manifest.num_classes))
-    classes = [{**manifest.classes[g], "index": i, "global_index": g} for i, g in enumerate(chosen)]
-    # the images each class trains on (the CBL's n_c): train less the held-out share
-    counts = [n - held_out_count(n, config.data.holdout) for n in manifest.class_counts("train")]
-    return RunData(manifest, subset, classes, [counts[g] for g in chosen])
+    unseen = held_out_classes(manifest.classes, config.data.holdout_classes)
+    classes = [{**manifest.classes[g], "index": i, "global_index": g, **({"unseen": True} if g in unseen else {})}
+               for i, g in enumerate(chosen)]
+    # the images each class trains on (the CBL's n_c): train less the held-out share; none
+    # for an unseen class (its CBL weight is then 0: it is never a target)
+    counts = [0 if g in unseen else n - held_out_count(n, config.data.holdout)
+              for g, n in enumerate(manifest.class_counts("train"))]
+    return RunData(manifest, subset, classes, [counts[g] for g in chosen], unseen)
 
 
 def uses_device_decode(config: ExperimentConfig, device: torch.device) -> bool:
@@ -96,12 +102,13 @@ def build_loaders(config: ExperimentConfig, data: RunData, spec: InputSpec, rank
     balanced = (c.classes_per_batch, c.images_per_class) if c.classes_per_batch else None
     fixed = {} if batches is None or not batches.fixed else dict(
         global_batch=batches.target, micro_batch=batches.micro_batch, step_batches=batches.accumulation)
+    # unseen classes (data.holdout_classes) are out of training and of the closed-set evaluation
     train = ShardLoader(data.manifest, "train", RawJpeg() if raw else TrainTransform(spec, config.augment),
                         LoaderConfig(**common, **fixed), rank, world, train=True,
-                        classes=data.class_subset, class_balanced=balanced)
+                        classes=data.class_subset, class_balanced=balanced, exclude=data.unseen)
     evaluation = ShardLoader(data.manifest, "test", RawJpeg() if raw else EvalTransform(spec),
                              LoaderConfig(evaluation=True, **common),
-                             rank, world, train=False, classes=data.class_subset)
+                             rank, world, train=False, classes=data.class_subset, exclude=data.unseen)
     return train, evaluation
 
 
@@ -356,7 +363,7 @@ def build_checkpoint(
         "format": FORMAT,
         "version": VERSION,
         "model_name": config.model.name,
-        "model_args": {"num_classes": len(data.classes)},
+        "model_args": {"num_classes": len(data.classes), **config.model.head_args()},
         "input_spec": spec.to_dict(),
         "classes": data.classes,
         "class_subset": data.class_subset,
@@ -405,7 +412,8 @@ def train_worker(
     train_loader, eval_loader = build_loaders(config, data, spec, context.rank, context.world_size, device, batches)
     train_to_device, eval_to_device = build_batches(config, spec, device)
 
-    model_without_ddp = create_model(config.model.name, len(data.classes), pretrained=config.model.pretrained or None)
+    model_without_ddp = create_model(config.model.name, len(data.classes), pretrained=config.model.pretrained or None,
+                                     **config.model.head_args())
     if config.model.weights:
         # a specialist takes the general classifier's rows of its classes, by global index
         report = load_weights_file(model_without_ddp, config.model.weights,

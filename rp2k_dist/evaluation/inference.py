@@ -121,7 +121,10 @@ def predict_shards(
                                   hint="was it trained on these shards?")
         subset, columns = list(classes), [position[int(g)] for g in classes]
     settings = LoaderConfig(DataConfig(batch_size=batch_size, loader_workers=workers, holdout=holdout))
-    loader = ShardLoader(manifest, split, EvalTransform(trained.spec), settings, train=False, classes=subset)
+    # a run's unseen classes (data.holdout_classes) stay out, as in its own evaluation
+    unseen = [int(c["global_index"]) for c in trained.classes if c.get("unseen")]
+    loader = ShardLoader(manifest, split, EvalTransform(trained.spec), settings, train=False, classes=subset,
+                         exclude=unseen)
     device = trained.device
     batches = ((normalize(b["image"].to(device), trained.spec), b["label"], b["key"]) for b in loader)
     predictions = predict_batches(trained.model, batches, device, columns=columns, groups=groups)

@@ -250,6 +250,22 @@ class _RayPredictor:
         return prediction_table(results, rejected)
 
 
+def ray_rows(items: list[dict[str, Any]], actor: type, kwargs: dict[str, Any], batch_size: int, actors: int,
+             num_gpus: float) -> list[dict[str, Any]]:
+    """Ray Data batch inference: ``items`` through ``map_batches`` over ``actors`` replicas of
+    ``actor(**kwargs)`` (each with ``num_gpus``; numpy batches of ``batch_size``), on the
+    connected Ray cluster or a local one started here; every output row."""
+    import ray
+
+    if not items:
+        return []
+    dataset = ray.data.from_items(items).map_batches(
+        actor, fn_constructor_kwargs=kwargs,
+        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=num_gpus,
+    )
+    return dataset.take_all()
+
+
 def predict_folder_ray(
     checkpoint: str | Path, folder: str | Path, out: str | Path, specialists: Sequence[str | Path] = (),
     rule: str = "top1", batch_size: int = 64, actors: int = 2, num_gpus: float = 0.0,
@@ -257,17 +273,11 @@ def predict_folder_ray(
     """:func:`predict_folder` as Ray Data batch inference over ``actors`` model replicas
     (each with ``num_gpus``; on the connected Ray cluster, or a local one started here).
     Same table, rows ordered by path."""
-    import ray
-
     _check_format(out)
     files = list_files(folder)
     models = {"checkpoint": str(checkpoint), "specialists": [str(s) for s in specialists], "rule": rule,
               "batch_size": batch_size}
-    dataset = ray.data.from_items([{"path": p} for p in files]).map_batches(
-        _RayPredictor, fn_constructor_kwargs=models,
-        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=num_gpus,
-    )
-    table = _frame(dataset.take_all() if files else [])
+    table = _frame(ray_rows([{"path": p} for p in files], _RayPredictor, models, batch_size, actors, num_gpus))
     table = table.sort_values(["path", "rank"], kind="stable").reset_index(drop=True)
     rejected = table.loc[table["error"].notna(), ["path", "error", "reason"]].to_dict("records")
     return FolderPrediction(write_table(table, out), table.loc[table["error"].isna(), "path"].nunique(), rejected)

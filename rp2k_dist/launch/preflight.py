@@ -33,7 +33,7 @@ def preflight(config: ExperimentConfig, resources: dict[str, float] | None) -> N
     classes = _check_meta_category(config, manifest, problems) if manifest is not None else None
     _check_weights(config, len(classes) if classes is not None else None, problems)
     if manifest is not None and classes is not None and "train" in manifest.data.get("splits", {}):
-        _check_batches(config, manifest, classes, problems)
+        _check_batches(config, manifest, _seen_classes(config, manifest, classes, problems), problems)
     if resources is not None:
         problems += _resource_problems(config, resources)
     _check_storage(config, problems)
@@ -107,6 +107,18 @@ def _check_weights(config: ExperimentConfig, num_classes: int | None, problems: 
         create_model(m.name, num_classes, weights=m.weights)
     except (Rp2kError, KeyError, RuntimeError) as err:
         problems.append(f"model.weights: {m.weights} does not fit {m.name}: {err}")
+
+
+def _seen_classes(config: ExperimentConfig, manifest: Manifest, classes: list[int], problems: list[str]) -> list[int]:
+    """``classes`` less the unseen ones (``data.holdout_classes``), which never train."""
+    from ..data.holdout import held_out_classes
+
+    try:
+        unseen = set(held_out_classes(manifest.classes, config.data.holdout_classes))
+    except ConfigError as err:
+        problems.append(str(err))
+        return classes
+    return [c for c in classes if c not in unseen]
 
 
 def _check_batches(config: ExperimentConfig, manifest: Manifest, classes: list[int], problems: list[str]) -> None:

@@ -31,6 +31,7 @@ from torchvision.models.inception import InceptionOutputs
 from ..errors import ConfigError
 from ..input_spec import InputSpec
 from .apinet import ApiNet, Criterion, resnet_trunk
+from .cosine import CosineHead, CosineOutput
 from .weights import imagenet_state_dict, load_weights_file
 
 
@@ -113,18 +114,28 @@ def create_model(
 
 class ResNetClassifier(nn.Module):
     """A torchvision ResNet held as ``self.net``: state-dict keys are torchvision's with the
-    prefix ``net.`` (``net.conv1.weight``, ``net.fc.bias``)."""
+    prefix ``net.`` (``net.conv1.weight``, ``net.fc.bias``).
 
-    head_prefixes = ("net.fc.",)
-    classifier_prefixes = ("net.fc.",)
+    With a :class:`~.cosine.CosineHead` (``cosine``), ``net.fc`` is an identity and the
+    head's class weights are ``head.margin_loss.W`` [D, C]: in training with labels the
+    forward returns :class:`~.cosine.CosineOutput` and :meth:`loss` weights each sample's
+    margin loss by the criterion's class weights."""
 
-    def __init__(self, net: ResNet):
+    head_prefixes: tuple[str, ...] = ("net.fc.",)
+    classifier_prefixes: tuple[str, ...] = ("net.fc.",)
+
+    def __init__(self, net: ResNet, cosine: CosineHead | None = None):
         super().__init__()
         self.net = net
+        self.head = cosine
+        if cosine is not None:
+            net.fc = nn.Identity()
+            # W is [D, C] (columns per class): new for a new class count, never sliced by row
+            self.head_prefixes, self.classifier_prefixes = ("head.",), ()
 
     @property
-    def classifier(self) -> nn.Linear:
-        return self.net.fc
+    def classifier(self) -> nn.Module:
+        return self.net.fc if self.head is None else self.head
 
     def forward_features(self, images: Tensor) -> Tensor:
         """images [N, 3, H, W] -> pooled features [N, 512] (ResNet-34)."""
@@ -133,15 +144,26 @@ class ResNetClassifier(nn.Module):
         x = net.layer4(net.layer3(net.layer2(net.layer1(x))))
         return torch.flatten(net.avgpool(x), 1)
 
-    def forward(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
-        """images [N, 3, H, W] -> logits [N, C] (train and eval)."""
-        return self.net(images)
+    def forward(self, images: Tensor, labels: Tensor | None = None) -> Tensor | CosineOutput:
+        """images [N, 3, H, W] -> logits [N, C]; a cosine head in training with ``labels``:
+        :class:`~.cosine.CosineOutput`."""
+        if self.head is None:
+            return self.net(images)
+        features = self.net(images)  # net.fc is the identity: pooled features [N, D]
+        logits = self.head(features)
+        if self.training and labels is not None:
+            return CosineOutput(logits, self.head.losses(features, labels))
+        return logits
 
-    def loss(self, output: Tensor, labels: Tensor, criterion: Criterion) -> Tensor:
+    def loss(self, output: Tensor | CosineOutput, labels: Tensor, criterion: Criterion) -> Tensor:
+        """criterion(logits, labels); a cosine head's margin losses weighted by the
+        criterion's per-class weights (``criterion.weighted``, the Class-Balanced Loss)."""
+        if isinstance(output, CosineOutput):
+            return criterion.weighted(output.losses, labels)
         return criterion(output, labels)
 
-    def logits(self, output: Tensor) -> Tensor:
-        return output
+    def logits(self, output: Tensor | CosineOutput) -> Tensor:
+        return output.logits if isinstance(output, CosineOutput) else output
 
 
 class InceptionClassifier(nn.Module):
@@ -192,13 +214,19 @@ class InceptionClassifier(nn.Module):
 
 
 @register_model("resnet34", InputSpec(224, 256), "ResNet-34 (torchvision): the paper's main classifier")
-def build_resnet34(num_classes: int, pretrained: bool = False) -> ResNetClassifier:
-    if not pretrained:
-        return ResNetClassifier(resnet34(num_classes=num_classes))
-    net = resnet34()
-    net.load_state_dict(imagenet_state_dict("resnet34"))
-    net.fc = nn.Linear(net.fc.in_features, num_classes)
-    return ResNetClassifier(net)
+def build_resnet34(num_classes: int, pretrained: bool = False, head: str = "softmax", margin_loss: str = "arcface",
+                   margin: float = 0.0, scale: float = 64.0) -> ResNetClassifier:
+    """``head``: softmax (a linear layer) or cosine (:class:`~.cosine.CosineHead` with
+    ``margin_loss``, ``margin`` and ``scale``)."""
+    if head not in ("softmax", "cosine"):
+        raise ConfigError(f"model.head must be softmax or cosine, got {head!r}")
+    net = resnet34(num_classes=num_classes) if not pretrained else resnet34()
+    if pretrained:
+        net.load_state_dict(imagenet_state_dict("resnet34"))
+        net.fc = nn.Linear(net.fc.in_features, num_classes)
+    if head == "softmax":
+        return ResNetClassifier(net)
+    return ResNetClassifier(net, CosineHead(num_classes, net.fc.in_features, margin_loss, margin, scale))
 
 
 @register_model(

@@ -1,0 +1,387 @@
+"""A searchable SKU gallery: embeddings of labelled images, a FAISS index over them, and
+the similarity below which a query is answered ``unknown``.
+
+Recognition by retrieval, as retail systems do it (PaddleClas PP-ShiTu: detection, an
+embedding model, and a gallery that grows by adding a few photos of a new product): a query
+image's embedding (:mod:`.embeddings`, unit norm) is compared by inner product, i.e. cosine
+similarity, with every gallery vector; each SKU scores its best match; the best SKU is the
+answer when its score reaches the gallery's threshold, else ``unknown``. A new product needs
+no retraining: ``rp2k gallery add`` embeds its photos with the same model.
+
+Index (FAISS, Johnson et al., arXiv:1702.08734; faiss wiki "Guidelines to choose an
+index"): ``flat`` is ``IndexFlatIP``, exact; ``ivf`` is ``IndexIVFFlat`` with an inner-product
+coarse quantiser of ``nlist`` cells (default about 4 sqrt(N)) trained by k-means on the
+vectors, searching ``nprobe`` cells (approximate: its recall against the exact search is
+measured by ``bench/gallery.py``). ``auto`` is flat up to :data:`EXACT_LIMIT` vectors.
+
+A gallery is a folder (local, mounted, ``s3://``, ``gs://``; read and written whole through
+:mod:`rp2k_dist.storage`): ``gallery.json`` (model id and checkpoint, dimension, count, index
+settings, threshold and how it was chosen), ``vectors.parquet`` (the embedding table of
+:mod:`.embeddings`) and ``index.faiss``. A gallery answers only queries embedded by the model
+that built it (:class:`~rp2k_dist.errors.GalleryModelMismatchError` otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .. import storage
+from ..data.holdout import holdout_mask
+from ..data.manifest import Manifest
+from ..errors import ConfigError, DataError, GalleryError, GalleryModelMismatchError
+from .embeddings import (
+    LABEL_COLUMNS, Embedded, embed_samples, folder_samples, is_shards, model_id, read_embeddings, shard_samples,
+    write_embeddings,
+)
+from .inference import TrainedModel, load_trained
+from .predict import FolderPrediction, _check_format, list_files, write_table
+
+GALLERY_JSON = "gallery.json"
+VECTORS = "vectors.parquet"
+INDEX = "index.faiss"
+FORMAT = "rp2k-dist-gallery"
+VERSION = 1
+#: ``auto`` index: exact (flat) search up to this many vectors, IVF beyond.
+EXACT_LIMIT = 1_000_000
+INDEX_KINDS = ("auto", "flat", "ivf")
+#: The answer of a query whose best SKU scores below the threshold.
+UNKNOWN = "unknown"
+#: Default share of known queries accepted by a calibrated threshold.
+DEFAULT_TAR = 0.95
+
+
+def default_nlist(n: int) -> int:
+    """IVF cells for ``n`` vectors: about 4 sqrt(n) (faiss wiki), and at most n / 39 so
+    that k-means has its 39 training points per centroid; at least 1."""
+    return max(1, min(int(4 * math.sqrt(n)), n // 39))
+
+
+def build_index(vectors: np.ndarray, kind: str = "auto", nlist: int = 0, nprobe: int = 0):
+    """A FAISS inner-product index over ``vectors`` [N, D] (float32, unit norm): (index,
+    resolved kind, nlist, nprobe). ``nlist`` 0: :func:`default_nlist`; ``nprobe`` 0: 8 (at
+    most nlist)."""
+    import faiss
+
+    if kind not in INDEX_KINDS:
+        raise ConfigError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    n, dim = vectors.shape
+    if kind == "auto":
+        kind = "flat" if n <= EXACT_LIMIT else "ivf"
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+        index.add(vectors)
+        return index, kind, 0, 0
+    nlist = nlist or default_nlist(n)
+    if n < nlist:
+        raise ConfigError(f"an IVF index of {nlist} cells needs at least {nlist} vectors, the gallery has {n}",
+                          hint="use --index flat (exact) for small galleries, or a smaller --nlist")
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add(vectors)
+    index.nprobe = min(nprobe or 8, nlist)
+    return index, kind, nlist, int(index.nprobe)
+
+
+def calibrate_threshold(scores: np.ndarray, tar: float = DEFAULT_TAR) -> float:
+    """The highest similarity threshold that still accepts at least ``tar`` of the known
+    queries whose best-match ``scores`` are given: the ``floor((1 - tar) n)``-th smallest."""
+    scores = np.sort(np.asarray(scores, np.float64))
+    if not len(scores):
+        raise DataError("no validation queries to calibrate the threshold on")
+    if not 0.0 < tar <= 1.0:
+        raise ConfigError(f"--tar must be in (0, 1], got {tar}")
+    return float(scores[min(len(scores) - 1, math.floor((1.0 - tar) * len(scores)))])
+
+
+@dataclass
+class Match:
+    """One SKU of a query's ranking: its label columns and best similarity."""
+
+    label: dict[str, Any]
+    score: float
+
+
+@dataclass
+class Gallery:
+    """Labelled unit-norm vectors with their index and threshold (see the module docstring)."""
+
+    table: pd.DataFrame  # LABEL_COLUMNS, one row per vector
+    vectors: np.ndarray  # float32 [N, D], unit norm
+    model_id: str
+    checkpoint: str = ""  # where the model was loaded from (for `rp2k gallery add`)
+    threshold: float | None = None  # None: every query gets its best SKU
+    threshold_source: str = "none"
+    index_kind: str = "flat"
+    nlist: int = 0
+    nprobe: int = 0
+    index: Any = field(default=None, repr=False)
+
+    @classmethod
+    def create(cls, embedded: Embedded, checkpoint: str = "", index: str = "auto", nlist: int = 0,
+               nprobe: int = 0) -> "Gallery":
+        """A gallery of an embedding table, with its index built."""
+        if embedded.table.empty:
+            raise DataError("no image to put into the gallery")
+        vectors = np.stack(list(embedded.table["embedding"])).astype(np.float32)
+        built, kind, nlist, nprobe = build_index(vectors, index, nlist, nprobe)
+        return cls(embedded.table[list(LABEL_COLUMNS)].reset_index(drop=True), vectors, embedded.model_id,
+                   checkpoint, index_kind=kind, nlist=nlist, nprobe=nprobe, index=built)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    @property
+    def skus(self) -> np.ndarray:
+        return self.table["sku"].astype(str).to_numpy()
+
+    def check_model(self, other_id: str, what: str = "this model") -> None:
+        """Raise :class:`GalleryModelMismatchError` unless ``other_id`` is the gallery's model."""
+        if other_id != self.model_id:
+            raise GalleryModelMismatchError(
+                f"the gallery holds embeddings of model {self.model_id} ({storage.display(self.checkpoint) or '?'}), "
+                f"{what} is {other_id}: its embeddings are not comparable")
+
+    def add(self, embedded: Embedded) -> None:
+        """Append labelled vectors (same model); the index takes them without retraining."""
+        self.check_model(embedded.model_id, "the model of the added images")
+        vectors = np.stack(list(embedded.table["embedding"])).astype(np.float32)
+        self.index.add(np.ascontiguousarray(vectors))
+        self.vectors = np.concatenate([self.vectors, vectors])
+        self.table = pd.concat([self.table, embedded.table[list(LABEL_COLUMNS)]], ignore_index=True)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` most similar gallery vectors of each query [M, D]: (similarities [M, k],
+        rows [M, k]; -1 where fewer were found)."""
+        k = max(1, min(k, len(self)))
+        return self.index.search(np.ascontiguousarray(queries, np.float32), k)
+
+    def rank(self, queries: np.ndarray, k: int = 5, neighbours: int = 0) -> list[list[Match]]:
+        """Each query's best ``k`` SKUs, a SKU scoring its most similar gallery vector among
+        the ``neighbours`` nearest (default: 10 k, at least 64)."""
+        scores, rows = self.search(queries, neighbours or max(64, 10 * k))
+        skus = self.skus
+        ranked = []
+        for score_row, index_row in zip(scores, rows):
+            best: dict[str, tuple[float, int]] = {}
+            for score, row in zip(score_row, index_row):
+                if row >= 0 and skus[row] not in best:  # results come best first
+                    best[skus[row]] = (float(score), int(row))
+            top = sorted(best.values(), key=lambda item: -item[0])[:k]
+            ranked.append([Match(self.label(row), score) for score, row in top])
+        return ranked
+
+    def label(self, row: int) -> dict[str, Any]:
+        info = self.table.iloc[row]
+        return {"class": int(info["class"]), "name": str(info["name"]), "sku": str(info["sku"]),
+                "type": str(info["type"]), "shape": str(info["shape"])}
+
+    def answer(self, matches: list[Match]) -> str:
+        """The best SKU, or :data:`UNKNOWN` when it scores below the threshold."""
+        if not matches or (self.threshold is not None and matches[0].score < self.threshold):
+            return UNKNOWN
+        return matches[0].label["sku"]
+
+    # -- persistence --------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "model_id": self.model_id, "checkpoint": self.checkpoint,
+                "dim": int(self.vectors.shape[1]), "vectors": len(self), "skus": int(len(set(self.skus))),
+                "index": {"kind": self.index_kind, "nlist": self.nlist, "nprobe": self.nprobe},
+                "threshold": self.threshold, "threshold_source": self.threshold_source}
+
+    def save(self, location: str | Path) -> str:
+        """Write the folder: vectors, index, then ``gallery.json`` (which marks it complete)."""
+        import faiss
+
+        table = self.table.copy()
+        table["embedding"] = list(self.vectors)
+        write_embeddings(Embedded(table, [], self.model_id), storage.join(location, VECTORS))
+        storage.write_bytes(storage.join(location, INDEX), faiss.serialize_index(self.index).tobytes())
+        storage.write_text(storage.join(location, GALLERY_JSON), json.dumps(self.manifest(), indent=1) + "\n")
+        return str(location)
+
+    @classmethod
+    def load(cls, location: str | Path) -> "Gallery":
+        import faiss
+
+        where = storage.display(location)
+        if not storage.is_file(storage.join(location, GALLERY_JSON)):
+            raise GalleryError(f"{where} is not a gallery: no {GALLERY_JSON}")
+        info = json.loads(storage.read_text(storage.join(location, GALLERY_JSON)))
+        if info.get("format") != FORMAT or info.get("version") != VERSION:
+            raise GalleryError(f"{where}/{GALLERY_JSON} is not a version {VERSION} gallery of this project")
+        for name in (VECTORS, INDEX):
+            if not storage.is_file(storage.join(location, name)):
+                raise GalleryError(f"{where} lacks {name}: the gallery is incomplete")
+        embedded = read_embeddings(storage.join(location, VECTORS))
+        index = faiss.deserialize_index(np.frombuffer(storage.read_bytes(storage.join(location, INDEX)), np.uint8))
+        vectors = np.stack(list(embedded.table["embedding"])).astype(np.float32)
+        if index.ntotal != len(vectors):
+            raise GalleryError(f"{where}: {INDEX} holds {index.ntotal} vectors, {VECTORS} {len(vectors)}")
+        settings = info["index"]
+        return cls(embedded.table[list(LABEL_COLUMNS)], vectors, info["model_id"], info.get("checkpoint", ""),
+                   info.get("threshold"), info.get("threshold_source", "none"), settings["kind"],
+                   settings.get("nlist", 0), settings.get("nprobe", 0), index)
+
+
+# -- building from a checkpoint --------------------------------------------------------------------
+def shots(samples: pd.DataFrame, per_class: int) -> pd.DataFrame:
+    """At most ``per_class`` rows of each label (``sku``), the first by a hash of the key:
+    the same images whatever the order of ``samples`` (0 = all rows)."""
+    if not per_class:
+        return samples
+    import hashlib
+
+    rank = samples["key"].map(lambda k: hashlib.blake2b(str(k).encode(), digest_size=8).hexdigest())
+    ordered = samples.assign(_rank=rank).sort_values(["sku", "_rank", "key"])
+    return ordered.groupby("sku", sort=False).head(per_class).drop(columns="_rank").sort_values("key").reset_index(drop=True)
+
+
+def validation_keys(manifest: Manifest, fraction: float) -> set[str]:
+    """Keys of the train images held out as the validation split (``data.holdout``)."""
+    index = manifest.index().select(["key", "split", "label"]).to_pandas()
+    train = index[index["split"] == "train"]
+    return set(train["key"][holdout_mask(train["key"].tolist(), train["label"].tolist(), fraction)])
+
+
+@dataclass
+class Built:
+    """What :func:`build_gallery` did."""
+
+    gallery: Gallery
+    location: str
+    rejected: list[dict[str, str]]
+    calibration_queries: int  # validation images the threshold was chosen on (0: given or none)
+
+
+def build_gallery(
+    checkpoint: str | Path, source: str | Path, out: str | Path, split: str = "train", per_class: int = 0,
+    index: str = "auto", nlist: int = 0, nprobe: int = 0, threshold: float | None = None,
+    tar: float = DEFAULT_TAR, batch_size: int = 64, workers: int = 2,
+) -> Built:
+    """Embed ``source`` (a packed dataset's ``split``, or a folder of ``<sku>/<image>``)
+    into a gallery at ``out``, ``per_class`` images per SKU (0 = all).
+
+    Threshold: ``threshold`` when given; else, for a packed dataset whose checkpoint was
+    trained with ``data.holdout`` > 0, calibrated to accept ``tar`` of that validation split
+    (images of the classes the model trained on, never in the gallery); else none (every
+    query gets its best SKU)."""
+    trained = load_trained(checkpoint)
+    validation: set[str] = set()
+    manifest = None
+    if is_shards(source):
+        manifest = Manifest.load(source)
+        samples = shard_samples(manifest, split)
+        fraction = float(trained.checkpoint["config"]["data"].get("holdout", 0.0))
+        if split == "train" and fraction > 0:
+            validation = validation_keys(manifest, fraction)
+            samples = samples[~samples["key"].isin(validation)]
+    else:
+        samples = folder_samples(source, trained.classes)
+    samples = shots(samples, per_class)
+    embedded = embed_samples(trained, samples, manifest, batch_size, workers)
+    gallery = Gallery.create(embedded, storage.absolute(str(checkpoint)), index, nlist, nprobe)
+    queries = 0
+    if threshold is not None:
+        gallery.threshold, gallery.threshold_source = float(threshold), "given (--threshold)"
+    elif validation:
+        seen = {c["global_index"] for c in trained.classes if not c.get("unseen")}
+        frame = shard_samples(manifest, "train")
+        frame = frame[frame["key"].isin(validation) & frame["class"].isin(seen)]
+        known = embed_samples(trained, frame, manifest, batch_size, workers)
+        best = [m[0].score for m in gallery.rank(np.stack(list(known.table["embedding"])), k=1)]
+        gallery.threshold = calibrate_threshold(np.array(best), tar)
+        gallery.threshold_source = (f"calibrated: accepts {tar:.0%} of {len(best)} validation images "
+                                    f"(data.holdout {trained.checkpoint['config']['data']['holdout']})")
+        queries = len(best)
+    gallery.save(out)
+    return Built(gallery, str(out), embedded.rejected, queries)
+
+
+def add_to_gallery(
+    location: str | Path, images: str | Path, label: str, checkpoint: str | Path | None = None,
+    batch_size: int = 64, workers: int = 2,
+) -> tuple[Gallery, int, list[dict[str, str]]]:
+    """Embed every image under ``images`` as SKU ``label`` with the gallery's model (its
+    recorded checkpoint, or ``checkpoint``, which must have the same weights) and save the
+    gallery; returns (gallery, images added, rejected files)."""
+    gallery = Gallery.load(location)
+    trained = load_trained(checkpoint or gallery.checkpoint)
+    gallery.check_model(model_id(trained), f"checkpoint {storage.display(checkpoint or gallery.checkpoint)}")
+    embedded = embed_samples(trained, folder_samples(images, trained.classes, label), None, batch_size, workers)
+    if embedded.table.empty:
+        raise DataError(f"no image under {storage.display(images)} could be embedded",
+                        hint="give a folder holding .jpg / .png photos of the product")
+    gallery.add(embedded)
+    gallery.save(location)
+    return gallery, len(embedded.table), embedded.rejected
+
+
+#: Columns of ``rp2k predict --gallery``: one row per (image, rank) of the top SKUs, with the
+#: image's answer (a SKU or ``unknown``) and the threshold it was compared with.
+@dataclass
+class GalleryPrediction(FolderPrediction):
+    """:class:`~.predict.FolderPrediction` plus the images answered ``unknown``."""
+
+    unknown: int = 0
+
+
+GALLERY_DTYPES = {"path": "string", "answer": "string", "rank": "Int64", "class": "Int64", "name": "string",
+                  "sku": "string", "type": "string", "shape": "string", "score": "float64",
+                  "threshold": "float64", "error": "string", "reason": "string"}
+
+
+def predict_with_gallery(
+    checkpoint: str | Path | TrainedModel, folder: str | Path, gallery: str | Path | Gallery, out: str | Path,
+    k: int = 5, batch_size: int = 64, workers: int = 2,
+) -> GalleryPrediction:
+    """Answer every image under ``folder`` with a SKU of the gallery or ``unknown`` and write
+    the table (:data:`GALLERY_DTYPES`) to ``out`` (``.parquet``, ``.csv`` or ``.json``)."""
+    from .embeddings import image_features
+
+    _check_format(out)
+    trained = checkpoint if isinstance(checkpoint, TrainedModel) else load_trained(checkpoint)
+    gallery = gallery if isinstance(gallery, Gallery) else Gallery.load(gallery)
+    gallery.check_model(model_id(trained), "the checkpoint given to predict")
+    paths, vectors, rejected = image_features(trained, list_files(folder), batch_size, workers)
+    rows: list[dict[str, Any]] = []
+    ranked = gallery.rank(vectors, k) if len(paths) else []
+    unknown = 0
+    for path, matches in zip(paths, ranked):
+        answer = gallery.answer(matches)
+        unknown += answer == UNKNOWN
+        for rank, match in enumerate(matches, 1):
+            rows.append({"path": storage.display(path), "answer": answer, "rank": rank, **match.label,
+                         "score": match.score, "threshold": gallery.threshold})
+    table = pd.DataFrame(rows + list(rejected), columns=list(GALLERY_DTYPES)).astype(GALLERY_DTYPES)
+    return GalleryPrediction(write_table(table, out), len(paths), rejected, unknown)
+
+
+def answers(table: pd.DataFrame) -> dict[str, str]:
+    """path -> answer of a :func:`predict_with_gallery` table."""
+    first = table[table["rank"] == 1]
+    return dict(zip(first["path"], first["answer"]))
+
+
+def recall_against_exact(vectors: np.ndarray, queries: np.ndarray, k: int, nlist: int = 0,
+                         nprobes: Sequence[int] = (1, 8)) -> dict[int, float]:
+    """Recall@``k`` of IVF searches (each ``nprobe``) against the exact search: the share of
+    the exact ``k`` nearest vectors that the IVF search also returns."""
+    exact, _, _, _ = build_index(vectors, "flat")
+    _, truth = exact.search(queries, k)
+    ivf, _, nlist, _ = build_index(vectors, "ivf", nlist)
+    out = {}
+    for nprobe in nprobes:
+        ivf.nprobe = min(nprobe, nlist)
+        _, found = ivf.search(queries, k)
+        out[nprobe] = float(np.mean([len(set(t) & set(f)) / k for t, f in zip(truth, found)]))
+    return out
