@@ -6,7 +6,9 @@ Every training process appends one JSON line per step to its own file in ``folde
 rank, world size, the global step the process resumed from (``origin``), an id shared
 by the ranks of one attempt (rank 0's start time), the epoch, the step and its keys.
 ``pace`` seconds of sleep after each step let a test's events (a drain, a kill) fall
-inside a run.
+inside a run. ``hold`` names a file holding a world size: while it exists, the ranks of a
+smaller world wait after each step (at most ``hold_limit_s``), so a shrunk run is still
+training when the node it can grow onto has joined.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ from rp2k_dist.engine import distributed as dist_utils
 
 
 class KeyTrace:
-    def __init__(self, folder: str | Path, pace: float = 0.0):
+    def __init__(self, folder: str | Path, pace: float = 0.0, hold: str | Path | None = None,
+                 hold_limit_s: float = 240.0):
         self.folder = Path(folder)
         self.pace = pace
+        self.hold = Path(hold) if hold is not None else None
+        self.hold_limit_s = hold_limit_s
         self._path: Path | None = None
         self._head: dict[str, int] = {}
 
@@ -40,6 +45,15 @@ class KeyTrace:
             out.write(json.dumps({**self._head, "epoch": epoch, "step": global_step, "keys": list(keys)}) + "\n")
         if self.pace:
             time.sleep(self.pace)
+        deadline = time.monotonic() + self.hold_limit_s
+        while self.hold is not None and time.monotonic() < deadline and self._held():
+            time.sleep(0.2)
+
+    def _held(self) -> bool:
+        try:
+            return self._head["world_size"] < int(self.hold.read_text())
+        except (FileNotFoundError, ValueError):
+            return False
 
 
 def read_trace(folder: str | Path) -> list[dict[str, Any]]:

@@ -72,6 +72,7 @@ def _preempt_then_add_a_node(cluster, nodes, joined, config, trace: Path, log: d
     training continues on 2 workers."""
     storage = RunStorage(config.run.storage_path, config.run.name)
     folder = trace / config.run.name
+    hold = trace / f"{config.run.name}.hold"
 
     def lines() -> list[dict]:
         return read_trace(folder) if folder.exists() else []
@@ -96,9 +97,14 @@ def _preempt_then_add_a_node(cluster, nodes, joined, config, trace: Path, log: d
         cluster.remove_node(drained)  # the provider reclaims the instance
         log["removed_at"] = time.time()
         wait(lambda: any(line["world_size"] == 2 for line in lines()), "training on 2 workers")
-        joined.append(subprocess.Popen([_ray_cli(), "start", "--address", cluster.address, "--num-cpus", "2",
-                                        "--block"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        log["added"] = True
+        hold.write_text("3")  # the 2 workers wait after each step until the run has grown back
+        try:
+            joined.append(subprocess.Popen([_ray_cli(), "start", "--address", cluster.address, "--num-cpus", "2",
+                                            "--block"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            log["added"] = True
+            wait(lambda: any(line["world_size"] == 3 and line["origin"] > 0 for line in lines()), "training on 3 again")
+        finally:
+            hold.unlink(missing_ok=True)
 
     thread = threading.Thread(target=lambda: log.setdefault("result", act()), daemon=True)
     thread.start()
@@ -113,7 +119,8 @@ def test_elastic_run_checkpoints_on_a_drain_continues_on_fewer_workers_and_grows
         "run.preemption_check_steps=1", "run.elastic_resize_interval_s=2", "run.max_failures=3"])
     log: dict = {}
     watcher = _preempt_then_add_a_node(cluster, nodes, joined, config, trace, log)
-    final = run_training(config, observers=[KeyTrace(trace / config.run.name, pace=0.4)])
+    final = run_training(config, observers=[KeyTrace(trace / config.run.name, pace=0.4,
+                                                     hold=trace / f"{config.run.name}.hold")])
     watcher.join(timeout=5)
     assert "error" not in log and log.get("added"), log
 
