@@ -1,5 +1,5 @@
-"""Embeddings of a trained model: the L2-normalised pooled penultimate feature (with a
-cosine head, exactly the vector its logits compare with each class's weights).
+"""Embeddings of a trained model: the L2-normalised pooled penultimate feature, or with a
+cosine head the L2-normalised embedding its logits compare with each class's weights.
 
 :func:`shard_features` is the one feature loop over shard images: ``rp2k umap`` (raw
 features, Fig. 3), ``rp2k embed``, galleries and the open-set evaluation all call it, so
@@ -20,7 +20,6 @@ import hashlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from io import BytesIO
 from itertools import islice
 from pathlib import Path
@@ -37,8 +36,8 @@ from ..data.manifest import DATASET_JSON, Manifest
 from ..data.tar_index import iter_shard_images
 from ..data.transforms import EvalTransform
 from ..errors import DataError
-from .inference import TrainedModel, features_of, load_trained
-from .predict import list_files, prepare, ray_rows
+from .inference import TrainedModel, features_of, load_trained, retrieval_features_of
+from .predict import list_files, prepared_batches, ray_rows
 
 #: Columns of an embedding table besides ``embedding``.
 LABEL_COLUMNS = ("key", "split", "class", "name", "sku", "type", "shape")
@@ -59,8 +58,9 @@ def model_id(trained: TrainedModel) -> str:
 
 @torch.no_grad()
 def embeddings_of(trained: TrainedModel, images: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW batch -> unit-norm embeddings [N, D] (float32, CPU)."""
-    return F.normalize(features_of(trained, images), dim=1)
+    """uint8 NCHW batch -> unit-norm embeddings [N, D] (float32, CPU): a cosine head's
+    embedding, else the pooled features (:func:`~.inference.retrieval_features_of`)."""
+    return F.normalize(retrieval_features_of(trained, images), dim=1)
 
 
 def shard_features(
@@ -93,18 +93,10 @@ def image_features(
     parts: list[np.ndarray] = []
     rejected: list[dict[str, str]] = []
     paths = [str(p) for p in paths]
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            images = []
-            for path, (image, problem) in zip(chunk, pool.map(partial(prepare, transform=transform), chunk)):
-                if problem is not None:
-                    rejected.append(problem)
-                else:
-                    kept.append(path)
-                    images.append(image)
-            if images:
-                parts.append(embeddings_of(trained, torch.stack(images)).numpy())
+    for keys, images in prepared_batches(paths, transform, rejected, batch_size, workers, desc="embed"):
+        if images:
+            kept.extend(keys)
+            parts.append(embeddings_of(trained, torch.stack(images)).numpy())
     dim = parts[0].shape[1] if parts else 0
     return kept, (np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)), rejected
 

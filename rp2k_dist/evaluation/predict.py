@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -86,6 +86,27 @@ def prepare(path: str | Path, transform: EvalTransform) -> tuple[torch.Tensor | 
         return reject("corrupt", f"cannot decode image: {type(err).__name__}: {message}")
 
 
+def prepared_batches(paths: Sequence[str], transform: EvalTransform, rejected: list[dict[str, str]],
+                     batch_size: int = 64, workers: int = 2, desc: str = "images"
+                     ) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
+    """Image files in batches of ``batch_size``, decoded by ``workers`` threads
+    (:func:`prepare`): (paths, uint8 CHW inputs) of the files that decoded, in input order;
+    the others are appended to ``rejected``. A batch may be empty (every file rejected)."""
+    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(paths), desc=desc, unit="file",
+                                                           disable=None) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            keys, images = [], []
+            for path, (image, problem) in zip(chunk, pool.map(partial(prepare, transform=transform), chunk)):
+                if problem is not None:
+                    rejected.append(problem)
+                else:
+                    keys.append(path)
+                    images.append(image)
+            bar.update(len(chunk))
+            yield keys, images
+
+
 def _predictions(trained: TrainedModel, keys: list[str], images: torch.Tensor) -> Predictions:
     return Predictions.from_logits(keys, np.full(len(keys), -1), logits_of(trained, images))
 
@@ -145,31 +166,19 @@ def predict_images(
     results: list[dict[str, Any]] = []
     rejected: list[dict[str, str]] = []
     paths = [str(p) for p in paths]
-    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(
-        total=len(paths), desc="predict", unit="file", disable=None
-    ) as bar:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            keys, images = [], []
-            for path, (image, problem) in zip(chunk, pool.map(partial(prepare, transform=transform), chunk)):
-                if problem is not None:
-                    rejected.append(problem)
-                else:
-                    keys.append(path)
-                    images.append(image)
-            bar.update(len(chunk))
-            if not keys:
-                continue
-            predictions = _predictions(general, keys, torch.stack(images))
-            routes = np.full(len(keys), -1)
-            if experts:
-                routes = route(predictions.topk, general.classes, routing, rule)
-                predictions = _with_specialists(predictions, routes, general, experts, routing, images)
-            for i, key in enumerate(keys):
-                top = [_describe(general.classes, c, r + 1, s)
-                       for r, (c, s) in enumerate(zip(predictions.topk[i], predictions.scores[i]))]
-                routed = routing[routes[i]].meta_category if routes[i] >= 0 else None
-                results.append({"path": storage.display(key), "routed_to": routed, "top5": top})
+    for keys, images in prepared_batches(paths, transform, rejected, batch_size, workers, desc="predict"):
+        if not keys:
+            continue
+        predictions = _predictions(general, keys, torch.stack(images))
+        routes = np.full(len(keys), -1)
+        if experts:
+            routes = route(predictions.topk, general.classes, routing, rule)
+            predictions = _with_specialists(predictions, routes, general, experts, routing, images)
+        for i, key in enumerate(keys):
+            top = [_describe(general.classes, c, r + 1, s)
+                   for r, (c, s) in enumerate(zip(predictions.topk[i], predictions.scores[i]))]
+            routed = routing[routes[i]].meta_category if routes[i] >= 0 else None
+            results.append({"path": storage.display(key), "routed_to": routed, "top5": top})
     return results, rejected
 
 
