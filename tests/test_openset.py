@@ -63,15 +63,12 @@ def test_cosine_head_weights_each_margin_loss_by_its_class_balanced_weight():
     head = CosineHead(4, 3, "cosface", margin=0.35, scale=10.0)
     with torch.no_grad():
         head.weight.copy_(torch.eye(3, 4) + 0.1)
-    features, labels = torch.randn(6, 3).relu(), torch.tensor([0, 1, 2, 3, 0, 3])  # pooled features: >= 0
-    head.eval()
-    embeddings = head.embed(features)
-    assert (embeddings < 0).any()  # the embedding is signed: the whole sphere, not one orthant
-    cosine = torch.nn.functional.normalize(embeddings, dim=1) @ torch.nn.functional.normalize(head.weight, dim=0)
+    features, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 3, 0, 3])
+    cosine = torch.nn.functional.normalize(features, dim=1) @ torch.nn.functional.normalize(head.weight, dim=0)
     assert torch.allclose(head(features), 10.0 * cosine, atol=1e-5)  # evaluation logits: scaled cosines, no margin
     margin = cosine - 0.35 * torch.nn.functional.one_hot(labels, 4)  # CosFace: cos(theta_y) - m
     by_hand = torch.nn.functional.cross_entropy(10.0 * margin, labels, reduction="none")
-    losses = head.losses(embeddings, labels)
+    losses = head.losses(features, labels)
     assert torch.allclose(losses, by_hand, atol=1e-5)
     criterion = ClassBalancedLoss([1000, 100, 10, 1], beta=0.99)  # Cui et al.'s worked example
     assert torch.allclose(criterion.weights, torch.tensor([0.035389, 0.055818, 0.370088, 3.538705]), atol=1e-5)
@@ -136,12 +133,12 @@ def test_embeddings_are_unit_norm_deterministic_and_written_with_the_model_id(ru
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert np.allclose(np.stack(some["embedding"]), np.stack(again.table["embedding"]), atol=1e-6)
     assert first.model_id == model_id(trained) and first.model_id.startswith("sha256:")
-    # a cosine head's embedding is the one its logits compare: normalise(head.embed(pooled features))
+    # the embedding is the normalised pooled feature, the vector the cosine head compares with W
     jpegs = dict(iter_shard_images(synth_shards, list(some["key"][:4])))  # in shard order
     images = torch.stack([EvalTransform(trained.spec)(jpegs[key]) for key in some["key"][:4]])
-    assert np.allclose(embeddings_of(trained, images).numpy(), np.stack(some["embedding"][:4]), atol=1e-5)
-    pooled = torch.nn.functional.normalize(features_of(trained, images), dim=1)
-    assert (pooled >= 0).all() and (np.stack(some["embedding"]) < 0).any()
+    pooled = torch.nn.functional.normalize(features_of(trained, images), dim=1).numpy()
+    assert np.allclose(embeddings_of(trained, images).numpy(), pooled, atol=1e-6)
+    assert np.allclose(pooled, np.stack(some["embedding"][:4]), atol=1e-5)
     write_embeddings(first, tmp_path / "e.parquet")
     back = read_embeddings(tmp_path / "e.parquet")
     assert back.model_id == first.model_id and np.array_equal(np.stack(back.table["embedding"]), vectors)

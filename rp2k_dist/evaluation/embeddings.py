@@ -1,5 +1,5 @@
-"""Embeddings of a trained model: the L2-normalised pooled penultimate feature, or with a
-cosine head the L2-normalised embedding its logits compare with each class's weights.
+"""Embeddings of a trained model: the L2-normalised pooled penultimate feature (with a
+cosine head, exactly the vector its logits compare with each class's weights).
 
 :func:`shard_features` is the one feature loop over shard images: ``rp2k umap`` (raw
 features, Fig. 3), ``rp2k embed``, galleries and the open-set evaluation all call it, so
@@ -36,7 +36,7 @@ from ..data.manifest import DATASET_JSON, Manifest
 from ..data.tar_index import iter_shard_images
 from ..data.transforms import EvalTransform
 from ..errors import DataError
-from .inference import TrainedModel, features_of, load_trained, retrieval_features_of
+from .inference import TrainedModel, features_of, load_trained
 from .predict import list_files, prepared_batches, ray_rows
 
 #: Columns of an embedding table besides ``embedding``.
@@ -58,9 +58,8 @@ def model_id(trained: TrainedModel) -> str:
 
 @torch.no_grad()
 def embeddings_of(trained: TrainedModel, images: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW batch -> unit-norm embeddings [N, D] (float32, CPU): a cosine head's
-    embedding, else the pooled features (:func:`~.inference.retrieval_features_of`)."""
-    return F.normalize(retrieval_features_of(trained, images), dim=1)
+    """uint8 NCHW batch -> unit-norm embeddings [N, D] (float32, CPU)."""
+    return F.normalize(features_of(trained, images), dim=1)
 
 
 def shard_features(

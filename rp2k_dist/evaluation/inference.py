@@ -94,14 +94,6 @@ def features_of(trained: TrainedModel, images: torch.Tensor) -> torch.Tensor:
     return trained.model.forward_features(normalize(images.to(trained.device), trained.spec)).float().cpu()
 
 
-def retrieval_features_of(trained: TrainedModel, images: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW batch -> the features retrieval compares [N, D] on the CPU: a cosine
-    head's embedding (``forward_embeddings``), else the pooled features."""
-    model = trained.model
-    forward = getattr(model, "forward_embeddings", model.forward_features)
-    return forward(normalize(images.to(trained.device), trained.spec)).float().cpu()
-
-
 def predict_shards(
     trained: TrainedModel, shards: str | Path, split: str = "test", batch_size: int = 64, workers: int = 2,
     restrict_to_subset: bool = True, classes: Sequence[int] | None = None,

@@ -9,16 +9,9 @@ pytorch-metric-learning's ``losses.ArcFaceLoss`` / ``losses.CosFaceLoss`` (its r
 as ``DoNothingReducer``, so the head returns one loss per sample and the engine applies
 the Class-Balanced Loss weights w[y] itself, :meth:`~rp2k_dist.losses.ClassBalancedLoss.weighted`).
 
-The head compares an embedding, not the pooled feature itself: a linear layer and a
-BatchNorm over the pooled feature (ArcFace's output block, "BN-FC-BN" minus its dropout).
-The pooled feature of a ResNet comes after a ReLU, so it is non-negative and any two lie
-within 90 degrees of each other; the embedding is signed and spans the whole sphere, which
-is where an angular margin can separate classes and where unseen products can fall far
-from every known one.
-
 At evaluation the logits are s x cos(theta_c) without margin, so top-1 / top-5 and every
-table read them as any classifier's; the retrieval embedding is the L2-normalised embedding
-the head compares (:meth:`CosineHead.embed`, :func:`rp2k_dist.evaluation.embeddings.embeddings_of`).
+table read them as any classifier's; the retrieval embedding is the L2-normalised pooled
+feature the head sees (:func:`rp2k_dist.evaluation.embeddings.embeddings_of`).
 """
 
 from __future__ import annotations
@@ -54,7 +47,6 @@ class CosineHead(nn.Module):
         options = {"margin": margin} if margin else {}
         self.kind = margin_loss
         self.scale = float(scale)
-        self.embedding = nn.Sequential(nn.Linear(feature_dim, feature_dim, bias=False), nn.BatchNorm1d(feature_dim))
         self.margin_loss = kinds[margin_loss](num_classes, feature_dim, scale=scale,
                                               reducer=reducers.DoNothingReducer(), **options)
 
@@ -66,19 +58,11 @@ class CosineHead(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.kind}, classes={self.weight.shape[1]}, scale={self.scale}"
 
-    def embed(self, features: Tensor) -> Tensor:
-        """Pooled features [N, D] -> embeddings [N, D] (signed, not normalised)."""
-        return self.embedding(features)
-
-    def cosine_logits(self, embeddings: Tensor) -> Tensor:
-        """Embeddings [N, D] -> logits s x cos [N, C] (no margin)."""
-        return self.scale * (F.normalize(embeddings, dim=1) @ F.normalize(self.weight, dim=0).to(embeddings.dtype))
-
     def forward(self, features: Tensor) -> Tensor:
-        """Pooled features [N, D] -> logits s x cos [N, C] (no margin)."""
-        return self.cosine_logits(self.embed(features))
+        """features [N, D] -> logits s x cos [N, C] (no margin)."""
+        return self.scale * (F.normalize(features, dim=1) @ F.normalize(self.weight, dim=0).to(features.dtype))
 
-    def losses(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Per-sample margin softmax losses [N] (float32) of ``embeddings`` [N, D] with ``labels`` [N]."""
-        out = self.margin_loss(embeddings.float(), labels)
+    def losses(self, features: Tensor, labels: Tensor) -> Tensor:
+        """Per-sample margin softmax losses [N] (float32) of ``features`` [N, D] with ``labels`` [N]."""
+        out = self.margin_loss(features.float(), labels)
         return out["loss"]["losses"]

@@ -149,17 +149,11 @@ class ResNetClassifier(nn.Module):
         :class:`~.cosine.CosineOutput`."""
         if self.head is None:
             return self.net(images)
-        embeddings = self.head.embed(self.net(images))  # net.fc is the identity: pooled features [N, D]
-        logits = self.head.cosine_logits(embeddings)
+        features = self.net(images)  # net.fc is the identity: pooled features [N, D]
+        logits = self.head(features)
         if self.training and labels is not None:
-            return CosineOutput(logits, self.head.losses(embeddings, labels))
+            return CosineOutput(logits, self.head.losses(features, labels))
         return logits
-
-    def forward_embeddings(self, images: Tensor) -> Tensor:
-        """images [N, 3, H, W] -> the retrieval embedding [N, D], not normalised: the cosine
-        head's embedding, or the pooled features of a softmax head."""
-        features = self.forward_features(images)
-        return features if self.head is None else self.head.embed(features)
 
     def loss(self, output: Tensor | CosineOutput, labels: Tensor, criterion: Criterion) -> Tensor:
         """criterion(logits, labels); a cosine head's margin losses weighted by the
