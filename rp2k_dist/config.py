@@ -272,6 +272,9 @@ class RunConfig:
     checkpoint_every: int = 1  # epochs
     checkpoint_every_steps: int = 0  # also every N optimiser steps, mid-epoch (exact resume); 0 = off
     keep_checkpoints: int = 2
+    # the epoch whose weights the run delivers (final checkpoint, predictions, Table 2): "last",
+    # or "holdout": the best top-1 on data.holdout, evaluated every epoch (rp2k_dist.engine.selection)
+    select_epoch: str = "last"
     # Ray Train workers (one per GPU on a GPU cluster); [min, max] = elastic: start with
     # at least min, grow to max as capacity appears, continue on fewer after a lost node
     workers: int | list[int] = 2
@@ -290,6 +293,7 @@ class RunConfig:
         _check(bool(self.name) and "/" not in self.name, "run.name must be a non-empty name without '/'")
         _check(self.eval_every >= 1 and self.checkpoint_every >= 1, "run.eval_every and checkpoint_every must be >= 1")
         _check(self.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
+        _check(self.select_epoch in ("last", "holdout"), f"run.select_epoch must be last or holdout, got {self.select_epoch!r}")
         _check(self.checkpoint_every_steps >= 0, "run.checkpoint_every_steps must be >= 0 (0 = off)")
         if isinstance(self.workers, list):
             _check(len(self.workers) == 2 and all(isinstance(w, int) and not isinstance(w, bool) for w in self.workers)
@@ -355,6 +359,9 @@ class ExperimentConfig:
             _check(self.loss.variant == "softmax" and not self.loss.label_smoothing,
                    "model.head=cosine trains with a margin softmax loss weighted per sample by CBL: set "
                    "loss.variant=softmax and loss.label_smoothing=0")
+        _check(self.run.select_epoch != "holdout" or self.data.holdout > 0,
+               "run.select_epoch=holdout chooses the epoch on the validation split carved from train: set data.holdout "
+               "(e.g. 0.1)")
         _check(not self.run.elastic or bool(self.optim.global_batch),
                "elastic run.workers [min, max] needs a fixed optim.global_batch (else the experiment changes with "
                "the number of live workers)")

@@ -91,6 +91,8 @@ def test_saved_config_round_trips(tmp_path):
         ("augment.crop_max_frac=-0.1", r"augment.crop_max_frac must be in \[0, 1\)"),
         ("augment.crop_max_frac=much", "augment.crop_max_frac"),
         ("run.name=a/b", "run.name"),
+        ("run.select_epoch=best", "run.select_epoch must be last or holdout"),
+        ("run.select_epoch=holdout", "run.select_epoch=holdout chooses the epoch on the validation split.*data.holdout"),
         ("model.pretrained=imagenet21k", "pretrained"),
         ("nonsense", "section.key=value"),
     ],

@@ -76,8 +76,28 @@ def test_rerun_resumes_from_the_last_checkpoint(synth_shards, tmp_path):
     assert _history(storage) == history
 
 
-def test_resume_continues_identically_to_an_uninterrupted_run(synth_shards, tmp_path):
-    extra = ["run.checkpoint_every=1", "augment.perspective=false"]
+#: choose the delivered epoch on the validation split (run.select_epoch), keeping every checkpoint
+SELECT = ["data.holdout=0.2", "run.select_epoch=holdout", "run.keep_checkpoints=3"]
+
+
+def _scripted_validation(monkeypatch, top1_by_epoch: dict[int, float]) -> None:
+    """The epoch choice sees these validation top-1s (the tiny set's own are noise); the
+    metrics still record the measured ones."""
+    from rp2k_dist.engine.selection import SelectedEpoch
+
+    consider = SelectedEpoch.consider
+    monkeypatch.setattr(SelectedEpoch, "consider",
+                        lambda self, epoch, top1, model: consider(self, epoch, top1_by_epoch[epoch], model))
+
+
+def _weights(storage, epoch):
+    return load_checkpoint(storage.local_path(checkpoint_dir(epoch)) / CHECKPOINT)
+
+
+def test_resume_continues_identically_to_an_uninterrupted_run(synth_shards, tmp_path, monkeypatch):
+    # epoch 2 validates best, so the resumed run must carry that choice over from its checkpoint
+    _scripted_validation(monkeypatch, {1: 50.0, 2: 80.0, 3: 60.0})
+    extra = ["run.checkpoint_every=1", "augment.perspective=false", *SELECT]
     _, whole, _ = _run(synth_shards, tmp_path, "whole", extra, epochs=3)
     _run(synth_shards, tmp_path, "split", extra, epochs=3)
     # drop the last checkpoint and the last epoch's metrics: as if it died in epoch 3
@@ -88,6 +108,38 @@ def test_resume_continues_identically_to_an_uninterrupted_run(synth_shards, tmp_
     a, b = _history(whole)[-1], _history(split)[-1]
     assert b["resumed_from_epoch"] == 2  # epoch 3 really ran again
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    assert a["selected_epoch"] == b["selected_epoch"] == 2
+    delivered = [_weights(whole, 3), _weights(split, 3)]
+    assert delivered[0]["selected"]["epoch"] == delivered[1]["selected"]["epoch"] == 2
+    for name, value in delivered[0]["model"].items():
+        torch.testing.assert_close(delivered[1]["model"][name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_select_epoch_holdout_delivers_the_epoch_that_validated_best(synth_shards, tmp_path, monkeypatch):
+    from rp2k_dist.data.chunks import SampleTable
+    from rp2k_dist.data.holdout import HOLDOUT
+
+    _scripted_validation(monkeypatch, {1: 50.0, 2: 80.0, 3: 80.0})  # a tie keeps the earlier epoch
+    _, storage, final = _run(synth_shards, tmp_path, "select", SELECT, epochs=3)
+    history = _history(storage)
+    assert [m["selected_epoch"] for m in history] == [1, 2, 2]
+    holdout = len(SampleTable.from_manifest(synth_shards, HOLDOUT, holdout=0.2))
+    assert holdout > 0 and all(m["holdout_samples"] == holdout for m in history)
+    # the final checkpoint holds epoch 2's weights, and the test split was predicted with them
+    delivered, second = _weights(storage, 3), _weights(storage, 2)
+    assert delivered["selected"]["epoch"] == 2 and delivered["epoch"] == 3
+    for name, value in second["model"].items():
+        torch.testing.assert_close(delivered["model"][name], value)
+    assert final["selected_val_top1"] == pytest.approx(history[1]["val_top1"])
+    evaluation = json.loads(storage.read_bytes("evaluation.json"))
+    assert evaluation["table2"]["overall"]["top1"] == pytest.approx(history[1]["val_top1"])
+    assert evaluation["final"]["selected_epoch"] == 2
+
+
+def test_select_epoch_holdout_without_held_out_images_of_the_run_s_classes_is_a_config_error(synth_shards, tmp_path):
+    # the largest class has 44 train images: 1 % of it rounds to none
+    with pytest.raises(ConfigError, match=r"run.select_epoch=holdout: data.holdout=0.01 holds out no train image"):
+        _run(synth_shards, tmp_path, "none", ["data.holdout=0.01", "run.select_epoch=holdout"], epochs=1)
 
 
 def test_nan_loss_stops_the_run_with_a_clear_error(synth_shards, tmp_path):

@@ -38,14 +38,15 @@ from ..run_folder import FORMAT, VERSION, write_metrics
 from ..storage import RunStorage, display
 from . import distributed as dist_utils
 from ..data.epoch_state import consumed_of
-from ..data.holdout import held_out_classes, held_out_count
+from ..data.holdout import HOLDOUT, held_out_classes, held_out_count
 from .checkpoint import rng_state, set_rng_state
 from .batchnorm import batchnorm_eval, prepare_batchnorm, synced_layers
 from .context import WorkerContext
 from .global_batch import BatchPlan, plan_batch
 from .scalars import ScalarLog
+from .selection import SelectedEpoch
 from .step_checkpoints import StepCheckpoints, StepObserver
-from ..errors import NonFiniteLossError
+from ..errors import DataError, NonFiniteLossError
 
 
 @dataclass
@@ -106,10 +107,31 @@ def build_loaders(config: ExperimentConfig, data: RunData, spec: InputSpec, rank
     train = ShardLoader(data.manifest, "train", RawJpeg() if raw else TrainTransform(spec, config.augment),
                         LoaderConfig(**common, **fixed), rank, world, train=True,
                         classes=data.class_subset, class_balanced=balanced, exclude=data.unseen)
-    evaluation = ShardLoader(data.manifest, "test", RawJpeg() if raw else EvalTransform(spec),
-                             LoaderConfig(evaluation=True, **common),
-                             rank, world, train=False, classes=data.class_subset, exclude=data.unseen)
-    return train, evaluation
+    return train, build_eval_loader(config, data, spec, rank, world, device)
+
+
+def build_eval_loader(config: ExperimentConfig, data: RunData, spec: InputSpec, rank: int, world: int,
+                      device: torch.device, split: str = "test") -> ShardLoader:
+    """This rank's share of ``split`` ("test", or "holdout": the validation split carved from
+    train), each sample once over all ranks, the run's classes only."""
+    raw = uses_device_decode(config, device)
+    common = dict(data=config.data, seed=config.run.seed, pin_memory=device.type == "cuda")
+    return ShardLoader(data.manifest, split, RawJpeg() if raw else EvalTransform(spec),
+                       LoaderConfig(evaluation=True, **common),
+                       rank, world, train=False, classes=data.class_subset, exclude=data.unseen)
+
+
+def build_holdout_loader(config: ExperimentConfig, data: RunData, spec: InputSpec, rank: int, world: int,
+                         device: torch.device) -> ShardLoader:
+    """The validation split's loader for ``run.select_epoch=holdout``; a clear error when
+    ``data.holdout`` leaves no image of the run's classes (too few train images per class)."""
+    try:
+        return build_eval_loader(config, data, spec, rank, world, device, split=HOLDOUT)
+    except DataError as error:
+        raise ConfigError(f"run.select_epoch=holdout: data.holdout={config.data.holdout:g} holds out no train image of "
+                          f"this run's classes ({error})",
+                          hint="raise data.holdout (a class keeps at least 2 train images and holds out "
+                               "floor(n x holdout + 0.5) of n), or set run.select_epoch=last") from None
 
 
 def build_optimizer(model: nn.Module, config: ExperimentConfig, global_batch: int):
@@ -347,6 +369,20 @@ def evaluate(
             "val_macro_top1": table.macro.top1, "val_samples": table.overall.samples}, predictions
 
 
+def select_on_holdout(
+    selected: SelectedEpoch, epoch: int, model: nn.Module, holdout_loader: ShardLoader, batch_to_device: BatchToDevice,
+    device: torch.device, classes: list[dict[str, Any]],
+) -> dict[str, float]:
+    """Evaluate epoch ``epoch`` (1-based) on the validation split and keep its weights in
+    ``selected`` if it is the best so far (``run.select_epoch=holdout``); every rank takes the
+    same decision, from rank 0's top-1. Returns the holdout metrics and the epoch kept so far."""
+    val, _ = evaluate(model, holdout_loader, batch_to_device, device, classes)
+    top1, = dist_utils.all_reduce_sum([val.get("val_top1", 0.0)], device)  # only rank 0 has it
+    selected.consider(epoch, top1, model)
+    return {"holdout_top1": top1, **({"holdout_top5": val["val_top5"], "holdout_samples": val["val_samples"]}
+                                     if val else {}), "selected_epoch": selected.epoch}
+
+
 def build_checkpoint(
     *,
     model_without_ddp: nn.Module,
@@ -357,8 +393,11 @@ def build_checkpoint(
     spec: InputSpec,
     epoch: int,
     history: list[dict[str, Any]],
+    selected: SelectedEpoch | None = None,
 ) -> dict[str, Any]:
-    """Everything needed to resume the run or to use the model (see :mod:`rp2k_dist.run_folder`)."""
+    """Everything needed to resume the run or to use the model (see :mod:`rp2k_dist.run_folder`);
+    with ``run.select_epoch=holdout`` also the best epoch so far (``selected``)."""
+    extra = {} if selected is None else {"selected": selected.to_checkpoint()}
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -374,6 +413,7 @@ def build_checkpoint(
         "scheduler": lr_scheduler.state_dict(),
         "rng": rng_state(),
         "metrics": history,
+        **extra,
     }
 
 
@@ -411,6 +451,9 @@ def train_worker(
                          c.classes_per_batch * c.images_per_class if c.classes_per_batch else c.batch_size)
     train_loader, eval_loader = build_loaders(config, data, spec, context.rank, context.world_size, device, batches)
     train_to_device, eval_to_device = build_batches(config, spec, device)
+    selecting = config.run.select_epoch == "holdout"
+    holdout_loader = build_holdout_loader(config, data, spec, context.rank, context.world_size, device) \
+        if selecting else None
 
     model_without_ddp = create_model(config.model.name, len(data.classes), pretrained=config.model.pretrained or None,
                                      **config.model.head_args())
@@ -446,6 +489,7 @@ def train_worker(
     history: list[dict[str, Any]] = []
     start_epoch = 0
     partial = None  # the consumed samples of an epoch interrupted after a mid-epoch checkpoint
+    selected = SelectedEpoch() if selecting else None
     checkpoint = context.latest_checkpoint()
     if checkpoint is not None:
         mismatch = run_folder.resume_mismatch(checkpoint, config.model.name, [c["name"] for c in data.classes])
@@ -458,6 +502,8 @@ def train_worker(
         set_rng_state(checkpoint["rng"])
         start_epoch, history = checkpoint["epoch"], list(checkpoint["metrics"])
         partial = checkpoint.get("epoch_state")
+        if selecting:
+            selected = SelectedEpoch.from_checkpoint(checkpoint.get("selected"))
     scalars = ScalarLog(context.storage, start_epoch + 1) if context.rank == 0 else None
     if context.rank == 0:
         context.storage.write_text(run_folder.CONFIG, config.to_yaml())
@@ -465,7 +511,8 @@ def train_worker(
     metrics: dict[str, Any] = history[-1] if history else {}
     step_hook = StepCheckpoints(config.run.checkpoint_every_steps, train_loader, lr_scheduler, context, lambda epoch: build_checkpoint(
         model_without_ddp=model_without_ddp, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config,
-        data=data, spec=spec, epoch=epoch, history=history), config.run.preemption_check_steps, observers)
+        data=data, spec=spec, epoch=epoch, history=history, selected=selected), config.run.preemption_check_steps,
+        observers)
     for epoch in range(start_epoch, config.optim.epochs):
         resumed = partial is not None and epoch == start_epoch
         steps_done = int(partial["global_step"]) - epoch * steps_per_epoch if resumed and batches.fixed else 0
@@ -479,9 +526,17 @@ def train_worker(
                                      on_step=on_step, after_step=step_hook, accumulation=batches.accumulation)}
         last = epoch + 1 == config.optim.epochs
         predictions = None
+        if selected is not None:
+            metrics.update(select_on_holdout(selected, epoch + 1, model_without_ddp, holdout_loader, eval_to_device,
+                                             device, data.classes))
         if (epoch + 1) % config.run.eval_every == 0 or last:
             val, predictions = evaluate(model_without_ddp, eval_loader, eval_to_device, device, data.classes)
             metrics.update(val)
+        if last and selected is not None and selected.epoch != epoch + 1:
+            # deliver the epoch that validated best: its weights, its test predictions
+            model_without_ddp.load_state_dict(selected.model)
+            val, predictions = evaluate(model_without_ddp, eval_loader, eval_to_device, device, data.classes)
+            metrics.update({f"selected_{name}": value for name, value in val.items()})
         metrics["world_size"] = context.world_size
         if synced:
             metrics["sync_batchnorm_layers"] = synced
@@ -498,7 +553,7 @@ def train_worker(
                 save_evaluation(context.storage, predictions, data, metrics)
         state = build_checkpoint(
             model_without_ddp=model_without_ddp, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config,
-            data=data, spec=spec, epoch=epoch + 1, history=history) if save else None
+            data=data, spec=spec, epoch=epoch + 1, history=history, selected=selected) if save else None
         context.report(metrics, state)
     if scalars is not None:
         scalars.close()
