@@ -30,6 +30,8 @@ def test_format_epoch_shows_every_field_and_marks_epochs_without_evaluation():
     assert line == ("epoch  3/30  loss 0.833  train top-1  30.0 %  val top-1  40.1 %  top-5  70.2 %  812 img/s  "
                     "elapsed 0:04:10  ETA 0:37:30")
     assert "val top-1     -" in format_epoch(_row(1), 30, 10, None) and format_epoch(_row(1), 30, 10, None).endswith("ETA -")
+    selecting = format_epoch(_row(3, val_top1=40.06, val_top5=70.24, holdout_top1=55.56, selected_epoch=2), 30, 250.2, 2250)
+    assert "top-5  70.2 %  holdout top-1  55.6 % (best: epoch 2)  812 img/s" in selecting
 
 
 def test_epoch_printer_prints_each_new_epoch_once_and_skips_a_resumed_history(tmp_path):

@@ -51,6 +51,8 @@ def format_epoch(metrics: dict[str, Any], epochs: int, elapsed: float, eta: floa
     elapsed 0:04:10  ETA 0:37:30`` (validation shows ``-`` on epochs without evaluation)."""
     val1, val5 = metrics.get("val_top1"), metrics.get("val_top5")
     val = f"val top-1 {val1:5.1f} %  top-5 {val5:5.1f} %" if val1 is not None else "val top-1     -    top-5     -  "
+    if "holdout_top1" in metrics:  # run.select_epoch=holdout
+        val += f"  holdout top-1 {metrics['holdout_top1']:5.1f} % (best: epoch {metrics['selected_epoch']})"
     width = len(str(epochs))
     return (f"epoch {metrics['epoch']:>{width}}/{epochs}  loss {metrics['train_loss']:.3f}  "
             f"train top-1 {metrics['train_top1']:5.1f} %  {val}  {metrics['images_per_second']:.0f} img/s  "
