@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+
 @dataclass
 class SelectedEpoch:
     """The best epoch so far by validation top-1 (``epoch`` is 1-based; 0 = none yet)."""
