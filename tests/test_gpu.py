@@ -55,7 +55,7 @@ def test_nccl_backend_with_one_ray_train_worker(own_ray, tmp_path):
     config = load_config(None, [f"data.shards={tmp_path / 'shards'}", f"run.storage_path={tmp_path / 'runs'}",
                                 "run.name=nccl", "run.workers=1", "run.use_gpu=true", "run.backend=nccl",
                                 "data.batch_size=16", "model.crop_size=64", "optim.epochs=1", "data.decode=device"])
-    ray.init(num_gpus=1, include_dashboard=False)
+    ray.init(address="local", num_gpus=1, include_dashboard=False)
     try:
         final = run_training(config)
     finally:

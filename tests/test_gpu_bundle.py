@@ -82,7 +82,7 @@ JOB = textwrap.dedent('''
             __import__(name)
         except ModuleNotFoundError:
             blocked.append(name)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         final = run_training(load_config(None, overrides))
     finally:

@@ -256,7 +256,7 @@ def test_embed_with_ray_equals_one_process(run, synth_shards, tmp_path):
 
     from rp2k_dist.evaluation.embeddings import embed_source_ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with_ray = embed_source_ray(run["dir"], synth_shards.root, "test", batch_size=16, actors=1)
     finally:
