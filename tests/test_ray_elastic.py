@@ -5,8 +5,9 @@ with a fixed global batch. Mid-epoch one node gets a drain with a preemption dea
 (``ray drain-node``, what the autoscaler sends when a spot instance is reclaimed); the
 run checkpoints before the deadline, the node goes, training continues from that mid-epoch
 step on 1 worker (no DDP: 3 accumulated micro-batches make the same global batch), scales
-back to 2 once a node joins, and finishes. The ranks log the keys of every step (a :class:`~tests.key_trace.KeyTrace` step observer); a step trained
-again after a restart replaces the lost one (:func:`~tests.key_trace.trained_steps`).
+back to 2 once a node joins, and finishes. The ranks log the keys of every step (a
+:class:`~tests.key_trace.KeyTrace` step observer); a step trained again after a restart
+replaces the lost one (:func:`~tests.key_trace.trained_steps`).
 """
 
 from __future__ import annotations

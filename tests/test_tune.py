@@ -99,7 +99,8 @@ def test_mlflow_without_the_package_is_a_clear_error(tmp_path):
 def test_asha_stops_a_weak_trial_records_a_failing_one_and_the_best_config_trains(ray_cluster, synth_shards, tmp_path):
     config = load_config(None, _overrides(synth_shards, tmp_path, "asha", epochs=3))
     # Grid order = start order, two at a time: two useful learning rates first; then one whose
-    # loss is NaN at once (an error the sweep records and goes past) and one that cannot learn,
+    # loss is NaN at once (with run.max_failures=0 the worker's NonFiniteLossError ends the
+    # trial's Ray Train run; the sweep records it and goes on) and one that cannot learn,
     # which ASHA compares at epoch 2 (its one rung) against the first two and stops. After one
     # epoch the useful rates are still at chance on this set's 41 test images: no rung there.
     lrs = [0.016, 0.004, 1e30, 1e-7]
