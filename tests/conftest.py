@@ -214,24 +214,26 @@ def _cluster_of(module: str) -> str | None:
 
 #: The modules that take 45 s or more on two cores, longest first (measured). The suite's two
 #: processes (pytest-xdist, ``--dist loadscope``) take whole modules from the front of one
-#: queue, so starting with these makes both end at about the same time.
-LONGEST_FIRST = ("tests/test_tune.py", "tests/test_rehearsal.py", "tests/test_ray_elastic.py",
-                 "tests/test_ray_resume.py", "tests/test_ray_train.py", "tests/test_reproduce.py",
-                 "tests/test_ray_multinode.py", "tests/test_engine.py", "tests/test_storage_seam.py",
-                 "tests/test_submit.py", "tests/test_demo.py")
+#: queue, so starting with these and ending with many short ones makes both end together.
+LONGEST_FIRST = ("tests/test_tune.py", "tests/test_rehearsal.py", "tests/test_ray_resume.py",
+                 "tests/test_ray_multinode.py", "tests/test_reproduce.py", "tests/test_ray_elastic.py",
+                 "tests/test_engine.py", "tests/test_ray_train.py", "tests/test_demo.py",
+                 "tests/test_storage_seam.py", "tests/test_gpu_bundle.py", "tests/test_object_storage.py",
+                 "tests/test_submit.py", "tests/test_console.py", "tests/test_global_batch.py")
 
 
 def _order(module: str) -> tuple[int, int]:
     if module in LONGEST_FIRST:
         return 0, LONGEST_FIRST.index(module)
-    cluster = _cluster_of(module)  # then the modules of one shared cluster next to each other
-    return 1, 0 if cluster is None else 1 + list(CLUSTERS).index(cluster)
+    cluster = _cluster_of(module)  # then the modules of each shared cluster next to each other
+    return 1, len(CLUSTERS) if cluster is None else list(CLUSTERS).index(cluster)
 
 
 def pytest_collection_modifyitems(config, items):
     """Modules run whole, each in file order: the longest first (:data:`LONGEST_FIRST`), then
-    the rest with the modules of each shared cluster next to each other, so that a process
-    starts each cluster as few times as it can (it stops one that its next test does not use)."""
+    the modules of each shared cluster next to each other, so that a process starts each
+    cluster as few times as it can (it stops one that its next test does not use), then the
+    rest."""
     for item in items:
         _MODULE_FIXTURES.setdefault(_module_of(item), set()).update(getattr(item, "fixturenames", ()))
     items.sort(key=lambda item: _order(_module_of(item)))  # stable: file order within a key
