@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+from tests.ports import free_port
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -67,12 +68,6 @@ class SharedRay:
         if self.running:
             ray.shutdown()
             self.running = False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_tree(root_pid: int, marker: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from rp2k_dist.data.loader import LoaderConfig, ShardLoader
 from rp2k_dist.data.transforms import TrainTransform
 from rp2k_dist.engine.global_batch import plan_batch
 from rp2k_dist.input_spec import InputSpec
+from tests.ports import free_port
 
 SPEC = InputSpec(32, 36)
 
@@ -116,12 +116,6 @@ def test_a_resumed_epoch_keeps_the_epoch_s_step_count_at_another_world_size(many
 
 # --------------------------------------------------------------- 1 vs 2 workers, real DDP
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _global_batches(steps: int, size: int, classes: int):
     """The same global batches for every world size: (images, labels) per step."""
     generator = torch.Generator().manual_seed(1234)
@@ -174,7 +168,7 @@ def _fed_ddp_steps(rank: int, world: int, port: int, out: str, global_batch: int
 
 def _parameters_after(world: int, tmp_path, global_batch=16, micro=8, steps=3) -> dict[str, torch.Tensor]:
     out = str(tmp_path / f"params-{world}-{global_batch}.pt")
-    mp.start_processes(_fed_ddp_steps, args=(world, _free_port(), out, global_batch, micro, steps), nprocs=world,
+    mp.start_processes(_fed_ddp_steps, args=(world, free_port(), out, global_batch, micro, steps), nprocs=world,
                        start_method="spawn")
     return torch.load(out, weights_only=True)
 
@@ -239,7 +233,7 @@ def test_the_same_preset_has_the_same_steps_and_learning_rates_on_one_and_two_wo
     for world in (1, 2):
         overrides = tiny_run_overrides(synth_shards.root, tmp_path, f"w{world}", epochs=2) + [
             "optim.global_batch=32", "optim.warmup_epochs=0.5", f"run.workers={world}"]
-        mp.start_processes(_engine_rank, args=(world, _free_port(), overrides), nprocs=world, start_method="spawn")
+        mp.start_processes(_engine_rank, args=(world, free_port(), overrides), nprocs=world, start_method="spawn")
         storage = RunStorage(str(tmp_path), f"w{world}")
         history = [json.loads(line) for line in storage.read_bytes("metrics.jsonl").decode().splitlines()]
         runs[world] = history, load_checkpoint(storage.read_bytes(f"{checkpoint_dir(2)}/checkpoint.pt"))

@@ -17,7 +17,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import pytest
 from rp2k_dist import run_folder, storage
 from rp2k_dist.launch.reproduce import GENERAL
 from rp2k_dist.storage import RunStorage
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "cluster-bucket.md"
@@ -62,12 +62,6 @@ def test_the_doc_names_the_settings_the_rehearsal_gives_and_its_block_is_bash():
 # --------------------------------------------------------------------------- the cluster
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tree(pid: int) -> list[psutil.Process]:
     try:
         top = psutil.Process(pid)
@@ -87,8 +81,8 @@ def _kill(processes: list[psutil.Process]) -> None:
 
 def _agent_ports() -> list[str]:
     """Ports every node of one machine needs for itself."""
-    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
 
 @pytest.fixture
@@ -106,7 +100,7 @@ def rented(s3_endpoint, tmp_path):
                # a killed node (its port refuses) is declared dead after 3 checks 2 s apart (Ray's
                # default: 5 checks 3 s apart); a slow answer still has Ray's 10 s
                RAY_health_check_period_ms="2000", RAY_health_check_failure_threshold="3")
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     ray = str(VENV_BIN / "ray")
     common = ["--block", "--node-ip-address=127.0.0.1", "--object-store-memory=100000000", "--disable-usage-stats"]
     logs = []
@@ -119,7 +113,7 @@ def rented(s3_endpoint, tmp_path):
     began = time.monotonic()
     head = start("head", ["--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=true",
                           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                          f"--ray-client-server-port={_free_port()}", f"--temp-dir={base / 'ray'}"])
+                          f"--ray-client-server-port={free_port()}", f"--temp-dir={base / 'ray'}"])
     workers = []
     try:
         deadline = time.monotonic() + 360  # two cores: each node takes 20-40 s to start

@@ -152,14 +152,11 @@ def test_sync_batchnorm_on_two_cpu_ranks_equals_batchnorm_on_the_whole_batch(tmp
     """Two gloo ranks with 6 images each through SyncBatchNorm give the gradients and
     running statistics of one BatchNorm over all 12 (the loss summed over the ranks);
     plain BatchNorm on each half would not (the check can fail)."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_sync_rank, args=(2, port, str(tmp_path / "rank")), nprocs=2, start_method="spawn")
+    from tests.ports import free_port
+
+    mp.start_processes(_sync_rank, args=(2, free_port(), str(tmp_path / "rank")), nprocs=2, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank-{r}.pt", weights_only=True) for r in (0, 1)]
     images, targets, bn = _sync_case()
     x = images.clone().requires_grad_(True)
