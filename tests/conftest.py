@@ -157,13 +157,13 @@ def s3_endpoint(s3_server):
 
 
 # --------------------------------------------------------------------------- Ray clusters
-# Each cluster is started by the first test that asks for it and stopped after the last test
-# of a run of consecutive modules that use it; pytest_collection_modifyitems puts those
-# modules next to each other, so each starts once per session.
+# In each test process a cluster is started by the first test that asks for it and stopped
+# after the last test of a run of consecutive modules that use it; pytest_collection_modifyitems
+# puts those modules next to each other, so a process starts each cluster a few times at most.
 
 SHARED_RAY = SharedRay()
 RAY_HEAD = RayHead()
-#: fixture name -> the cluster it hands out, in the order their modules run
+#: fixture name -> the cluster it hands out (a module on both is ordered with the first)
 CLUSTERS = {"ray_head": RAY_HEAD, "ray_cluster": SHARED_RAY}
 #: module node id -> names of the fixtures its tests use (set at collection)
 _MODULE_FIXTURES: dict[str, set[str]] = {}
