@@ -119,7 +119,8 @@ def test_report_table2_matches_predictions_and_html_is_self_contained(run_dir, t
     for system in ("type", "shape"):
         for group, rows in predictions.groupby(system):
             top1, top5 = 100 * rows["correct_top1"].mean(), 100 * rows["correct_top5"].mean()
-            assert f"| {group} | {len(rows)} | {top1:.2f} | {top5:.2f} |" in md
+            assert re.search(rf"\| {re.escape(group)} \| {len(rows)} \| {top1:.2f} \| \[[\d.]+, [\d.]+\] \| "
+                             rf"{top5:.2f} \| \[[\d.]+, [\d.]+\] \|", md), group
     overall = f"| average (micro) | {len(predictions)} | {100 * predictions['correct_top1'].mean():.2f} |"
     assert overall in md
     assert "not RP2K's 2,388" in md and "paper top-1" not in md.split("## Table 3")[0]
@@ -127,8 +128,8 @@ def test_report_table2_matches_predictions_and_html_is_self_contained(run_dir, t
     # threshold; no paper columns. This ensemble.json predates (e) and the precision: "–"
     assert ("| liquor | 7 | 42.86 / 71.43 | 57.14 / 85.71 | 100.00 / 100.00 | 85.71 / 100.00 | – | 85.71 / – | – "
             "| – |") in md
-    assert ("The specialists helped (the top-1 routed ensemble (d) against the general model (a)): liquor (d) "
-            "85.7 % vs (a) 42.9 % top-1.") in md
+    assert ("The specialists helped (the top-1 routed ensemble (d) against the general model (a), paired on the same "
+            "images): liquor (d) 85.7 % vs (a) 42.9 % top-1 (point estimates, no interval).") in md
     for heading in ("## Training curves", "## Most confused pairs", "## UMAP", "## Configuration"):
         assert heading in md
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
@@ -146,8 +147,8 @@ def test_report_table2_matches_predictions_and_html_is_self_contained(run_dir, t
 def test_report_shows_the_paper_columns_on_real_rp2k(run_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(report_module, "REAL_RP2K_MIN_CLASSES", 1)  # pretend the synthetic set is RP2K
     md = Path(write_report(run_dir, tmp_path)[0]).read_text(encoding="utf-8")
-    assert "| meta-category | samples | top-1 | top-5 | paper top-1 | paper top-5 |" in md
-    assert re.search(r"\| average \(micro\) \| \d+ \| [\d.]+ \| [\d.]+ \| 95\.18 \| 99\.01 \|", md)
+    assert "| meta-category | samples | top-1 | 95 % CI | top-5 | 95 % CI | paper top-1 | paper top-5 |" in md
+    assert re.search(r"\| average \(micro\) \| \d+ \| [\d.]+ \| \[.+?\] \| [\d.]+ \| \[.+?\] \| 95\.18 \| 99\.01 \|", md)
 
 
 def test_compare_puts_runs_side_by_side_with_table4(run_dir, tmp_path):

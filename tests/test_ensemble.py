@@ -177,6 +177,12 @@ def test_table3_by_hand(general, specialist_preds):
     mass_routes = route_by_mass(MASS, THRESHOLDS)
     by_mass = combine(general, alone, mass_routes, SPECIALISTS)
     rows = table3(general, ensemble, CLASSES, SPECIALISTS, routes, _restricted(), alone, by_mass, mass_routes, THRESHOLDS)
+    # every column has its interval and the deciding comparisons are paired differences
+    liquor_d = rows[0]["differences"]["(d)-(a)"]
+    assert (liquor_d["estimate"], liquor_d["only_a"], liquor_d["only_b"], liquor_d["n"]) == (50.0, 1, 0, 2)
+    assert set(rows[0]["differences"]) == {"(b)-(a)", "(c)-(b)", "(d)-(a)", "(e)-(a)"}
+    assert rows[1]["specialist_top1_ci"][0] <= 100.0 == rows[1]["specialist_top1_ci"][1]
+    intervals = [{k: row.pop(k) for k in list(row) if k.endswith("_ci") or k == "differences"} for row in rows]
     assert rows == [
         # (a) s0, s1 wrong; (b) among {0, 1} the general model says 1 twice: s1 right; (c) the
         # specialist fixes s0, breaks s1; (d) s0 routed and fixed, s1 kept by the general model
@@ -198,6 +204,9 @@ def test_table3_by_hand(general, specialist_preds):
     text = table3_markdown(rows)
     assert ("| liquor | 2 | 0.00 / 100.00 | 50.00 / 100.00 | 50.00 / 100.00 | 50.00 / 100.00 | 50.00 / 100.00 "
             "| 50.00 / 50.00 | 100.00 / 66.67 | 0.250 | 76.99 / 96.44 | 96.47 / 99.33 |") in text
+    with_ci = table3_markdown([{**row, **extra} for row, extra in zip(rows, intervals)])
+    low, high = intervals[0]["general_top1_ci"]
+    assert f"| liquor | 2 | 0.00 [{low:.1f}, {high:.1f}] / 100.00 |" in with_ci
     assert ("| cosmetics | 2 | 50.00 / 100.00 | 50.00 / 100.00 | 100.00 / 100.00 | 100.00 / 100.00 "
             "| 100.00 / 100.00 | 100.00 / 100.00 | 100.00 / 100.00 | 0.500 | 87.87 / 93.71 | 93.88 / 99.03 |") in text
     assert "paper" not in table3_markdown(rows, paper=None)
@@ -209,9 +218,11 @@ def test_table3_without_the_parts_leaves_their_columns_empty(general, specialist
     (row, _) = table3(general, ensemble, CLASSES, SPECIALISTS)
     assert row["restricted_top1"] is None and row["routing_recall"] is None and row["ensemble_top1"] == 50.0
     assert row["mass_top1"] is None and row["mass_precision"] is None and row["mass_threshold"] is None
-    assert "| liquor | 2 | 0.00 / 100.00 | – | – | 50.00 / 100.00 | – | – | – | – |" in table3_markdown([row], paper=None)
+    assert ("| liquor | 2 | 0.00 [0.0, 0.0] / 100.00 | – | – | 50.00 [0.0, 100.0] / 100.00 | – | – | – | – |"
+            in table3_markdown([row], paper=None))
     # a row written before (e) existed (an older ensemble.json) renders with its cells empty
-    old = {k: v for k, v in row.items() if not k.startswith("mass") and k != "routing_precision"}
+    old = {k: v for k, v in row.items() if not k.startswith("mass") and k != "routing_precision"
+           and not k.endswith("_ci") and k != "differences"}
     assert "| liquor | 2 | 0.00 / 100.00 | – | – | 50.00 / 100.00 | – | – | – | – |" in table3_markdown([old], paper=None)
     with pytest.raises(ValueError, match="restricted \\(liquor\\) has no predictions for 1"):
         table3(general, ensemble, CLASSES, SPECIALISTS, restricted={0: _restricted()[0].subset([0])})
@@ -253,29 +264,41 @@ def test_meta_categories_match_in_any_case(general):
     assert within_category(general, mixed, shouting[0]).keys == within_category(general, CLASSES, LIQUOR).keys
 
 
-def test_the_verdict_says_whether_the_specialists_helped_and_why_not():
+def _row(name: str, n: int, general: int, restricted: int, specialist: int, ensemble: int) -> dict:
+    """A Table 3 row whose columns get the given number of the category's n images right
+    (the first ones), with its paired differences."""
+    from rp2k_dist.evaluation.ensemble import DIFFERENCES
+    from rp2k_dist.evaluation.stats import paired_difference
+
+    hits = {key: np.arange(n) < right for key, right in (("general", general), ("restricted", restricted),
+                                                          ("specialist", specialist), ("ensemble", ensemble))}
+    row = {"meta_category": name, "samples": n, "routing_recall": 90.0, "routing_precision": 80.0}
+    row.update({f"{key}_top1": 100 * h.mean() for key, h in hits.items()})
+    row["differences"] = {label: paired_difference(hits[a], hits[b]).to_dict()
+                          for label, a, b in DIFFERENCES if a in hits and b in hits}
+    return row
+
+
+def test_the_verdict_says_helped_only_when_the_interval_excludes_zero():
     from rp2k_dist.evaluation.ensemble import verdict
 
-    row = {"meta_category": "liquor", "general_top1": 33.33, "restricted_top1": 38.1, "specialist_top1": 47.62,
-           "ensemble_top1": 42.86, "mass_top1": 33.33, "routing_recall": 85.71, "routing_precision": 81.82,
-           "mass_recall": 66.67, "mass_precision": 93.33}
-    cosmetics = {**row, "meta_category": "cosmetics", "general_top1": 54.55, "restricted_top1": 54.55,
-                 "specialist_top1": 72.73, "ensemble_top1": 72.73, "mass_top1": 72.73}
-    assert verdict([row, cosmetics]) == (
-        "The specialists helped (the top-1 routed ensemble (d) against the general model (a)): liquor (d) 42.9 % "
-        "and (e) 33.3 % vs (a) 33.3 % top-1, because routing loses the gain of (c) 47.6 % over (b) 38.1 %: (e) sends "
-        "66.67 % of the category's images to the specialist (precision 93.33 %); cosmetics (d) 72.7 % and (e) 72.7 % "
-        "vs (a) 54.5 % top-1.")
-    no_gain = {**cosmetics, "specialist_top1": 50.0, "ensemble_top1": 50.0, "mass_top1": 54.55}
-    assert verdict([row, no_gain]) == (
-        "The specialists helped on liquor only (the top-1 routed ensemble (d) against the general model (a)): "
-        "liquor (d) 42.9 % and (e) 33.3 % vs (a) 33.3 % top-1, because routing loses the gain of (c) 47.6 % over "
-        "(b) 38.1 %: (e) sends 66.67 % of the category's images to the specialist (precision 93.33 %); cosmetics "
-        "(d) 50.0 % and (e) 54.5 % vs (a) 54.5 % top-1, because the specialist alone is no better than the general "
-        "model among the category's classes ((c) 50.0 % vs (b) 54.5 %).")
-    # without (e) (an ensemble.json written before it existed) only (d) is given
-    older = {k: v for k, v in row.items() if not k.startswith("mass")}
-    assert verdict([{**older, "ensemble_top1": 30.0}]) == (
-        "The specialists did not help (the top-1 routed ensemble (d) against the general model (a)): liquor (d) "
-        "30.0 % vs (a) 33.3 % top-1, because routing loses the gain of (c) 47.6 % over (b) 38.1 %: (d) sends "
-        "85.71 % of the category's images to the specialist (precision 81.82 %).")
+    # a planted 15-point gain on 200 images is detected; one image more on 19 is not
+    planted = _row("liquor", 200, general=100, restricted=110, specialist=140, ensemble=130)
+    one_image = _row("cosmetics", 19, general=10, restricted=10, specialist=10, ensemble=11)
+    text = verdict([planted, one_image])
+    assert text.startswith("The specialists helped on liquor (the top-1 routed ensemble (d) against the general "
+                           "model (a), paired on the same images): liquor (d) - (a) helped: +15.0 points [")
+    assert "on 200 images" in text
+    assert "cosmetics (d) - (a) no difference detectable on 19 images (+5.3 points, CI [" in text
+    # why not: the specialist alone is no detectable gain on the category's classes
+    assert "the specialist alone is not detectably better than the general model among the category's classes " \
+           "((c) - (b) +0.0 points, CI [0.0, 0.0])" in text
+    assert verdict([one_image]).startswith("No effect of the specialists is detectable")
+    # a detected loss is called one, and a specialist that gains while routing loses it says so
+    lost = _row("liquor", 200, general=120, restricted=125, specialist=160, ensemble=95)
+    text = verdict([lost])
+    assert text.startswith("The specialists hurt on liquor") and "hurt: -12.5 points" in text
+    assert "routing loses the specialist's gain ((c) - (b) +17.5 points" in text
+    # rows of an ensemble.json written before intervals existed: point estimates, said so
+    older = {k: v for k, v in planted.items() if k != "differences"}
+    assert "(point estimates, no interval)" in verdict([older])

@@ -204,10 +204,13 @@ def test_markdown_has_every_group_and_the_papers_numbers(case):
     table = accuracy_table(Predictions.from_logits(keys, labels, logits), classes)
     text = table.to_markdown(PAPER_TABLE2["resnet34"])
     lines = text.splitlines()
-    assert lines[0] == "| meta-category | samples | top-1 | top-5 | paper top-1 | paper top-5 |"
+    assert lines[0] == ("| meta-category | samples | top-1 | 95 % CI | top-5 | 95 % CI | paper top-1 | paper top-5 |")
     for row in table.by_type + table.by_shape:
         assert any(line.startswith(f"| {row.group} | {row.samples} | {row.top1:.2f} |") for line in lines)
-    assert lines.index("| **type** |  |  |  |  |  |") < lines.index("| **shape** |  |  |  |  |  |")
+    assert lines.index("| **type** |  |  |  |  |  |  |  |") < lines.index("| **shape** |  |  |  |  |  |  |  |")
+    overall = table.overall.interval(1)  # every figure with its bootstrap interval, in its own column
+    assert overall.low <= table.overall.top1 <= overall.high
+    assert f"| {table.overall.top1:.2f} | {overall.bounds} |" in next(line for line in lines if line.startswith("| average"))
     dairy = next(line for line in lines if line.startswith("| dairy |"))
     assert dairy.endswith("| 93.68 | 98.45 |")
     average = next(line for line in lines if line.startswith("| average"))

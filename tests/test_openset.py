@@ -248,6 +248,17 @@ def test_openset_writes_its_table_for_a_run_with_unseen_classes(run, synth_shard
     assert overall.recall["r@5 1-shot"] == overall.recall["r@5 5-shot"] == 100.0
     assert overall.recall["r@1 1-shot"] <= overall.recall["r@5 1-shot"]
     assert (run["dir"] / OPENSET).exists() and "| all | " in (run["dir"] / OPENSET_TABLE).read_text()
+    # every figure with its interval; strict JSON (categories without unseen classes: null, not NaN)
+    low, high = overall.intervals["auroc"]
+    assert low <= overall.auroc <= high and f"{overall.auroc:.3f} [{low:.3f}, {high:.3f}]" in result.to_markdown()
+    assert overall.intervals["r@5 1-shot"] == [100.0, 100.0]
+    import json
+
+    def refuse(constant):
+        raise AssertionError(f"openset.json holds {constant}")
+
+    written = json.loads((run["dir"] / OPENSET).read_text(), parse_constant=refuse)
+    assert type(result).from_dict(written).to_markdown() == result.to_markdown()
 
 
 @pytest.mark.slow

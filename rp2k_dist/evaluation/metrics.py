@@ -5,6 +5,9 @@ class table, so every group row answers "how well are this category's images
 recognised among all classes". The "average" row of the paper is the micro average over
 all test images (Table 1's test counts weight it); the macro row, the mean of per-class
 accuracies, is added because the classes are heavily imbalanced.
+
+Every accuracy carries its 95 % bootstrap interval (:mod:`rp2k_dist.evaluation.stats`:
+test images resampled within each class), shown in its own column beside the figure.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 
 from ..data.metadata import SHAPES, TYPES
 from .predictions import Predictions, class_column
+from .stats import Interval, macro_interval, proportion_interval
 
 #: Paper Table 2: {model: {meta-category or "average": (top-1 %, top-5 %)}}.
 PAPER_TABLE2: dict[str, dict[str, tuple[float, float]]] = {
@@ -76,18 +80,42 @@ def top_k_accuracy(labels: np.ndarray, topk: np.ndarray, k: int) -> float:
 
 @dataclass
 class AccuracyRow:
-    """One table row: accuracies in percent (0..100, like the paper)."""
+    """One table row: accuracies in percent (0..100, like the paper), each with the bounds
+    of its 95 % bootstrap interval (None in rows written before intervals existed)."""
 
     group: str
     samples: int
     top1: float
     top5: float
+    top1_low: float | None = None
+    top1_high: float | None = None
+    top5_low: float | None = None
+    top5_high: float | None = None
+
+    def interval(self, k: int) -> Interval | None:
+        """Top-``k`` (1 or 5) with its interval, or None when the row has no bounds."""
+        low, high = getattr(self, f"top{k}_low"), getattr(self, f"top{k}_high")
+        if low is None or high is None:
+            return None
+        return Interval(getattr(self, f"top{k}"), low, high, self.samples)
+
+
+def _bounds(interval: Interval) -> tuple[float | None, float | None]:
+    data = interval.to_dict()
+    return data["low"], data["high"]
 
 
 def _row(group: str, labels: np.ndarray, topk: np.ndarray) -> AccuracyRow:
+    one, five = (proportion_interval(_hits(labels, topk, k), labels) if len(labels) else None for k in (1, 5))
     return AccuracyRow(
-        group, len(labels), 100 * top_k_accuracy(labels, topk, 1), 100 * top_k_accuracy(labels, topk, 5)
+        group, len(labels), 100 * top_k_accuracy(labels, topk, 1), 100 * top_k_accuracy(labels, topk, 5),
+        *(_bounds(one) if one else (None, None)), *(_bounds(five) if five else (None, None)),
     )
+
+
+def format_bounds(interval: Interval | None) -> str:
+    """``[lo, hi]`` of a 95 % interval in percent; "–" when there is none."""
+    return "–" if interval is None else interval.bounds
 
 
 def format_percent(value: float | None) -> str:
@@ -111,13 +139,14 @@ class AccuracyTable:
         """Markdown in Table 2's layout: type rows, shape rows (own sub-header), then
         average (micro) and macro. With ``paper`` ({group or "average": (top-1, top-5)},
         e.g. ``PAPER_TABLE2["resnet34"]``) two paper columns are added; "–" = not reported."""
-        header = ["meta-category", "samples", "top-1", "top-5"]
+        header = ["meta-category", "samples", "top-1", "95 % CI", "top-5", "95 % CI"]
         if paper is not None:
             header += ["paper top-1", "paper top-5"]
         lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
 
         def line(label: str, row: AccuracyRow, paper_key: str | None) -> str:
-            cells = [label, str(row.samples), format_percent(row.top1), format_percent(row.top5)]
+            cells = [label, str(row.samples), format_percent(row.top1), format_bounds(row.interval(1)),
+                     format_percent(row.top5), format_bounds(row.interval(5))]
             if paper is not None:
                 reported = paper.get(paper_key) if paper_key else None
                 cells += [format_percent(reported[0]), format_percent(reported[1])] if reported else ["–", "–"]
@@ -156,6 +185,8 @@ def accuracy_table(predictions: Predictions, classes: list[dict[str, Any]]) -> A
     macro_top1 = per_class_accuracy(predictions, len(classes), k=1)
     macro_top5 = per_class_accuracy(predictions, len(classes), k=5)
     present = ~np.isnan(macro_top1)
+    macro_bounds = [_bounds(macro_interval(_hits(labels, predictions.topk, k), labels)) if len(labels) else (None, None)
+                    for k in (1, 5)]
     return AccuracyTable(
         by_type=_group_rows(predictions, types, TYPES),
         by_shape=_group_rows(predictions, shapes, SHAPES),
@@ -165,6 +196,7 @@ def accuracy_table(predictions: Predictions, classes: list[dict[str, Any]]) -> A
             len(labels),
             100 * float(macro_top1[present].mean()) if present.any() else math.nan,
             100 * float(macro_top5[present].mean()) if present.any() else math.nan,
+            *macro_bounds[0], *macro_bounds[1],
         ),
     )
 

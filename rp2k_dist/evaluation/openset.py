@@ -21,13 +21,16 @@ pass over the images involved), per ``type`` meta-category and over all:
   and the false-accept rate is the share of unseen test images scoring at or above it;
   the test TAR at that threshold is shown beside it.
 
-Written to the run folder (or ``out``) as ``openset.json`` and ``openset.md``.
+Every figure carries its 95 % bootstrap interval (:mod:`~.stats`: recall and TAR resampled
+within each class, AUROC within the known and the unknown images). Written to the run
+folder (or ``out``) as ``openset.json`` (strict JSON: an undefined figure is ``null``) and
+``openset.md``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,23 +47,11 @@ from .embeddings import shard_features, shard_samples
 from .gallery import DEFAULT_TAR, calibrate_threshold, shots, validation_keys
 from .inference import TrainedModel, load_trained
 from .metrics import format_percent
+from .stats import Interval, auroc, auroc_interval, proportion_interval
 
 SHOTS = (1, 5)
 KS = (1, 5)
 ALL = "all"
-
-
-def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
-    """Area under the ROC curve of scores where ``known`` should score higher than
-    ``unknown``: P(known > unknown) + 0.5 P(tie) (the Mann-Whitney U statistic / n m); nan
-    when either is empty."""
-    known, unknown = np.asarray(known, np.float64), np.asarray(unknown, np.float64)
-    if not len(known) or not len(unknown):
-        return math.nan
-    from scipy.stats import rankdata
-
-    ranks = rankdata(np.concatenate([known, unknown]))
-    return float((ranks[:len(known)].sum() - len(known) * (len(known) + 1) / 2) / (len(known) * len(unknown)))
 
 
 def class_scores(queries: np.ndarray, gallery: np.ndarray, gallery_classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +88,26 @@ class OpenSetRow:
     auroc: float
     far: float  # unseen test images accepted at the threshold
     tar: float  # seen test images accepted at the threshold
+    #: 95 % bounds [low, high] of each recall name, "auroc", "far" and "tar" (None = undefined;
+    #: empty in files written before intervals existed)
+    intervals: dict[str, list[float | None]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:  # strict JSON stores an undefined figure as null
+        for name in ("top1", "top5", "auroc", "far", "tar"):
+            if getattr(self, name) is None:
+                setattr(self, name, math.nan)
+        self.recall = {k: math.nan if v is None else v for k, v in self.recall.items()}
+
+    def cell(self, name: str, value: float) -> str:
+        """``value [lo, hi]`` (AUROC with three decimals, percentages with two)."""
+        digits = 3 if name == "auroc" else 2
+        if value is None or math.isnan(value):
+            return "–"
+        bounds = self.intervals.get(name)
+        text = f"{value:.{digits}f}"
+        if bounds and None not in bounds:
+            text += " " + Interval(value, bounds[0], bounds[1], 0, 3 if name == "auroc" else 1).bounds
+        return text
 
 
 @dataclass
@@ -112,8 +123,16 @@ class OpenSetResult:
         return self.rows[-1]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": [asdict(r) for r in self.rows], "threshold": self.threshold,
-                "threshold_source": self.threshold_source, "unseen": self.unseen, "seen_shots": self.seen_shots}
+        """JSON-ready, nan written as None (``null``: strict parsers and ``jq`` reject NaN)."""
+        return _nulls({"rows": [asdict(r) for r in self.rows], "threshold": self.threshold,
+                       "threshold_source": self.threshold_source, "unseen": self.unseen,
+                       "seen_shots": self.seen_shots})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "OpenSetResult":
+        """Read back :meth:`to_dict` (also files written before intervals existed)."""
+        return cls([OpenSetRow(**row) for row in data["rows"]], data["threshold"], data["threshold_source"],
+                   data["unseen"], data["seen_shots"])
 
     def to_markdown(self) -> str:
         """The open-set table: one row per type meta-category, then all."""
@@ -123,14 +142,34 @@ class OpenSetResult:
         lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
         for r in self.rows:
             cells = [r.group, f"{r.seen_classes} / {r.unseen_classes}", format_percent(r.top1), format_percent(r.top5),
-                     *(format_percent(r.recall[name]) for name in recall_names),
-                     "–" if math.isnan(r.auroc) else f"{r.auroc:.3f}", format_percent(r.far), format_percent(r.tar)]
+                     *(r.cell(name, r.recall[name]) for name in recall_names),
+                     r.cell("auroc", r.auroc), r.cell("far", r.far), r.cell("tar", r.tar)]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
 
 def _percent(hits: np.ndarray) -> float:
     return 100.0 * float(np.mean(hits)) if len(hits) else math.nan
+
+
+def _number(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _nulls(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _nulls(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nulls(v) for v in value]
+    return value
+
+
+def _bounds(interval: Interval) -> list[float | None]:
+    data = interval.to_dict()
+    return [data["low"], data["high"]]
 
 
 def evaluate_openset(
@@ -185,16 +224,23 @@ def evaluate_openset(
     rows = []
     known_type = test_known["class"].map(types).to_numpy()
     unknown_type = test_unknown["class"].map(types).to_numpy()
+    known_labels = test_known["class"].to_numpy()
     for group in [*groups, ALL]:
         k_mask = np.ones(len(known_type), bool) if group == ALL else known_type == group
         u_mask = np.ones(len(unknown_type), bool) if group == ALL else unknown_type == group
         ref = overall if group == ALL else closed.get(group, {})
+        accepted_unknown = unknown_scores[u_mask] >= threshold
+        accepted_known = known_scores[k_mask] >= threshold
+        intervals = {name: _bounds(proportion_interval(h[u_mask], labels[u_mask])) for name, h in hits.items()}
+        intervals["auroc"] = _bounds(auroc_interval(known_scores[k_mask], unknown_scores[u_mask]))
+        intervals["far"] = _bounds(proportion_interval(accepted_unknown, labels[u_mask]))
+        intervals["tar"] = _bounds(proportion_interval(accepted_known, known_labels[k_mask]))
         rows.append(OpenSetRow(
             group, sum(1 for c in seen if group in (ALL, types[c])), sum(1 for c in unseen if group in (ALL, types[c])),
-            int(k_mask.sum()), int(u_mask.sum()), float(ref.get("top1", math.nan)), float(ref.get("top5", math.nan)),
-            {name: _percent(h[u_mask]) for name, h in hits.items()},
+            int(k_mask.sum()), int(u_mask.sum()), _number(ref.get("top1")),
+            _number(ref.get("top5")), {name: _percent(h[u_mask]) for name, h in hits.items()},
             auroc(known_scores[k_mask], unknown_scores[u_mask]),
-            _percent(unknown_scores[u_mask] >= threshold), _percent(known_scores[k_mask] >= threshold)))
+            _percent(accepted_unknown), _percent(accepted_known), intervals))
     result = OpenSetResult(
         rows, threshold, f"accepts {tar:.0%} of {len(valid)} validation images (data.holdout {fraction:g}) against "
                          f"the seen classes' {seen_shots}-shot gallery",
