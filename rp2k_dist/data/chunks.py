@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError, ManifestError
-from .holdout import HOLDOUT, holdout_mask
+from .holdout import HOLDOUT, train_holdout
 from .manifest import Manifest
 
 DEFAULT_CHUNK_MB = 4.0
@@ -90,15 +90,18 @@ class SampleTable:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, split: str, classes: Sequence[int] | None = None,
-                      chunk_bytes: int = int(DEFAULT_CHUNK_MB * 1e6), holdout: float = 0.0) -> "SampleTable":
+                      chunk_bytes: int = int(DEFAULT_CHUNK_MB * 1e6), holdout: float = 0.0,
+                      holdout_by: str = "groups") -> "SampleTable":
         """``split``'s samples (only labels in ``classes`` when given) from ``index.parquet``.
         ``holdout`` > 0: "train" leaves out the held-out share of the train split and
-        ``"holdout"`` is that share (:mod:`.holdout`)."""
+        ``"holdout"`` is that share, drawn ``holdout_by`` groups of near-duplicates or
+        single keys (:mod:`.holdout`)."""
         index = manifest.index()
         if "offset" not in index.column_names:
             raise ManifestError(f"{manifest.root}/index.parquet has no byte ranges (packed by an older rp2k-dist)",
                                 hint="repack the dataset with `rp2k pack`")
-        rows = index.select(["split", "shard", "key", "label", "offset", "length"]).to_pydict()
+        columns = ["split", "shard", "key", "label", "offset", "length"]
+        rows = index.select(columns + (["phash"] if "phash" in index.column_names else [])).to_pydict()
         source = split
         held = None
         if split == HOLDOUT or (split == "train" and holdout > 0):
@@ -106,7 +109,7 @@ class SampleTable:
                 raise ConfigError("the holdout split needs data.holdout > 0 (the share of train held out)")
             source = "train"
             train = [i for i, sp in enumerate(rows["split"]) if sp == "train"]
-            mask = holdout_mask([rows["key"][i] for i in train], [rows["label"][i] for i in train], holdout)
+            mask = train_holdout(rows, holdout, holdout_by)
             held = {i for i, m in zip(train, mask) if m}
         names = [s.name for s in manifest.shards(source)]
         position = {name: i for i, name in enumerate(names)}

@@ -3,11 +3,21 @@ used to choose the ensemble's routing threshold and the open-set threshold witho
 at the test split, and the unseen classes (``data.holdout_classes``,
 :func:`held_out_classes`), whose images stay out of training altogether.
 
-Which images are held out is a pure function of the train split's keys, labels and the
-fraction: within each class the images are ordered by a hash of their key and the first
-``floor(n * fraction + 0.5)`` are held out, leaving at least 2 in train (an API-Net
-intra-class pair needs 2). So the general model and every specialist of a dataset hold out
-the same images, whatever the shard layout, the world size or the class subset.
+Which images are held out is a pure function of the train split's keys, labels, groups and
+the fraction: within each class about ``floor(n * fraction + 0.5)`` images are held out,
+leaving at least 2 in train (an API-Net intra-class pair needs 2). So the general model and
+every specialist of a dataset hold out the same images, whatever the shard layout, the
+world size or the class subset.
+
+By groups (the default where the dataset has them): photos of one product come in bursts
+of near-copies, and a validation image whose near-copy was trained on is no test of
+generalisation (on real product photos a by-image split read 27 points easier than test
+and chose the wrong epoch). So whole groups of near-duplicates
+(:mod:`.near_duplicates`: the perceptual hash ``rp2k pack`` stores per image) go to
+validation together: within each class the groups come in the order of a hash of their
+first key, and a group is held out while that brings the count closer to the target.
+Datasets packed before hashes existed, or ``data.holdout_by: key``, hold out single images
+ordered by a hash of their key.
 """
 
 from __future__ import annotations
@@ -35,8 +45,15 @@ def held_out_count(n: int, fraction: float) -> int:
     return max(0, min(math.floor(n * fraction + 0.5), n - 2))
 
 
-def holdout_mask(keys: Sequence[str], labels: Sequence[int], fraction: float) -> np.ndarray:
-    """bool [N]: which train samples are held out (see the module docstring)."""
+#: How ``data.holdout`` draws its images: whole groups of near-duplicates, or single keys.
+HOLDOUT_BY = ("groups", "key")
+
+
+def holdout_mask(keys: Sequence[str], labels: Sequence[int], fraction: float,
+                 groups: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """bool [N]: which train samples are held out (see the module docstring); ``groups``
+    [N] (ids of near-duplicate groups, :func:`~.near_duplicates.near_duplicate_groups`)
+    holds out whole groups, None single images."""
     if not 0.0 <= fraction < 0.5:
         raise ConfigError(f"data.holdout must be in [0, 0.5), got {fraction}")
     mask = np.zeros(len(keys), dtype=bool)
@@ -47,8 +64,41 @@ def holdout_mask(keys: Sequence[str], labels: Sequence[int], fraction: float) ->
         by_class[int(label)].append(i)
     for rows in by_class.values():
         rows.sort(key=lambda i: (_rank_of(str(keys[i])), str(keys[i])))
-        mask[rows[: held_out_count(len(rows), fraction)]] = True
+        target = held_out_count(len(rows), fraction)
+        if groups is None:
+            mask[rows[:target]] = True
+            continue
+        members: dict[int, list[int]] = defaultdict(list)
+        for i in sorted(rows, key=lambda i: str(keys[i])):
+            members[int(groups[i])].append(i)
+        ordered = sorted(members.values(), key=lambda m: (_rank_of(str(keys[m[0]])), str(keys[m[0]])))
+        held = 0
+        for group in ordered:
+            if held >= target:
+                break
+            size = len(group)
+            if len(rows) - held - size < 2 or held + size - target > target - held:
+                continue  # it would leave fewer than 2 in train, or overshoot more than it undershoots
+            mask[group] = True
+            held += size
     return mask
+
+
+def train_holdout(rows: dict[str, list], fraction: float, by: str = "groups") -> np.ndarray:
+    """bool [rows in the train split]: the held-out train samples of a manifest index
+    (``rows``: columns of ``index.parquet`` as lists, at least ``split``, ``key``,
+    ``label`` and, for groups, ``phash``), in the index's order of train rows."""
+    if by not in HOLDOUT_BY:
+        raise ConfigError(f"data.holdout_by must be one of {HOLDOUT_BY}, got {by!r}")
+    train = [i for i, split in enumerate(rows["split"]) if split == "train"]
+    keys = [rows["key"][i] for i in train]
+    labels = [rows["label"][i] for i in train]
+    groups = None
+    if by == "groups" and "phash" in rows:
+        from .near_duplicates import near_duplicate_groups
+
+        groups = near_duplicate_groups([rows["phash"][i] for i in train], labels)
+    return holdout_mask(keys, labels, fraction, groups)
 
 
 def _class_rank(name: str) -> bytes:

@@ -42,6 +42,9 @@ INDEX_SCHEMA = pa.schema(
         # [offset, offset + length) is the sample, so loaders read sub-shard chunks.
         ("offset", pa.int64()),
         ("length", pa.int64()),
+        # 64-bit difference hash of the packed image (data.near_duplicates): groups of
+        # near-copies go to the validation split together (data.holdout)
+        ("phash", pa.int64()),
     ]
 )
 RANGE_COLUMNS = ("offset", "length")

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .images import CorruptImageError, encode_jpeg, load_rgb, resize_shorter_side
 from .. import storage
 from ..storage import join
+from .near_duplicates import phash
 from .manifest import DATASET_JSON, Manifest, dump_json, write_manifest
 from .rp2k import SPLITS, RP2KIndex
 from .workers import worker_context
@@ -88,8 +89,13 @@ class ShardPlan:
 
 def encode_sample(path: Path, config: PackConfig) -> bytes:
     """Decode, resize (shorter side) and re-encode one image as JPEG bytes."""
-    image = load_rgb(path, min_shorter_side=config.shorter_side)
-    return encode_jpeg(resize_shorter_side(image, config.shorter_side), config.jpeg_quality)
+    return _encode(path, config)[0]
+
+
+def _encode(path: Path, config: PackConfig) -> tuple[bytes, int]:
+    """JPEG bytes of the resized image and its difference hash (:func:`.near_duplicates.phash`)."""
+    image = resize_shorter_side(load_rgb(path, min_shorter_side=config.shorter_side), config.shorter_side)
+    return encode_jpeg(image, config.jpeg_quality), phash(image)
 
 
 def _samples_per_shard(index: RP2KIndex, config: PackConfig) -> int:
@@ -158,7 +164,7 @@ def _write_shard(
         with wds.TarWriter(stream, encoder=False, mtime=0) as sink:
             for sample in plan.samples:
                 try:
-                    jpeg = encode_sample(Path(root) / sample.source, config)
+                    jpeg, image_hash = _encode(Path(root) / sample.source, config)
                 except CorruptImageError as err:
                     skipped.append({"split": plan.split, "source": sample.source, "reason": str(err.__cause__ or err)})
                     continue
@@ -180,7 +186,7 @@ def _write_shard(
                     "label": sample.label, "class_name": info["name"], "type": info["type"],
                     "shape": info["shape"], "source": sample.source, "bytes": len(jpeg),
                     "sha256": hashlib.sha256(jpeg).hexdigest(),
-                    "offset": offset, "length": sink.tarstream.offset - offset,
+                    "offset": offset, "length": sink.tarstream.offset - offset, "phash": image_hash,
                 })
         stream.flush()
         os.fsync(stream.fileno())

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from .. import storage
-from ..data.holdout import holdout_mask
+from ..data.holdout import train_holdout
 from ..data.manifest import Manifest
 from ..errors import ConfigError, DataError, GalleryError, GalleryModelMismatchError
 from .embeddings import (
@@ -246,11 +246,13 @@ def shots(samples: pd.DataFrame, per_class: int) -> pd.DataFrame:
     return ordered.groupby("sku", sort=False).head(per_class).drop(columns="_rank").sort_values("key").reset_index(drop=True)
 
 
-def validation_keys(manifest: Manifest, fraction: float) -> set[str]:
-    """Keys of the train images held out as the validation split (``data.holdout``)."""
-    index = manifest.index().select(["key", "split", "label"]).to_pandas()
-    train = index[index["split"] == "train"]
-    return set(train["key"][holdout_mask(train["key"].tolist(), train["label"].tolist(), fraction)])
+def validation_keys(manifest: Manifest, fraction: float, by: str = "groups") -> set[str]:
+    """Keys of the train images held out as the validation split (``data.holdout``,
+    drawn ``by`` groups of near-duplicates or single keys: :mod:`rp2k_dist.data.holdout`)."""
+    index = manifest.index()
+    rows = index.select(["key", "split", "label"] + (["phash"] if "phash" in index.column_names else [])).to_pydict()
+    train = [key for key, split in zip(rows["key"], rows["split"]) if split == "train"]
+    return {key for key, held in zip(train, train_holdout(rows, fraction, by)) if held}
 
 
 @dataclass
