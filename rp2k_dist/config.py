@@ -112,10 +112,15 @@ class DataConfig:
     meta_category: str = ""  # "type=liquor": train/evaluate only this meta-category's classes
     classes_per_batch: int = 0  # P of the P x K class-balanced batches (API-Net); 0 = plain batches
     images_per_class: int = 4  # K
-    # share of each class's train images held out of training (chosen by a hash of the key,
-    # the same for every run of the dataset): the "holdout" split on which `rp2k ensemble`
-    # chooses the routing threshold (Table 3 column e); 0 = none
+    # share of each class's train images held out of training (the same for every run of the
+    # dataset): the "holdout" split on which `rp2k ensemble` chooses the routing threshold
+    # (Table 3 column e), run.select_epoch=holdout its epoch and `rp2k openset` its threshold; 0 = none
     holdout: float = 0.0
+    # how data.holdout draws its images: "groups" keeps groups of near-duplicate photos (a
+    # burst of one product, by the perceptual hash rp2k pack stores) together on one side, so
+    # validation reads like test; "key" draws single images by a hash of their key (datasets
+    # packed without hashes always do) (rp2k_dist.data.holdout)
+    holdout_by: str = "groups"
     # classes never trained on (open-set evaluation, `rp2k openset`): a count, a fraction of
     # the classes, or a list of class names / indices; a count or fraction is drawn by a hash
     # of the class names, stratified across product types (rp2k_dist.data.holdout); 0 = none.
@@ -131,6 +136,7 @@ class DataConfig:
         _check(self.decode in ("auto", "cpu", "device"), "data.decode must be auto, cpu or device")
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
         _check(0.0 <= self.holdout < 0.5, f"data.holdout must be in [0, 0.5), got {self.holdout}")
+        _check(self.holdout_by in ("groups", "key"), f"data.holdout_by must be groups or key, got {self.holdout_by!r}")
         if self.meta_category:
             parse_meta_category(self.meta_category)
         spec = self.holdout_classes

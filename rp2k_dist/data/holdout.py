@@ -84,6 +84,12 @@ def holdout_mask(keys: Sequence[str], labels: Sequence[int], fraction: float,
     return mask
 
 
+def holdout_of(data: dict) -> tuple[float, str]:
+    """(``data.holdout``, ``data.holdout_by``) of a run's saved config section ``data``; a run
+    saved before ``holdout_by`` existed held out single keys."""
+    return float(data.get("holdout", 0.0)), str(data.get("holdout_by", "key"))
+
+
 def train_holdout(rows: dict[str, list], fraction: float, by: str = "groups") -> np.ndarray:
     """bool [rows in the train split]: the held-out train samples of a manifest index
     (``rows``: columns of ``index.parquet`` as lists, at least ``split``, ``key``,
@@ -155,3 +161,15 @@ def held_out_classes(classes: Sequence[dict], spec: int | float | Sequence[int |
         members = sorted(members, key=lambda c: (_class_rank(str(c["name"])), str(c["name"])))
         chosen.extend(int(c["index"]) for c in members[: share[t]])
     return sorted(chosen)
+
+
+def held_out_per_class(manifest, fraction: float, by: str = "groups") -> np.ndarray:
+    """int64 [classes]: train images of each class of ``manifest`` (a
+    :class:`~.manifest.Manifest`) that ``data.holdout`` holds out."""
+    if fraction <= 0:
+        return np.zeros(manifest.num_classes, np.int64)
+    index = manifest.index()
+    rows = index.select(["key", "split", "label"] + (["phash"] if "phash" in index.column_names else [])).to_pydict()
+    labels = np.array([label for label, split in zip(rows["label"], rows["split"]) if split == "train"], np.int64)
+    held = train_holdout(rows, fraction, by)
+    return np.bincount(labels[held], minlength=manifest.num_classes).astype(np.int64)

@@ -359,7 +359,8 @@ class ShardLoader:
         if exclude:
             left_out = set(int(c) for c in exclude)
             kept = [c for c in (classes if classes is not None else range(manifest.num_classes)) if c not in left_out]
-        table = SampleTable.from_manifest(manifest, split, kept, int(config.chunk_mb * 1e6), config.data.holdout)
+        table = SampleTable.from_manifest(manifest, split, kept, int(config.chunk_mb * 1e6), config.data.holdout,
+                                            config.data.holdout_by)
         if len(table) == 0:
             raise DataError(f"split {split!r} of {manifest.root} has no samples"
                             + (" of the run's classes (data.meta_category)" if classes is not None else ""))

@@ -38,7 +38,7 @@ from ..run_folder import FORMAT, VERSION, write_metrics
 from ..storage import RunStorage, display
 from . import distributed as dist_utils
 from ..data.epoch_state import consumed_of
-from ..data.holdout import HOLDOUT, held_out_classes, held_out_count
+from ..data.holdout import HOLDOUT, held_out_classes, held_out_per_class
 from .checkpoint import rng_state, set_rng_state
 from .batchnorm import batchnorm_eval, prepare_batchnorm, synced_layers
 from .context import WorkerContext
@@ -71,8 +71,8 @@ def select_data(config: ExperimentConfig) -> RunData:
                for i, g in enumerate(chosen)]
     # the images each class trains on (the CBL's n_c): train less the held-out share; none
     # for an unseen class (its CBL weight is then 0: it is never a target)
-    counts = [0 if g in unseen else n - held_out_count(n, config.data.holdout)
-              for g, n in enumerate(manifest.class_counts("train"))]
+    held = held_out_per_class(manifest, config.data.holdout, config.data.holdout_by)
+    counts = [0 if g in unseen else n - int(held[g]) for g, n in enumerate(manifest.class_counts("train"))]
     return RunData(manifest, subset, classes, [counts[g] for g in chosen], unseen)
 
 
@@ -417,8 +417,26 @@ def build_checkpoint(
     }
 
 
-def save_evaluation(storage: RunStorage, predictions: Predictions, data: RunData, metrics: dict[str, Any]) -> None:
-    """Predictions as Parquet, Table 2 (JSON + Markdown) and the most-confused pairs."""
+def validation_gap(history: list[dict[str, Any]], test_top1: float) -> dict[str, Any] | None:
+    """How far the validation split (``data.holdout``) read from test in a run that chose its
+    epoch on it: top-1 on both at the delivered epoch and per epoch (points, validation minus
+    test); None for a run that did not select on validation."""
+    last = history[-1] if history else {}
+    if "selected_epoch" not in last:
+        return None
+    chosen = next((m for m in history if m["epoch"] == last["selected_epoch"]), {})
+    per_epoch = [{"epoch": m["epoch"], "validation_top1": m["holdout_top1"], "test_top1": m["val_top1"],
+                  "gap": m["holdout_top1"] - m["val_top1"]} for m in history if "holdout_top1" in m and "val_top1" in m]
+    return {"selected_epoch": last["selected_epoch"], "validation_top1": chosen.get("holdout_top1"),
+            "validation_images": chosen.get("holdout_samples"), "test_top1": test_top1,
+            "gap": None if chosen.get("holdout_top1") is None else chosen["holdout_top1"] - test_top1,
+            "per_epoch": per_epoch}
+
+
+def save_evaluation(storage: RunStorage, predictions: Predictions, data: RunData, metrics: dict[str, Any],
+                    history: list[dict[str, Any]] | None = None) -> None:
+    """Predictions as Parquet, Table 2 (JSON + Markdown), the most-confused pairs and, for a
+    run that chose its epoch on validation, the validation-test gap."""
     import tempfile
     from pathlib import Path
 
@@ -429,6 +447,9 @@ def save_evaluation(storage: RunStorage, predictions: Predictions, data: RunData
         storage.write_bytes(run_folder.PREDICTIONS, path.read_bytes())
     evaluation = {"table2": table.to_dict(), "confused_pairs": confused_pairs(predictions, data.classes),
                   "final": metrics}
+    gap = validation_gap(history or [metrics], table.overall.top1)
+    if gap is not None:
+        evaluation["validation_gap"] = gap
     storage.write_text(run_folder.EVALUATION, json.dumps(evaluation, indent=1, ensure_ascii=False, default=float))
     storage.write_text(run_folder.TABLE2, table.to_markdown() + "\n")
 
@@ -550,7 +571,7 @@ def train_worker(
             write_metrics(context.storage, history)
             scalars.log(metrics)
             if last and predictions is not None:
-                save_evaluation(context.storage, predictions, data, metrics)
+                save_evaluation(context.storage, predictions, data, metrics, history)
         state = build_checkpoint(
             model_without_ddp=model_without_ddp, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config,
             data=data, spec=spec, epoch=epoch + 1, history=history, selected=selected) if save else None

@@ -18,11 +18,11 @@ from ..config import parse_meta_category
 from ..data.manifest import Manifest
 from ..run_folder import find_run_dir
 from ..data.chunks import SampleTable
-from ..data.holdout import HOLDOUT
+from ..data.holdout import HOLDOUT, holdout_of
 from ..storage import RunStorage
 from ..errors import CheckpointError
 from .ensemble import (
-    Specialist, calibrate_threshold, combine, in_global_classes, route, route_by_mass, table3, table3_markdown,
+    Specialist, calibrate_threshold, combine, in_global_classes, route, route_by_mass, table3, table3_markdown, differences_markdown,
     within_category,
 )
 from .inference import load_trained, predict_shards
@@ -59,13 +59,13 @@ def mass_thresholds(general_model, shards: Path, specialists: list[Specialist], 
     model's probability inside the category than outside), said so."""
     if given is not None:
         return [float(given)] * len(specialists), f"given ({given})"
-    holdout = float(general_model.checkpoint["config"]["data"].get("holdout", 0.0))
+    holdout, holdout_by = holdout_of(general_model.checkpoint["config"]["data"])
     if holdout <= 0:
         return [0.5] * len(specialists), "0.5: the general run held out no train images (data.holdout=0)"
-    if len(SampleTable.from_manifest(Manifest.load(shards), HOLDOUT, holdout=holdout)) == 0:
+    if len(SampleTable.from_manifest(Manifest.load(shards), HOLDOUT, holdout=holdout, holdout_by=holdout_by)) == 0:
         return [0.5] * len(specialists), f"0.5: data.holdout={holdout:g} holds out no image of this dataset"
     validation = predict_shards(general_model, shards, split=HOLDOUT, workers=workers,
-                                groups=[s.classes for s in specialists], holdout=holdout)
+                                groups=[s.classes for s in specialists], holdout=holdout, holdout_by=holdout_by)
     thresholds = []
     for index, specialist in enumerate(specialists):
         inside = class_column(classes, specialist.system)[validation.labels] == specialist.meta_category
@@ -113,7 +113,7 @@ def evaluate_ensemble(
     rows = table3(general, ensemble, classes, specialists, routes, restricted, predictions,
                   mass_ensemble, mass_routes, thresholds)
     table2 = accuracy_table(ensemble, classes)
-    markdown = table3_markdown(rows)
+    markdown = table3_markdown(rows) + "\nPaired differences on the same images:\n\n" + differences_markdown(rows)
 
     out = RunStorage.at(out or find_run_dir(general_run))
     routed = {s.meta_category: int((routes == i).sum()) for i, s in enumerate(specialists)}

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from .. import storage
-from ..data.holdout import train_holdout
+from ..data.holdout import holdout_of, train_holdout
 from ..data.manifest import Manifest
 from ..errors import ConfigError, DataError, GalleryError, GalleryModelMismatchError
 from .embeddings import (
@@ -283,9 +283,9 @@ def build_gallery(
     if is_shards(source):
         manifest = Manifest.load(source)
         samples = shard_samples(manifest, split)
-        fraction = float(trained.checkpoint["config"]["data"].get("holdout", 0.0))
+        fraction, by = holdout_of(trained.checkpoint["config"]["data"])
         if split == "train" and fraction > 0:
-            validation = validation_keys(manifest, fraction)
+            validation = validation_keys(manifest, fraction, by)
             samples = samples[~samples["key"].isin(validation)]
     else:
         samples = folder_samples(source, trained.classes)

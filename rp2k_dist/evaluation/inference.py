@@ -97,7 +97,7 @@ def features_of(trained: TrainedModel, images: torch.Tensor) -> torch.Tensor:
 def predict_shards(
     trained: TrainedModel, shards: str | Path, split: str = "test", batch_size: int = 64, workers: int = 2,
     restrict_to_subset: bool = True, classes: Sequence[int] | None = None,
-    groups: Sequence[Sequence[int]] | None = None, holdout: float = 0.0,
+    groups: Sequence[Sequence[int]] | None = None, holdout: float = 0.0, holdout_by: str = "groups",
 ) -> Predictions:
     """Top-5 predictions for every sample of ``split`` (labels in the model's label space).
 
@@ -108,7 +108,7 @@ def predict_shards(
     classes, scored among these classes only (the model's logits of them); labels and
     top-k are then positions in ``classes``. ``groups``: class indices (the model's labels)
     whose probability mass to keep (:attr:`Predictions.mass`). ``holdout``: the share of
-    train held out (``data.holdout``), needed for ``split="holdout"``.
+    train held out (``data.holdout``, drawn ``holdout_by``), needed for ``split="holdout"``.
     """
     manifest = Manifest.load(shards)
     subset = trained.class_subset if restrict_to_subset else None
@@ -120,7 +120,8 @@ def predict_shards(
             raise CheckpointError(f"{trained.name} does not predict global classes {unknown[:10]}",
                                   hint="was it trained on these shards?")
         subset, columns = list(classes), [position[int(g)] for g in classes]
-    settings = LoaderConfig(DataConfig(batch_size=batch_size, loader_workers=workers, holdout=holdout))
+    settings = LoaderConfig(DataConfig(batch_size=batch_size, loader_workers=workers, holdout=holdout,
+                                       holdout_by=holdout_by))
     # a run's unseen classes (data.holdout_classes) stay out, as in its own evaluation
     unseen = [int(c["global_index"]) for c in trained.classes if c.get("unseen")]
     loader = ShardLoader(manifest, split, EvalTransform(trained.spec), settings, train=False, classes=subset,

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from .. import run_folder
+from ..data.holdout import holdout_of
 from ..data.manifest import Manifest
 from ..data.metadata import TYPES
 from ..errors import DataError
@@ -190,7 +191,7 @@ def evaluate_openset(
     if fraction <= 0:
         raise DataError("the open-set threshold is chosen on the validation split, and the run held none out",
                         hint="train with data.holdout > 0 (e.g. 0.1) as well as data.holdout_classes")
-    validation = validation_keys(manifest, fraction)
+    validation = validation_keys(manifest, fraction, holdout_of(config)[1])
     train = shard_samples(manifest, "train", seen + unseen)
     test = shard_samples(manifest, "test", seen + unseen)
     unseen_train = train[train["class"].isin(unseen)]
