@@ -108,6 +108,13 @@ def load_experiment(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.config, run_overrides(args))
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML preset: a path or a preset name (e.g. table2_resnet34; see jobs/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=0.05")
@@ -125,6 +132,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .storage import RunStorage
 
     config = load_experiment(args)
+    if args.seeds:
+        return _train_seeds(args, config)
     final = run_training(config, address=args.address, verbose=args.verbose, mlflow_uri=args.mlflow_uri)
     storage = RunStorage(config.run.storage_path, config.run.name)
     print(f"run {config.run.name}: epoch {final.get('epoch')}, "
@@ -133,6 +142,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(storage.read_bytes(TABLE2).decode("utf-8").rstrip())
     print(f"run folder {storage.uri}:")
     print("\n".join(artefact_lines(storage)))
+    return 0
+
+
+def _train_seeds(args: argparse.Namespace, config: ExperimentConfig) -> int:
+    """``rp2k train PRESET --seeds N``: runs <name>-s0 … -s<N-1> with run.seed 0 … N-1 (each
+    resumes like any run), then their comparison with mean ± std (``rp2k compare``)."""
+    from .analysis.report import compare_runs
+    from .analysis.seeds import seed_names
+    from .launch.trainer import run_training
+    from .storage import join, read_text
+
+    folders = []
+    for seed, name in enumerate(seed_names(config.run.name, args.seeds)):
+        one = load_config(args.config, run_overrides(args) + [f"run.name={name}", f"run.seed={seed}"])
+        final = run_training(one, address=args.address, verbose=args.verbose, mlflow_uri=args.mlflow_uri)
+        print(f"run {name} (run.seed={seed}): epoch {final.get('epoch')}, "
+              f"val top-1 {final.get('val_top1', float('nan')):.2f} %")
+        folders.append(join(str(one.run.storage_path), name))
+    location = compare_runs(folders, join(str(config.run.storage_path), f"{config.run.name}-seeds.md"))
+    print(read_text(location))
+    print(f"written to {display(location)}")
     return 0
 
 
@@ -529,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true",
                    help="Ray's own console output too (worker lines, per-report INFO); it is always in RUN/logs")
     p.add_argument("--mlflow-uri", help="also log the run (config, every epoch's metrics) to this MLflow tracking URI")
+    p.add_argument("--seeds", type=_positive, metavar="N", help="train N runs <name>-s0 ... with run.seed 0 ... N-1 "
+                   "and compare them (mean ± std, written to <storage>/<name>-seeds.md)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="hyperparameter sweep: one Ray Train run per trial (Ray Tune, ASHA)")

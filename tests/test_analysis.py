@@ -304,3 +304,21 @@ def test_confused_pairs_figure_names_the_classes(run_dir, synth_shards, tmp_path
         shown = pair_label(pair, "true") if drawable(pair_label(pair, "true")) else f"SKU {true['sku']}"
         assert f"true #{pair['true']} {shown[:31]}" in title
         assert f"predicted #{pair['predicted']}" in title
+
+
+def test_compare_aggregates_seeds_and_pairs_groups_on_the_same_images(run_dir, tmp_path):
+    seeds = [_copy_run(run_dir, tmp_path / f"base-s{i}", {"run.name": f"base-s{i}"}) for i in range(2)]
+    other = [_copy_run(run_dir, tmp_path / f"other-s{i}", {"run.name": f"other-s{i}"}) for i in range(2)]
+    # the other group gets every test image right in seed 1: a gain that the pairing sees
+    predictions = pd.read_parquet(other[1] / "predictions.parquet")
+    predictions["correct_top1"] = True
+    predictions.to_parquet(other[1] / "predictions.parquet")
+    md = Path(compare_runs(seeds + other, tmp_path / "compare.md")).read_text(encoding="utf-8")
+    top1 = json.loads((run_dir / "evaluation.json").read_text())["table2"]["overall"]["top1"]
+    assert f"| **base** (mean ± std) | resnet34 |" in md and f"{top1:.1f} ± 0.0 (2 seeds)" in md
+    n = len(predictions)
+    wrong = int((~pd.read_parquet(run_dir / "predictions.parquet")["correct_top1"]).sum())
+    line = next(line for line in md.splitlines() if line.startswith("- other - base"))
+    assert f"2 seed pairs pooled): helped: +{100 * wrong / (2 * n):.1f} points" in line and f"on {2 * n} images" in line
+    same = Path(compare_runs(seeds, tmp_path / "same.md")).read_text(encoding="utf-8")
+    assert "Paired differences" not in same  # one group: nothing to pair

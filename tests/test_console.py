@@ -131,3 +131,19 @@ def test_mlflow_run_logs_each_epoch_and_a_resume_continues_it(tmp_path, monkeypa
     assert _mlflow_history(uri, "tracked", "val_top1") == [(1, 5.0), (2, 7.5)]
     run = again.client.get_run(again.run_id)
     assert run.data.params["optim.lr"] == "0.25" and run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_rp2k_train_seeds_trains_one_run_per_seed_and_aggregates_them(synth_shards, tmp_path):
+    sets = [a for o in tiny_run_overrides(synth_shards.root, tmp_path, "seeded", epochs=1) for a in ("--set", o)]
+    done = subprocess.run([sys.executable, "-m", "rp2k_dist.cli", "train", "jobs/smoke.yaml", *sets, "--seeds", "2"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for seed in (0, 1):
+        config = (tmp_path / f"seeded-s{seed}" / "config.yaml").read_text()
+        assert f"seed: {seed}\n" in config and (tmp_path / f"seeded-s{seed}" / "evaluation.json").exists()
+    assert not (tmp_path / "seeded").exists()
+    summary = (tmp_path / "seeded-seeds.md").read_text()
+    assert "| seeded-s0 |" in summary and "| seeded-s1 |" in summary
+    assert re.search(r"\| \*\*seeded\*\* \(mean ± std\) \|.*\| [\d.]+ ± [\d.]+ \(2 seeds\) \|", summary), summary
+    assert "(mean ± std)" in done.stdout
