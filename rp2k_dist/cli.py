@@ -197,7 +197,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(Path(args.out), size=args.size, address=args.address)
+    return run_demo(Path(args.out), size=args.size, address=args.address, seed=args.seed)
 
 
 def cmd_umap(args: argparse.Namespace) -> int:
@@ -624,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["tiny", "small", "default"], default="default",
                    help="dataset size and epochs (tiny: a smoke run of ~1 minute)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--seed", type=int, default=0, help="run.seed of every run (initialisation, data order, "
+                   "augmentation); the dataset stays the same, so seeds show the training's own spread")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("umap", help="UMAP of a trained model's features coloured by type and shape (paper Fig. 3)")

@@ -87,6 +87,10 @@ class SynthConfig:
     #: with ``images_per_class`` images (the other classes keep the long tail)
     fine_grained: str = ""
     fine_classes: int = 8  #: SKUs of that family: 2..10 (accent) or 2..16 (mark)
+    #: per product type, a factor on its classes' image counts and its own test share, e.g.
+    #: ``{"liquor": (1.2, 0.35)}``: enough test images in a few categories to compare models
+    #: there (the demo's specialist categories) without a larger set everywhere
+    focus: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checks = (
@@ -107,6 +111,8 @@ class SynthConfig:
             (isinstance(self.quirks, bool), "quirks must be a bool"),
             (_is_int(self.workers) and self.workers >= 0, "workers must be an int >= 0"),
             (self.fine_grained in FINE_CUES, f"fine_grained must be one of {FINE_CUES}"),
+            (all(t in TYPES and scale > 0 and 0 < share <= 0.5 for t, (scale, share) in self.focus.items()),
+             f"focus maps a type of {TYPES} to (image factor > 0, test share in (0, 0.5])"),
             (
                 not self.fine_grained
                 or (_is_int(self.fine_classes) and 2 <= self.fine_classes <= FINE_CUES.get(self.fine_grained, 0)
@@ -577,11 +583,16 @@ def _catalogue(config: SynthConfig) -> tuple[list[ClassSpec], dict[str, object]]
     others = ClassSpec(OTHERS, OTHERS, "", "seasonings", "bottle", "", "", design=None)
     products = [others] + products
     skus = rng.choice(10**6, size=len(products), replace=False)
+    shares = [config.test_fraction] * len(products)
+    for index, product in enumerate(products[1:len(sizes)], 1):  # others and the empty class keep theirs
+        if product.type in config.focus:
+            scale, shares[index] = config.focus[product.type]
+            sizes[index] = max(2, round(sizes[index] * scale))
     stems = iter(_file_names(sum(sizes), rng))
 
     classes = []
     for index, (product, n) in enumerate(zip(products, sizes + [0])):
-        n_train = n - _test_count(n, config.test_fraction)
+        n_train = n - _test_count(n, shares[index])
         images = []
         for i in range(n):
             png = rng.random() < 0.06

@@ -196,7 +196,13 @@ def ray_address(address: str | None) -> str | None:
     ``--address auto`` joins a cluster started with ``ray start`` on this machine."""
     if address:
         return address
-    return None if os.environ.get("RAY_ADDRESS") else "local"
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    # The local Ray's CPU workers share this machine's cores; OpenMP threads that spin while
+    # they wait make such steps up to 30x slower (docs/performance.md), so the workers this
+    # Ray starts (they inherit the driver's environment) wait passively unless told otherwise.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return "local"
 
 
 def read_metrics(config: ExperimentConfig) -> list[dict[str, Any]]:
