@@ -110,9 +110,16 @@ class PackError(DataError):
 
 # ----------------------------------------------------------------------------- models and runs
 class WeightsNotFoundError(Rp2kError):
-    """A weights file that must be on local disk is not there (weights are never downloaded)."""
+    """A weights file is not there: a local file or checkpoint, or torchvision's ImageNet
+    file, which is not in the torch.hub cache and could not be downloaded."""
 
     hint = f"{TROUBLESHOOTING}#weightsnotfounderror"
+
+
+class WeightsChecksumError(WeightsNotFoundError):
+    """A downloaded ImageNet file whose sha256 does not match the hash in its name (not kept)."""
+
+    hint = f"check the server it came from (RP2K_WEIGHTS_MIRROR) and any proxy; {TROUBLESHOOTING}#weightschecksumerror"
 
 
 class WeightsMismatchError(Rp2kError):

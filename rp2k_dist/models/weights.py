@@ -1,10 +1,13 @@
-"""Initial weights from local files only: no machine of this project reaches a weights host.
+"""Initial weights: torchvision's ImageNet files and weights files of this project.
 
 Two sources:
 
 * :func:`imagenet_state_dict`: torchvision's ImageNet weights, read from torch.hub's cache
   (``$TORCH_HOME/hub/checkpoints/<file>``) exactly where torchvision would have saved them.
-  A missing file is an error that says which file to place where; nothing is downloaded.
+  A missing file is downloaded there once per node (the other processes of the node wait on
+  a lock beside it, then read it) with the sha256 prefix in its name checked, from
+  torchvision's URL or from the same file name under ``$RP2K_WEIGHTS_MIRROR``. Offline, or
+  with ``RP2K_OFFLINE=1`` (no attempt), it is an error that says which file to place where.
 * :func:`load_weights_file`: any local file holding a torchvision state dict, a state dict of
   this project's models, or a checkpoint of this project (state dict under ``"model"``),
   which may also be in the runs' own object storage (``s3://…/epoch_0030/checkpoint.pt``:
@@ -20,9 +23,13 @@ Two sources:
 
 from __future__ import annotations
 
+import http.client
 import io
 import os
-from collections.abc import Mapping, Sequence
+import socket
+import urllib.error
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -32,12 +39,25 @@ from torch import Tensor, nn
 from torchvision.models import Inception_V3_Weights, ResNet34_Weights, WeightsEnum
 
 from .. import storage
-from ..errors import ConfigError, NotFoundError, WeightsMismatchError, WeightsNotFoundError
+from ..errors import ConfigError, NotFoundError, WeightsChecksumError, WeightsMismatchError, WeightsNotFoundError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no node lock (see _lock)
+    fcntl = None
 
 IMAGENET_WEIGHTS: dict[str, WeightsEnum] = {
     "resnet34": ResNet34_Weights.IMAGENET1K_V1,
     "inception_v3": Inception_V3_Weights.IMAGENET1K_V1,
 }
+
+#: Set to 1 (or true, yes, on) to forbid downloads: a missing ImageNet file is an error at once.
+OFFLINE_ENV = "RP2K_OFFLINE"
+#: A URL prefix (``http(s)://host/path/`` or ``file:///shared/folder/``) holding torchvision's
+#: files under their own names, used instead of download.pytorch.org (air-gapped clusters).
+MIRROR_ENV = "RP2K_WEIGHTS_MIRROR"
+#: Seconds a download may wait on one socket operation (connect, each read) before it fails.
+DOWNLOAD_TIMEOUT_S = 60.0
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.", "backbone.")
 
@@ -49,21 +69,41 @@ def imagenet_file(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / file_name
 
 
-def imagenet_state_dict(name: str) -> dict[str, Tensor]:
-    """torchvision's ImageNet state dict of ``name`` ("resnet34" | "inception_v3"), loaded
-    from the torch.hub cache without network (1000-class heads, torchvision key names).
+def imagenet_url(name: str) -> str:
+    """Where the ImageNet weights of ``name`` are downloaded from: torchvision's URL, or
+    its file name under ``$RP2K_WEIGHTS_MIRROR`` when that is set."""
+    mirror = os.environ.get(MIRROR_ENV, "").strip()
+    return f"{mirror.rstrip('/')}/{imagenet_file(name).name}" if mirror else _imagenet_weights(name).url
 
-    Raises :class:`WeightsNotFoundError` naming the file, the folder and the download URL
-    when the file is not cached.
+
+def downloads_allowed() -> bool:
+    """False when ``$RP2K_OFFLINE`` forbids downloading missing ImageNet weights."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+def imagenet_state_dict(name: str) -> dict[str, Tensor]:
+    """torchvision's ImageNet state dict of ``name`` ("resnet34" | "inception_v3"), from the
+    torch.hub cache (1000-class heads, torchvision key names).
+
+    A missing file is downloaded into the cache first, once per node: the first process
+    takes an exclusive lock on ``<file>.lock`` beside it and downloads, the others wait on
+    the lock and then read the file. The download is torchvision's own
+    (``WeightsEnum.get_state_dict`` is ``torch.hub.load_state_dict_from_url(url, ...)``, here
+    with ``check_hash=True``, https://pytorch.org/vision/stable/models.html): torch.hub
+    writes a temporary file beside the target, checks that its sha256 starts with the hex
+    digits after the ``-`` of the file name (``<name>-<sha256 prefix>.pth``), and only then
+    moves it into place (https://pytorch.org/docs/stable/hub.html#torch.hub.load_state_dict_from_url).
+
+    Raises :class:`WeightsNotFoundError` naming the file, the folder and torchvision's URL
+    when the file is missing and cannot be downloaded (``$RP2K_OFFLINE`` set, no network,
+    a mirror without it), :class:`WeightsChecksumError` when what arrived does not match
+    its name (nothing is kept).
     """
     path = imagenet_file(name)
     if not path.is_file():
-        raise WeightsNotFoundError(
-            f"ImageNet weights for {name!r} are not in the torch.hub cache and are never downloaded "
-            f"here: place the file {path.name} in the folder {path.parent} (fetch it on a machine with "
-            f"network from {_imagenet_weights(name).url}), or point TORCH_HOME at a folder whose "
-            f"hub/checkpoints holds it."
-        )
+        state = _download(name, path)
+        if state is not None:
+            return state
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -198,6 +238,84 @@ def _class_rows(source: list[int], target: Sequence[int], path: str) -> Tensor |
     if unknown:
         return f"{storage.basename(path)} has no row for global classes {unknown[:10]}" + (" ..." if len(unknown) > 10 else "")
     return torch.tensor([position[int(g)] for g in target], dtype=torch.int64)
+
+
+def _download(name: str, path: Path) -> dict[str, Tensor] | None:
+    """Download the ImageNet file of ``name`` to ``path`` under the node lock; its state dict,
+    or None when another process of the node downloaded it while this one waited."""
+    if not downloads_allowed():
+        why = f"{OFFLINE_ENV}={os.environ[OFFLINE_ENV]} forbids downloading them"
+        raise WeightsNotFoundError(_not_cached(name, path, why))
+    url = imagenet_url(name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(path.with_name(f"{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise WeightsNotFoundError(_not_cached(name, path, f"the folder cannot take a download ({err})")) from None
+    try:
+        _lock(lock)
+        if path.is_file():
+            return None
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            return torch.hub.load_state_dict_from_url(url, model_dir=str(path.parent), map_location="cpu",
+                                                      progress=False, check_hash=True, file_name=path.name,
+                                                      weights_only=True)
+    except RuntimeError as err:
+        if "invalid hash value" not in str(err):
+            raise
+        raise WeightsChecksumError(
+            f"{path.name} downloaded from {url} does not match the sha256 prefix in its name (torch.hub: {err}); "
+            f"nothing was kept in {path.parent}. Check the server ({MIRROR_ENV} when set) and any proxy on the way, "
+            f"or place torchvision's file there."
+        ) from None
+    except (OSError, http.client.HTTPException) as err:
+        message = _not_cached(name, path, f"downloading them from {url} failed ({_reason(err)})")
+        if not os.environ.get(MIRROR_ENV, "").strip():
+            message += f" On a cluster without internet, {MIRROR_ENV} can name a server holding torchvision's files."
+        raise WeightsNotFoundError(message) from None
+    finally:
+        os.close(lock)
+
+
+def _lock(fd: int) -> None:
+    """Wait for the exclusive flock(2) on ``fd``; the kernel releases it when the descriptor
+    closes or its process dies. Where there is none (Windows, a file system without locks)
+    each process may download, and each file still lands whole."""
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        pass
+
+
+def _not_cached(name: str, path: Path, why: str) -> str:
+    return (f"ImageNet weights for {name!r} are not in the torch.hub cache and {why}: place the file {path.name} in "
+            f"the folder {path.parent} (fetch it on a machine with network from {_imagenet_weights(name).url}), or "
+            f"point TORCH_HOME at a folder whose hub/checkpoints holds it.")
+
+
+def _reason(err: BaseException) -> str:
+    """Why a download failed, in a few words: ``HTTP 404 Not Found``, ``[Errno 111] Connection
+    refused``, ``timed out``."""
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}"
+    if isinstance(err, urllib.error.URLError):
+        return str(err.reason)
+    return str(err) or type(err).__name__
+
+
+@contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """A default socket timeout while torch.hub downloads (its ``urlopen`` takes none), unless
+    one is set already: an unreachable host or a stalled transfer fails instead of hanging."""
+    previous = socket.getdefaulttimeout()
+    if previous is None:
+        socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _imagenet_weights(name: str) -> WeightsEnum:
