@@ -13,6 +13,9 @@ import pytest
 # against 0.19 s a step). Passive waiting yields the core instead. Every process the tests
 # start (Ray nodes and their workers, `ray start`, CLI subprocesses) inherits this.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# test machines reach no weights host: a missing ImageNet file is the offline error at once (the
+# download path is tested against a loopback server in test_weights_download.py, which unsets it)
+os.environ.setdefault("RP2K_OFFLINE", "1")
 
 from tests.helpers import jpeg_bytes, write_image
 from tests.ray_clusters import RayHead, SharedRay

@@ -90,6 +90,7 @@ def test_plan_for_real_rp2k_on_8_gpus_from_given_img_per_s():
 
 def test_missing_inputs_are_named_per_run_before_anything_runs(synth_shards, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no ImageNet weights there
+    monkeypatch.setenv("RP2K_OFFLINE", "1")  # and none may be downloaded
     experiments = rep.select(None)
     configs = rep.build_configs(experiments, str(synth_shards.root), str(tmp_path / "runs"),
                                 ["run.use_gpu=false", "run.workers=1", "data.batch_size=8"])

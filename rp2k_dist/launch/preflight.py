@@ -83,7 +83,7 @@ def _check_meta_category(config: ExperimentConfig, manifest: Manifest, problems:
 def _check_weights(config: ExperimentConfig, num_classes: int | None, problems: list[str]) -> None:
     """The weights file exists and loads into the model (on CPU, in seconds)."""
     from ..models import create_model
-    from ..models.weights import imagenet_file
+    from ..models.weights import downloads_allowed, imagenet_file
 
     m = config.model
     if m.pretrained == "imagenet":
@@ -92,9 +92,10 @@ def _check_weights(config: ExperimentConfig, num_classes: int | None, problems: 
         except ConfigError as err:
             problems.append(f"model.pretrained: {err}")
             return
-        if not path.is_file():
-            problems.append(f"model.pretrained: {path} is missing; place torchvision's {path.name} there "
-                            "(it is never downloaded) or set model.pretrained=''")
+        if not path.is_file() and not downloads_allowed():
+            # an online node downloads it once (models/weights.py); offline, say what to put where
+            problems.append(f"model.pretrained: {path} is missing and RP2K_OFFLINE=1 forbids downloading it; "
+                            f"place torchvision's {path.name} there or set model.pretrained=''")
             return
     if not m.weights:
         return
