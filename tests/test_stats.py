@@ -53,6 +53,12 @@ def test_stratified_resampling_keeps_class_counts_and_merges_tiny_classes():
     assert singles.high - singles.low > 20
     macro = macro_interval(hits, labels)
     assert (macro.estimate, macro.low, macro.high) == (50.0, 50.0, 50.0)
+    # many tiny classes and a few large ones: the macro interval still holds its estimate
+    rng = np.random.default_rng(2)
+    mixed = np.concatenate([np.arange(30), np.repeat(np.arange(30, 34), 25)])
+    right = rng.random(len(mixed)) < np.where(mixed < 30, 0.2, 0.9)
+    macro = macro_interval(right, mixed)
+    assert macro.low <= macro.estimate <= macro.high
 
 
 def test_a_paired_difference_of_identical_predictions_is_exactly_zero():

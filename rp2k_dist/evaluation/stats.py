@@ -114,9 +114,9 @@ def _finite(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def _strata(n: int, strata: Sequence[Any] | np.ndarray | None) -> np.ndarray:
-    """int [n]: the stratum index of each image (one stratum when None); strata of fewer
-    than :data:`MIN_STRATUM` images are merged into one."""
+def _strata(n: int, strata: Sequence[Any] | np.ndarray | None, merge: bool = True) -> np.ndarray:
+    """int [n]: the stratum index of each image (one stratum when None); with ``merge``,
+    strata of fewer than :data:`MIN_STRATUM` images are merged into one."""
     if strata is None:
         return np.zeros(n, dtype=np.int64)
     strata = np.asarray(strata)
@@ -124,7 +124,7 @@ def _strata(n: int, strata: Sequence[Any] | np.ndarray | None) -> np.ndarray:
         raise ValueError(f"strata has shape {strata.shape}, expected ({n},)")
     index = np.unique(strata, return_inverse=True)[1].reshape(-1)
     small = np.bincount(index)[index] < MIN_STRATUM
-    if small.any():
+    if merge and small.any():
         index = np.where(small, -1, index)
         index = np.unique(index, return_inverse=True)[1].reshape(-1)
     return index
@@ -163,11 +163,12 @@ def proportion_interval(hits: Sequence[bool] | np.ndarray, strata: Sequence[Any]
 def macro_interval(hits: Sequence[bool] | np.ndarray, labels: Sequence[int] | np.ndarray, *,
                    resamples: int = RESAMPLES, level: float = LEVEL, seed: int = SEED) -> Interval:
     """The mean over classes of per-class accuracy (percent), each class resampled within
-    itself as in :func:`proportion_interval`."""
+    itself (classes are the unit here, so small ones are not merged: a class of one image
+    adds no spread, and the interval is a lower bound of the real one)."""
     hits = _hits(hits)
     if len(hits) == 0:
         return Interval(math.nan, math.nan, math.nan, 0)
-    index = _strata(len(hits), labels)
+    index = _strata(len(hits), labels, merge=False)
     size = np.bincount(index)
     right = np.bincount(index, weights=hits).astype(np.int64)
     rng = np.random.default_rng(seed)
