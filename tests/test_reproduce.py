@@ -227,7 +227,8 @@ def test_reproduce_runs_the_graph_survives_a_killed_driver_and_reports_every_tab
     assert table_from_dict(evaluation["table2"]).to_markdown(PAPER_TABLE2["resnet34"]) in table2
     average = evaluation["table2"]["overall"]
     assert math.isclose(average["top1"], evaluation["final"]["val_top1"])
-    assert f"| {format_percent(average['top1'])} | {format_percent(average['top5'])} |" in table2
+    assert (f"| {format_percent(average['top1'])} | [{average['top1_low']:.1f}, {average['top1_high']:.1f}] | "
+            f"{format_percent(average['top5'])} |") in table2
     ensemble = json.loads((runs / rep.GENERAL / "ensemble.json").read_text())
     assert [row["meta_category"] for row in ensemble["table3"]] == ["liquor"]
     assert table3_markdown(ensemble["table3"]) in report
