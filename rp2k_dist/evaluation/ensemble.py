@@ -311,15 +311,14 @@ def table3(
             if given is not None and index in given:
                 parts[name] = in_global_classes(given[index], specialist.classes, plain,
                                                 f"{name} ({specialist.meta_category})")
-        hits = {name: None if preds is None else (preds.topk[:, :1] == preds.labels[:, None]).any(axis=1)
-                for name, preds in parts.items()}
+        hits = {}  # top-1 correctness per column, for the paired differences
         for name, preds in parts.items():
             for k in (1, 5):
+                right = None if preds is None else (preds.topk[:, :k] == preds.labels[:, None]).any(axis=1)
+                hits.setdefault(name, right)
                 row[f"{name}_top{k}"] = None if preds is None else 100 * top_k_accuracy(preds.labels, preds.topk, k)
-                interval = None if preds is None or not len(preds) else proportion_interval(
-                    (preds.topk[:, :k] == preds.labels[:, None]).any(axis=1), preds.labels)
-                row[f"{name}_top{k}_ci"] = None if interval is None else [interval.to_dict()["low"],
-                                                                            interval.to_dict()["high"]]
+                row[f"{name}_top{k}_ci"] = (proportion_interval(right, preds.labels).limits()
+                                            if right is not None and len(right) else None)
         row["differences"] = {
             label: paired_difference(hits[first], hits[second], plain.labels).to_dict()
             for label, first, second in DIFFERENCES if hits[first] is not None and hits[second] is not None

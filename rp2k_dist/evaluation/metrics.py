@@ -100,16 +100,11 @@ class AccuracyRow:
         return Interval(getattr(self, f"top{k}"), low, high, self.samples)
 
 
-def _bounds(interval: Interval) -> tuple[float | None, float | None]:
-    data = interval.to_dict()
-    return data["low"], data["high"]
-
-
 def _row(group: str, labels: np.ndarray, topk: np.ndarray) -> AccuracyRow:
     one, five = (proportion_interval(_hits(labels, topk, k), labels) if len(labels) else None for k in (1, 5))
     return AccuracyRow(
         group, len(labels), 100 * top_k_accuracy(labels, topk, 1), 100 * top_k_accuracy(labels, topk, 5),
-        *(_bounds(one) if one else (None, None)), *(_bounds(five) if five else (None, None)),
+        *(one.limits() if one else (None, None)), *(five.limits() if five else (None, None)),
     )
 
 
@@ -185,7 +180,7 @@ def accuracy_table(predictions: Predictions, classes: list[dict[str, Any]]) -> A
     macro_top1 = per_class_accuracy(predictions, len(classes), k=1)
     macro_top5 = per_class_accuracy(predictions, len(classes), k=5)
     present = ~np.isnan(macro_top1)
-    macro_bounds = [_bounds(macro_interval(_hits(labels, predictions.topk, k), labels)) if len(labels) else (None, None)
+    macro_bounds = [macro_interval(_hits(labels, predictions.topk, k), labels).limits() if len(labels) else (None, None)
                     for k in (1, 5)]
     return AccuracyTable(
         by_type=_group_rows(predictions, types, TYPES),

@@ -168,9 +168,6 @@ def _nulls(value: Any) -> Any:
     return value
 
 
-def _bounds(interval: Interval) -> list[float | None]:
-    data = interval.to_dict()
-    return [data["low"], data["high"]]
 
 
 def evaluate_openset(
@@ -232,10 +229,10 @@ def evaluate_openset(
         ref = overall if group == ALL else closed.get(group, {})
         accepted_unknown = unknown_scores[u_mask] >= threshold
         accepted_known = known_scores[k_mask] >= threshold
-        intervals = {name: _bounds(proportion_interval(h[u_mask], labels[u_mask])) for name, h in hits.items()}
-        intervals["auroc"] = _bounds(auroc_interval(known_scores[k_mask], unknown_scores[u_mask]))
-        intervals["far"] = _bounds(proportion_interval(accepted_unknown, labels[u_mask]))
-        intervals["tar"] = _bounds(proportion_interval(accepted_known, known_labels[k_mask]))
+        intervals = {name: proportion_interval(h[u_mask], labels[u_mask]).limits() for name, h in hits.items()}
+        intervals["auroc"] = auroc_interval(known_scores[k_mask], unknown_scores[u_mask]).limits()
+        intervals["far"] = proportion_interval(accepted_unknown, labels[u_mask]).limits()
+        intervals["tar"] = proportion_interval(accepted_known, known_labels[k_mask]).limits()
         rows.append(OpenSetRow(
             group, sum(1 for c in seen if group in (ALL, types[c])), sum(1 for c in unseen if group in (ALL, types[c])),
             int(k_mask.sum()), int(u_mask.sum()), _number(ref.get("top1")),

@@ -59,6 +59,10 @@ class Interval:
     def to_dict(self) -> dict[str, Any]:
         return {"estimate": _finite(self.estimate), "low": _finite(self.low), "high": _finite(self.high), "n": self.n}
 
+    def limits(self) -> list[float | None]:
+        """``[low, high]``, JSON-safe (None where undefined): what files keep of the interval."""
+        return [_finite(self.low), _finite(self.high)]
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], digits: int = 1) -> "Interval":
         return cls(*(math.nan if data[k] is None else float(data[k]) for k in ("estimate", "low", "high")),
