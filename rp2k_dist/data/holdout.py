@@ -22,6 +22,7 @@ ordered by a hash of their key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections import defaultdict
@@ -101,10 +102,17 @@ def train_holdout(rows: dict[str, list], fraction: float, by: str = "groups") ->
     labels = [rows["label"][i] for i in train]
     groups = None
     if by == "groups" and "phash" in rows:
-        from .near_duplicates import near_duplicate_groups
-
-        groups = near_duplicate_groups([rows["phash"][i] for i in train], labels)
+        groups = _groups(tuple(rows["phash"][i] for i in train), tuple(labels))
     return holdout_mask(keys, labels, fraction, groups)
+
+
+@functools.lru_cache(maxsize=4)
+def _groups(hashes: tuple, labels: tuple) -> np.ndarray:
+    """Near-duplicate groups of a train split, computed once per process: a run asks for its
+    split several times at start-up (class counts, the train and the validation loaders)."""
+    from .near_duplicates import near_duplicate_groups
+
+    return near_duplicate_groups(list(hashes), list(labels))
 
 
 def _class_rank(name: str) -> bytes:
