@@ -195,8 +195,10 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_demo, run_demo_seeds
 
+    if args.seeds > 1:
+        return run_demo_seeds(Path(args.out), range(args.seed, args.seed + args.seeds), args.size, args.address)
     return run_demo(Path(args.out), size=args.size, address=args.address, seed=args.seed)
 
 
@@ -626,6 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--seed", type=int, default=0, help="run.seed of every run (initialisation, data order, "
                    "augmentation); the dataset stays the same, so seeds show the training's own spread")
+    p.add_argument("--seeds", type=_positive, default=1, metavar="N", help="run the demo for seeds SEED ... SEED+N-1 "
+                   "(each in OUT/seed-<s>) and print its figures as mean ± std over them (OUT/seeds.md)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("umap", help="UMAP of a trained model's features coloured by type and shape (paper Fig. 3)")

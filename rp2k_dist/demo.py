@@ -10,6 +10,7 @@ report.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import run_folder
@@ -174,4 +175,22 @@ def run_demo(out: Path, size: str = "default", address: str | None = None, seed:
     print(f"\nreport: {html}\n        {markdown}")
     print(f"run folder: {run_dir} (config.yaml, metrics.jsonl, predictions.parquet, evaluation.json, umap.png, checkpoints)")
     print(f"demo finished in {time.perf_counter() - start:.0f} s; {reference_line()}")
+    return 0
+
+
+def run_demo_seeds(out: Path, seeds: Sequence[int], size: str = "default", address: str | None = None) -> int:
+    """The demo once per seed (``out/seed-<s>``, the same dataset in each), then the headline
+    figures of all seeds with their mean ± std and the ensemble's gain over the seeds, printed
+    and written to ``out/seeds.md`` (:mod:`rp2k_dist.analysis.seed_summary`)."""
+    from .analysis.seed_summary import summary_markdown
+
+    out = out.resolve()
+    name = load_config(PRESET).run.name
+    for seed in seeds:
+        print(f"\n######## seed {seed} of {', '.join(map(str, seeds))}: {out / f'seed-{seed}'}", flush=True)
+        run_demo(out / f"seed-{seed}", size=size, address=address, seed=seed)
+    text = summary_markdown([out / f"seed-{seed}" / "runs" / name for seed in seeds], seeds)
+    (out / "seeds.md").write_text(f"# rp2k demo --size {size}, seeds {', '.join(map(str, seeds))}\n\n{text}",
+                                  encoding="utf-8")
+    print(f"\n== the demo over {len(seeds)} seeds (written to {out / 'seeds.md'})\n{text}")
     return 0

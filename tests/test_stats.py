@@ -18,6 +18,7 @@ from rp2k_dist.evaluation.stats import (
     mcnemar_p,
     mean_std,
     paired_difference,
+    paired_difference_over_seeds,
     proportion_interval,
     wilson_interval,
 )
@@ -86,6 +87,31 @@ def test_a_planted_gain_is_detected_and_one_image_on_19_is_not():
     tie = paired_difference(one_more, small)
     assert not tie.excludes_zero() and tie.estimate == pytest.approx(100 / 19)
     assert tie.verdict().startswith("no difference detectable on 19 images (+5.3 points, CI [")
+
+
+def test_a_difference_over_seeds_is_the_mean_of_the_seeds_and_repeating_a_seed_does_not_narrow_it():
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 8, 300)
+    a, b = rng.random((3, 300)) < 0.6, rng.random((3, 300)) < 0.5
+    over = paired_difference_over_seeds(a, b, labels)
+    per_seed = [paired_difference(a[s], b[s], labels).estimate for s in range(3)]
+    assert over.estimate == pytest.approx(np.mean(per_seed)) and over.n == 300
+    assert (over.only_a, over.only_b) == (int((a & ~b).sum()), int((b & ~a).sum()))
+    assert over.low < over.estimate < over.high and math.isnan(over.p_value)
+    # the same seed three times is one measurement of the test set: as wide as one seed's
+    # interval, where resampling the 900 (seed, image) pairs as independent draws is ~1/sqrt(3) of it
+    one = paired_difference(a[0], b[0], labels)
+    tripled = paired_difference_over_seeds(np.stack([a[0]] * 3), np.stack([b[0]] * 3), labels)
+    naive = paired_difference(np.tile(a[0], 3), np.tile(b[0], 3), np.tile(labels, 3))
+    width = lambda d: d.high - d.low  # noqa: E731
+    assert tripled.estimate == one.estimate
+    assert width(tripled) == pytest.approx(width(one), rel=0.15)
+    assert width(naive) < 0.7 * width(tripled)
+    same = paired_difference_over_seeds(a, a, labels)
+    assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0)
+    assert math.isnan(Difference.from_dict(json.loads(json.dumps(over.to_dict(), allow_nan=False))).p_value)
+    with pytest.raises(ValueError, match="seeds, images"):
+        paired_difference_over_seeds(a[0], b[0])
 
 
 def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs():

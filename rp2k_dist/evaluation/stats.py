@@ -18,6 +18,9 @@ much it would move on another draw of test images of the same classes:
   test on the discordant pairs is given beside it (Dietterich, "Approximate Statistical
   Tests for Comparing Supervised Classification Learning Algorithms", Neural Computation
   1998, recommends it for one test set).
+* :func:`paired_difference_over_seeds`: A - B on the same images, each run in several
+  seeds: the images are resampled (within each class) with all their seeds together, since
+  the seeds are repeated measurements of one test set, not more test images.
 * :func:`auroc_interval`: AUROC of known vs unknown scores, resampling each group.
 * :func:`wilson_interval`: the analytic score interval of one proportion (the check of the
   bootstrap in the tests).
@@ -94,13 +97,13 @@ class Difference(Interval):
     p_value: float = 1.0  #: McNemar's exact two-sided p on the discordant pairs
 
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "only_a": self.only_a, "only_b": self.only_b, "mcnemar_p": self.p_value}
+        return {**super().to_dict(), "only_a": self.only_a, "only_b": self.only_b, "mcnemar_p": _finite(self.p_value)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Difference":
         base = Interval.from_dict(data)
         return cls(base.estimate, base.low, base.high, base.n, 1, int(data.get("only_a", 0)),
-                   int(data.get("only_b", 0)), float(data.get("mcnemar_p", 1.0)))
+                   int(data.get("only_b", 0)), math.nan if (p := data.get("mcnemar_p", 1.0)) is None else float(p))
 
     def verdict(self, gain: str = "helped", loss: str = "hurt") -> str:
         """``helped``/``hurt`` when the interval excludes 0, otherwise "no difference
@@ -215,6 +218,33 @@ def paired_difference(hits_a: Sequence[bool] | np.ndarray, hits_b: Sequence[bool
     return Difference(100.0 * (first - second) / n, low, high, n, 1, first, second, mcnemar_p(first, second))
 
 
+def paired_difference_over_seeds(hits_a: np.ndarray, hits_b: np.ndarray,
+                                 strata: Sequence[Any] | np.ndarray | None = None, *, resamples: int = RESAMPLES,
+                                 level: float = LEVEL, seed: int = SEED) -> Difference:
+    """A - B in points on the same N images, each system run in S seeds (``hits_*[s, i]``:
+    image i right in seed s). The estimate is the mean of the seeds' differences; the
+    interval resamples images within each stratum, each with its S seeds (a cluster
+    bootstrap: resampling (seed, image) pairs as independent draws would count one test
+    image S times and narrow the interval). ``only_a``/``only_b`` count discordant
+    (seed, image) pairs; McNemar's test assumes independent pairs, so ``p_value`` is nan."""
+    a, b = np.asarray(hits_a, dtype=bool), np.asarray(hits_b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"expected two [seeds, images] arrays of one shape, got {a.shape} and {b.shape}")
+    n = a.shape[1]
+    if n == 0:
+        return Difference(math.nan, math.nan, math.nan, 0, 1, 0, 0, math.nan)
+    per_image = (a.astype(np.float64) - b).mean(axis=0)  # [N]
+    index = _strata(n, strata)
+    rng = np.random.default_rng(seed)
+    totals = np.zeros(resamples)
+    for stratum in range(index.max() + 1):
+        members = per_image[index == stratum]
+        totals += members[rng.integers(0, len(members), size=(resamples, len(members)))].sum(axis=1)
+    low, high = _percentiles(100.0 * totals / n, level)
+    return Difference(100.0 * float(per_image.mean()), low, high, n, 1, int((a & ~b).sum()), int((b & ~a).sum()),
+                      math.nan)
+
+
 def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
     """Area under the ROC curve of telling ``known`` scores (higher = more known) from
     ``unknown`` ones, ties counted half (the Mann-Whitney U statistic); nan if a side is empty."""
@@ -273,8 +303,9 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def format_mean_std(values: Sequence[float], digits: int = 1) -> str:
-    """``45.4 ± 2.1 (3 seeds)``."""
+    """``45.4 ± 2.1 (3 seeds)``, counting the seeds that have the figure."""
     mean, std = mean_std(values)
     if math.isnan(mean):
         return "–"
-    return f"{mean:.{digits}f} ± {std:.{digits}f} ({len(values)} seeds)"
+    seeds = sum(v is not None and math.isfinite(v) for v in values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f} ({seeds} {'seed' if seeds == 1 else 'seeds'})"

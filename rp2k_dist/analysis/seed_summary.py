@@ -1,0 +1,114 @@
+"""The demo's headline figures over seeds: one row per figure, its value in each seed's run
+and the mean ± std, then the ensemble's gain pooled over the seeds.
+
+Each seed's run is the general model's run folder of one ``rp2k demo --seed N`` (Table 2 in
+``evaluation.json``, Table 3 in ``ensemble.json`` with its per-image predictions, the open set
+in ``openset.json``). The seeds differ in ``run.seed`` only (initialisation, data order,
+augmentation; the dataset is the same), so the std is the training's own spread, and the
+bootstrap interval of one run is the test set's (:mod:`rp2k_dist.evaluation.stats`).
+
+The ensemble's gain (d) - (a) over the seeds pairs, in every seed, the routed ensemble with
+the general model on the same test images: its estimate is the mean of the seeds'
+differences, its interval the test set's spread of that mean (images resampled with all
+their seeds, within each class).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .. import run_folder
+from ..evaluation.stats import Difference, format_mean_std, paired_difference_over_seeds
+
+#: Table 3 columns summarised per specialist category: (label, key prefix in ensemble.json).
+COLUMNS = (("(a) general", "general"), ("(c) specialist alone", "specialist"),
+           ("(d) routed by top-1", "ensemble"), ("(e) routed by mass", "mass"))
+#: The ensemble's gains pooled over seeds: (label, predictions of the ensemble column).
+POOLED = (("(d)-(a)", "ensemble_predictions.parquet"), ("(e)-(a)", "ensemble_mass_predictions.parquet"))
+GENERAL = "ensemble_general_predictions.parquet"
+
+
+def _json(run: Path, name: str) -> dict[str, Any]:
+    path = run / name
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def _number(value: Any) -> float:
+    return float(value) if value is not None else math.nan
+
+
+def headline(run: Path) -> dict[str, float]:
+    """The figures of one run folder by name (nan where the run has no such figure)."""
+    evaluation, ensemble, openset = (_json(run, name) for name in
+                                     (run_folder.EVALUATION, run_folder.ENSEMBLE, run_folder.OPENSET))
+    final = evaluation.get("final", {})
+    figures = {"test top-1": final.get("val_top1"), "test top-5": final.get("val_top5"),
+               "macro top-1 (per-class mean)": final.get("val_macro_top1")}
+    for row in evaluation.get("table2", {}).get("by_type", []):
+        figures[f"Table 2 top-1, {row['group']}"] = row["top1"]
+    for row in ensemble.get("table3", []):
+        for label, key in COLUMNS:
+            figures[f"Table 3 top-1, {row['meta_category']} {label}"] = row.get(f"{key}_top1")
+        for label in ("(d)-(a)",):
+            figures[f"Table 3 {row['meta_category']} {label}, points"] = (row.get("differences") or {}).get(
+                label, {}).get("estimate")
+    rows = openset.get("rows") or []
+    if rows:
+        overall = rows[-1]
+        figures.update({"open set AUROC (known vs unseen)": overall.get("auroc"),
+                        "open set FAR @ TAR 95 %": overall.get("far")})
+    return {name: _number(value) for name, value in figures.items()}
+
+
+def pooled_gains(runs: Sequence[Path]) -> dict[tuple[str, str], Difference]:
+    """(meta-category, "(d)-(a)" or "(e)-(a)") -> the difference over the seeds' runs, on the
+    test images every run predicted (:func:`~rp2k_dist.evaluation.stats.paired_difference_over_seeds`)."""
+    gains = {}
+    if not runs or not all((run / GENERAL).exists() for run in runs):
+        return gains
+    general = [pd.read_parquet(run / GENERAL).set_index("key") for run in runs]
+    categories = [row["meta_category"] for row in _json(runs[0], run_folder.ENSEMBLE).get("table3", [])]
+    for label, name in POOLED:
+        if not all((run / name).exists() for run in runs):
+            continue
+        routed = [pd.read_parquet(run / name).set_index("key") for run in runs]
+        shared = general[0].index
+        for frame in [*general, *routed]:
+            shared = shared.intersection(frame.index)
+        for category in categories:
+            inside = shared[(general[0].loc[shared, "type"] == category).to_numpy()]
+            hits = [np.stack([frame.loc[inside, "correct_top1"].to_numpy(bool) for frame in frames])
+                    for frames in (routed, general)]
+            gains[(category, label)] = paired_difference_over_seeds(
+                *hits, general[0].loc[inside, "true_class"].to_numpy(np.int64))
+    return gains
+
+
+def summary_markdown(runs: Sequence[Path], seeds: Sequence[int] | None = None) -> str:
+    """Markdown: every headline figure per seed with its mean ± std, then the pooled gains."""
+    seeds = list(seeds) if seeds is not None else list(range(len(runs)))
+    figures = [headline(run) for run in runs]
+    names = list(dict.fromkeys(name for figure in figures for name in figure))
+    lines = ["| figure | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+             "|---|" + "---:|" * (len(seeds) + 1)]
+    for name in names:
+        values = [figure.get(name, math.nan) for figure in figures]
+        digits = 3 if "AUROC" in name else 1
+        cells = ["–" if math.isnan(v) else f"{v:.{digits}f}" for v in values]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {format_mean_std(values, digits)} |")
+    gains = pooled_gains(runs)
+    if gains:
+        lines += ["", f"Ensemble gain over the general model, paired on the same test images, mean of "
+                      f"{len(runs)} seeds (images resampled with all their seeds, within each class):", "",
+                  "| meta-category | gain | test images | points, mean of seeds [95 % CI] | verdict |",
+                  "|---|---|---:|---:|---|"]
+        for (category, label), difference in gains.items():
+            lines.append(f"| {category} | {label} | {difference.n} | {difference.format()} | {difference.verdict()} |")
+    return "\n".join(lines) + "\n"
