@@ -8,10 +8,10 @@ seed, the epoch and the key), so seeds measure the training's own spread, while 
 bootstrap intervals of :mod:`rp2k_dist.evaluation.stats` measure the test set's.
 
 Paired comparison (:func:`paired_comparison`): A - B in top-1 points on the test images
-both runs predicted. With seeds, run A-s<i> is paired with B-s<i> and the images of every
-pair are pooled (each image once per seed), resampled within each (seed, class): the
-pooled difference is the mean of the per-seed differences, its interval the test set's
-spread of that mean.
+every run predicted. With seeds, run A-s<i> is paired with B-s<i>: the difference is the
+mean of the seeds' differences, its interval the test set's spread of that mean, each image
+resampled with all its seeds (:func:`~rp2k_dist.evaluation.stats.paired_difference_over_seeds`;
+the seeds are repeated measurements of one test set, not more images).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .. import run_folder
-from ..evaluation.stats import Difference, format_mean_std, paired_difference
+from ..evaluation.stats import Difference, format_mean_std, paired_difference, paired_difference_over_seeds
 
 _SEED = re.compile(r"^(?P<group>.+)-s(?P<seed>\d+)$")
 
@@ -60,7 +60,7 @@ def aggregate(values: Sequence[float]) -> str:
 
 @dataclass
 class Comparison:
-    """A - B in top-1 points on shared test images (pooled over paired seeds)."""
+    """A - B in top-1 points on shared test images (the mean over paired seeds)."""
 
     a: str
     b: str
@@ -68,7 +68,7 @@ class Comparison:
     difference: Difference
 
     def sentence(self) -> str:
-        seeds = f", {len(self.pairs)} seed pairs pooled" if len(self.pairs) > 1 else ""
+        seeds = f", mean of {len(self.pairs)} seed pairs" if len(self.pairs) > 1 else ""
         return f"{self.a} - {self.b} (top-1, paired on the same test images{seeds}): {self.difference.verdict()}."
 
 
@@ -88,15 +88,15 @@ def paired_comparison(a_runs: Sequence[Any], b_runs: Sequence[Any], a: str, b: s
 
     left, right = by_seed(a_runs), by_seed(b_runs)
     pairs = [(left[s], right[s]) for s in left if s in right] or list(zip(a_runs, b_runs))
-    hits_a, hits_b, strata, names = [], [], [], []
-    for index, (run_a, run_b) in enumerate(pairs):
-        frame_a, frame_b = _hits(run_a), _hits(run_b)
-        shared = frame_a.index.intersection(frame_b.index)
-        hits_a.append(frame_a.loc[shared, "correct_top1"].to_numpy(bool))
-        hits_b.append(frame_b.loc[shared, "correct_top1"].to_numpy(bool))
-        strata.append(index * 1_000_000 + frame_a.loc[shared, "true_class"].to_numpy(np.int64))
-        names.append((run_a.name, run_b.name))
-    if not sum(len(h) for h in hits_a):
+    frames = [(_hits(run_a), _hits(run_b)) for run_a, run_b in pairs]
+    shared = frames[0][0].index if frames else pd.Index([])
+    for frame_a, frame_b in frames:
+        shared = shared.intersection(frame_a.index).intersection(frame_b.index)
+    if not len(shared):
         return None
-    difference = paired_difference(np.concatenate(hits_a), np.concatenate(hits_b), np.concatenate(strata))
-    return Comparison(a, b, names, difference)
+    hits_a = np.stack([frame_a.loc[shared, "correct_top1"].to_numpy(bool) for frame_a, _ in frames])
+    hits_b = np.stack([frame_b.loc[shared, "correct_top1"].to_numpy(bool) for _, frame_b in frames])
+    labels = frames[0][0].loc[shared, "true_class"].to_numpy(np.int64)
+    difference = (paired_difference(hits_a[0], hits_b[0], labels) if len(frames) == 1
+                  else paired_difference_over_seeds(hits_a, hits_b, labels))
+    return Comparison(a, b, [(run_a.name, run_b.name) for run_a, run_b in pairs], difference)
