@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 
 import pytest
@@ -252,6 +253,13 @@ def test_apinet_specialist_and_routed_ensemble(synth_shards, tmp_path):
     # (e): routed by mass with a threshold chosen on the held-out train images, never on test
     assert saved["threshold_source"].startswith("calibrated on the general run's") and "data.holdout=0.2" in saved["threshold_source"]
     assert saved["mass_thresholds"] == [row["mass_threshold"]] == result.thresholds
+    # ... and what the threshold does on those images, to read beside the test's routing
+    from rp2k_dist.data.holdout import held_out_per_class
+
+    held = held_out_per_class(synth_shards, 0.2)
+    mine = sum(int(held[c["index"]]) for c in synth_shards.classes if c["type"] == category)
+    assert re.search(rf"routing \(e\) recall / precision there: {category} ([\d.]+|–) / ([\d.]+|–) "
+                     rf"\({mine} of its images\)", saved["threshold_source"]), saved["threshold_source"]
     assert row["mass_recall"] is not None and row["mass_top1"] is not None
 
 

@@ -66,12 +66,20 @@ def mass_thresholds(general_model, shards: Path, specialists: list[Specialist], 
         return [0.5] * len(specialists), f"0.5: data.holdout={holdout:g} holds out no image of this dataset"
     validation = predict_shards(general_model, shards, split=HOLDOUT, workers=workers,
                                 groups=[s.classes for s in specialists], holdout=holdout, holdout_by=holdout_by)
-    thresholds = []
-    for index, specialist in enumerate(specialists):
-        inside = class_column(classes, specialist.system)[validation.labels] == specialist.meta_category
-        thresholds.append(calibrate_threshold(validation.mass[:, index], inside))
+    insides = [class_column(classes, s.system)[validation.labels] == s.meta_category for s in specialists]
+    thresholds = [calibrate_threshold(validation.mass[:, index], inside) for index, inside in enumerate(insides)]
+    # what the thresholds do on the images they were chosen on, to read beside Table 3's
+    # routing (e) on test: a large gap says the validation split does not resemble test
+    routes = route_by_mass(validation.mass, thresholds)
+    fitted = []
+    for index, (specialist, inside) in enumerate(zip(specialists, insides)):
+        sent = routes == index
+        recall = f"{100 * sent[inside].mean():.1f}" if inside.any() else "–"
+        precision = f"{100 * inside[sent].mean():.1f}" if sent.any() else "–"
+        fitted.append(f"{specialist.meta_category} {recall} / {precision} ({int(inside.sum())} of its images)")
     return thresholds, (f"calibrated on the general run's {len(validation)} held-out train images "
-                        f"(data.holdout={holdout:g}), not on test")
+                        f"(data.holdout={holdout:g}), not on test; routing (e) recall / precision there: "
+                        + ", ".join(fitted))
 
 
 def evaluate_ensemble(
