@@ -77,3 +77,17 @@ def test_rp2k_demo_seeds_runs_each_seed_in_its_folder_and_writes_the_summary(tmp
     summary = (tmp_path / "seeds.md").read_text()
     assert "| test top-1 | 43.0 | 44.0 | 43.5 ± 0.7 (2 seeds) |" in summary and "| seed 3 | seed 4 |" in summary
     assert summary.split("\n", 2)[2] in capsys.readouterr().out
+
+
+def test_the_summary_reads_seed_runs_from_a_bucket_as_from_disk(tmp_path, s3_endpoint):
+    from rp2k_dist import storage
+
+    rng = np.random.default_rng(1)
+    general, routed = rng.random((2, 40)) < 0.5, rng.random((2, 40)) < 0.7
+    local = [fake_run(tmp_path / f"s{s}", 40.0 + s, general[s], routed[s], 0.6) for s in range(2)]
+    remote = [f"s3://{s3_endpoint.bucket}/seed-summary/s{s}" for s in range(2)]
+    for folder, uri in zip(local, remote):
+        for name in storage.walk(folder):
+            storage.write_bytes(storage.join(uri, name), (folder / name).read_bytes())
+    assert summary_markdown(remote) == summary_markdown(local)
+    assert "Ensemble gain" in summary_markdown(remote)

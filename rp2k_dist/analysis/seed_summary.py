@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .. import run_folder
+from ..storage import RunStorage
 from ..evaluation.stats import Difference, format_mean_std, paired_difference_over_seeds
 
 #: Table 3 columns summarised per specialist category: (label, key prefix in ensemble.json).
@@ -35,16 +37,27 @@ POOLED = (("(d)-(a)", "ensemble_predictions.parquet"), ("(e)-(a)", "ensemble_mas
 GENERAL = "ensemble_general_predictions.parquet"
 
 
-def _json(run: Path, name: str) -> dict[str, Any]:
-    path = run / name
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+Location = str | Path  # a run folder: local, mounted, s3:// or gs://
+
+
+def _json(run: Location, name: str) -> dict[str, Any]:
+    folder = RunStorage.at(run)
+    return json.loads(folder.read_bytes(name)) if folder.exists(name) else {}
+
+
+def _exists(run: Location, name: str) -> bool:
+    return RunStorage.at(run).exists(name)
+
+
+def _predictions(run: Location, name: str) -> pd.DataFrame:
+    return pd.read_parquet(BytesIO(RunStorage.at(run).read_bytes(name))).set_index("key")
 
 
 def _number(value: Any) -> float:
     return float(value) if value is not None else math.nan
 
 
-def headline(run: Path) -> dict[str, float]:
+def headline(run: Location) -> dict[str, float]:
     """The figures of one run folder by name (nan where the run has no such figure)."""
     evaluation, ensemble, openset = (_json(run, name) for name in
                                      (run_folder.EVALUATION, run_folder.ENSEMBLE, run_folder.OPENSET))
@@ -67,18 +80,18 @@ def headline(run: Path) -> dict[str, float]:
     return {name: _number(value) for name, value in figures.items()}
 
 
-def pooled_gains(runs: Sequence[Path]) -> dict[tuple[str, str], Difference]:
+def pooled_gains(runs: Sequence[Location]) -> dict[tuple[str, str], Difference]:
     """(meta-category, "(d)-(a)" or "(e)-(a)") -> the difference over the seeds' runs, on the
     test images every run predicted (:func:`~rp2k_dist.evaluation.stats.paired_difference_over_seeds`)."""
     gains = {}
-    if not runs or not all((run / GENERAL).exists() for run in runs):
+    if not runs or not all(_exists(run, GENERAL) for run in runs):
         return gains
-    general = [pd.read_parquet(run / GENERAL).set_index("key") for run in runs]
+    general = [_predictions(run, GENERAL) for run in runs]
     categories = [row["meta_category"] for row in _json(runs[0], run_folder.ENSEMBLE).get("table3", [])]
     for label, name in POOLED:
-        if not all((run / name).exists() for run in runs):
+        if not all(_exists(run, name) for run in runs):
             continue
-        routed = [pd.read_parquet(run / name).set_index("key") for run in runs]
+        routed = [_predictions(run, name) for run in runs]
         shared = general[0].index
         for frame in [*general, *routed]:
             shared = shared.intersection(frame.index)
@@ -91,7 +104,7 @@ def pooled_gains(runs: Sequence[Path]) -> dict[tuple[str, str], Difference]:
     return gains
 
 
-def summary_markdown(runs: Sequence[Path], seeds: Sequence[int] | None = None) -> str:
+def summary_markdown(runs: Sequence[Location], seeds: Sequence[int] | None = None) -> str:
     """Markdown: every headline figure per seed with its mean ± std, then the pooled gains."""
     seeds = list(seeds) if seeds is not None else list(range(len(runs)))
     figures = [headline(run) for run in runs]
