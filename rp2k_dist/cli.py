@@ -415,6 +415,7 @@ def submit_reproduce(args: argparse.Namespace) -> str:
     words = [*DEFAULT_LAUNCHER, "reproduce", "--shards", args.shards, "--storage-path", args.storage_path,
              "--umap-samples", str(args.umap_samples)]
     words += ["--only", args.only] if args.only else []
+    words += ["--seeds", str(args.seeds)] if args.seeds > 1 else []
     words += [w for item in args.set or [] for w in ("--set", item)]
     return submit_entrypoint(" ".join(shlex.quote(w) for w in words), root, name="reproduce",
                              metadata={"rp2k_command": "reproduce"}, address=args.address, pip=args.pip,
@@ -429,6 +430,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     only = [part.strip() for part in args.only.split(",") if part.strip()] if args.only else None
     if args.plan:
         print(plan(args.shards, only, args.set or [], args.gpus, _img_per_s(args.img_per_s), address=args.address))
+        if args.seeds > 1:
+            print(f"--seeds {args.seeds}: the plan above once per seed, one seed after another "
+                  f"({args.seeds} x its GPU-hours and wall time)")
         return 0
     if not args.shards:
         raise ConfigError("--shards is required (the packed RP2K, e.g. s3://bucket/rp2k or "
@@ -442,7 +446,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             print(f"report copied from {display(args.storage_path)} to {args.report_dir}")
         return code
     return reproduce(args.shards, args.storage_path, only, args.set or [], address=args.address,
-                     verbose=args.verbose, umap_samples=args.umap_samples, report_dir=args.report_dir)
+                     verbose=args.verbose, umap_samples=args.umap_samples, report_dir=args.report_dir,
+                     seeds=args.seeds)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -605,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-per-s", action="append", metavar="MODEL=N",
                    help="--plan: measured training img/s per GPU of a model (resnet34, inception_v3, apinet)")
     p.add_argument("--umap-samples", type=int, default=20000, help="test images in the UMAP figure; 0 = all")
+    p.add_argument("--seeds", type=_positive, default=1, metavar="N", help="the reproduction once per run.seed "
+                   "0 ... N-1 (STORAGE_PATH/seed-<s>, one after another), then every run's figures as mean ± std "
+                   "over the seeds in STORAGE_PATH/seeds.md")
     p.add_argument("--verbose", action="store_true", help="Ray's own console output too")
     p.set_defaults(func=cmd_reproduce)
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rp2k_dist import run_folder
 from rp2k_dist.launch import reproduce as rep
@@ -244,3 +245,29 @@ def test_reproduce_runs_the_graph_survives_a_killed_driver_and_reports_every_tab
     assert (runs / rep.GENERAL / "umap.png").stat().st_size > 10_000 and "![UMAP]" in report
     hours = sum((r["finished"] - r["started"]) / 3600 * 2 for r in records.values())  # 2 CPUs per run
     assert f"Cost spent: {hours:.2f} CPU-hours" in report and state["steps"]["evaluate"]["state"] == "finished"
+
+
+@pytest.mark.slow
+def test_reproduce_seeds_reproduces_once_per_seed_and_reports_mean_and_std(ray_head, paper_shards, tmp_path):
+    from rp2k_dist.evaluation.stats import format_mean_std
+    from rp2k_dist.launch.reproduce.seeds import SEEDS_REPORT
+
+    runs = tmp_path / "runs"
+    command = [str(VENV_BIN / "rp2k"), "reproduce", "--shards", str(paper_shards.root), "--storage-path", str(runs),
+               "--address", ray_head["address"], "--only", rep.GENERAL, "--seeds", "2",
+               "--report-dir", str(tmp_path / "report")] + [w for s in TINY for w in ("--set", s)]
+    done = subprocess.run(command, env=ray_head["env"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    finals = []
+    for seed in (0, 1):
+        folder = runs / f"seed-{seed}" / rep.GENERAL
+        assert yaml.safe_load((folder / "config.yaml").read_text())["run"]["seed"] == seed
+        assert (runs / f"seed-{seed}" / f"{run_folder.REPRODUCE}.md").exists()
+        finals.append(json.loads((folder / "evaluation.json").read_text())["final"])
+    assert finals[0]["val_top1"] != finals[1]["val_top1"] or finals[0]["train_loss"] != finals[1]["train_loss"]
+    summary = (runs / SEEDS_REPORT).read_text()
+    top1 = [f["val_top1"] for f in finals]
+    assert (f"| {rep.GENERAL} | test top-1 | {top1[0]:.2f} | {top1[1]:.2f} | {format_mean_std(top1)} |") in summary
+    assert f"| test top-1 | {top1[0]:.1f} | {top1[1]:.1f} |" in summary  # the general run's headline table
+    assert (tmp_path / "report" / SEEDS_REPORT).read_text() == summary
+    assert (tmp_path / "report" / "seed-1" / f"{run_folder.REPRODUCE}.md").exists()

@@ -4,7 +4,8 @@ on a Ray cluster, then one report.
 - :mod:`.graph`: the runs (:data:`~.graph.PAPER`), what each needs, and the scheduler that
   trains them, then evaluates the ensemble and UMAP as one Ray task;
 - :mod:`.plan`: ``--plan``, each run's GPU-hours and the wall time of the schedule;
-- :mod:`.report`: ``reproduce.md`` and the self-contained ``reproduce.html``.
+- :mod:`.report`: ``reproduce.md`` and the self-contained ``reproduce.html``;
+- :mod:`.seeds`: ``--seeds N``, the reproduction once per seed and ``seeds.md``.
 
 Everything is read and written through :mod:`rp2k_dist.storage`, so the storage path may be
 a local or mounted folder, s3:// or gs://.
@@ -35,6 +36,7 @@ from .graph import (
     split_sets,
 )
 from .report import copy_report, write_report
+from .seeds import reproduce_seeds
 
 __all__ = ["GENERAL", "PAPER", "PARTS", "SPECIALISTS", "TABLE4", "Experiment", "Reproduction", "RunRecord",
            "build_configs", "check_inputs", "error_line", "evaluate", "evaluation_is_current", "is_finished",
@@ -43,10 +45,11 @@ __all__ = ["GENERAL", "PAPER", "PARTS", "SPECIALISTS", "TABLE4", "Experiment", "
 
 def reproduce(shards: str, storage_path: str, only: Sequence[str] | None = None, sets: Sequence[str] = (),
               address: str | None = None, verbose: bool = False, umap_samples: int = 20_000,
-              report_dir: str | None = None) -> int:
+              report_dir: str | None = None, seeds: int = 1) -> int:
     """The whole reproduction on the Ray cluster at ``address``: the runs, the ensemble and
     UMAP step, and the report in the storage path (copied to ``report_dir`` too when
-    given); 0 when every run finished."""
+    given); 0 when every run finished. ``seeds`` > 1: once per seed in
+    ``<storage_path>/seed-<s>``, then ``seeds.md`` (:mod:`.seeds`)."""
     import ray
 
     from ..console import ray_init_options
@@ -54,6 +57,9 @@ def reproduce(shards: str, storage_path: str, only: Sequence[str] | None = None,
 
     shards, storage_path = storage.absolute(shards), storage.absolute(storage_path)
     experiments = select(only)
+    if seeds > 1:
+        return reproduce_seeds(reproduce, range(seeds), shards, storage_path, [e.name for e in experiments], sets,
+                               report_dir, only=only, address=address, verbose=verbose, umap_samples=umap_samples)
     configs = build_configs(experiments, shards, storage_path, sets)
     if not ray.is_initialized():
         ray.init(address=ray_address(address), **ray_init_options(verbose))
