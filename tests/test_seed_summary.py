@@ -49,7 +49,9 @@ def test_the_summary_gives_each_seed_its_mean_and_std_and_the_gain_over_seeds(tm
     gain = pooled_gains(runs)[("cosmetics", "(d)-(a)")]
     assert gain == paired_difference_over_seeds(routed, general, CLASSES)
     assert gain.estimate == pytest.approx(100 * (routed.mean() - general.mean())) and gain.low > 0
-    assert f"| cosmetics | (d)-(a) | 40 | {gain.format()} | helped: " in text
+    each = [100 * (routed[s].mean() - general[s].mean()) for s in range(3)]  # Table 3's own, per seed
+    assert (f"| cosmetics | (d)-(a) | 40 | {gain.format()} | {', '.join(f'{v:+.1f}' for v in each)} | "
+            f"{np.mean(each):.1f} ± {np.std(each, ddof=1):.1f} (3 seeds) | helped: ") in text
     assert ("cosmetics", "(e)-(a)") not in pooled_gains(runs)  # no mass-routed predictions written
 
 
