@@ -30,7 +30,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..analysis.report import compare_runs
+    from ..analysis.compare import compare_runs
     from ..storage import read_text
 
     location = compare_runs(args.runs, args.out)

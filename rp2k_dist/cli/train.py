@@ -36,7 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train_seeds(args: argparse.Namespace, config: ExperimentConfig) -> int:
     """``rp2k train PRESET --seeds N``: runs <name>-s0 … -s<N-1> with run.seed 0 … N-1 (each
     resumes like any run), then their comparison with mean ± std (``rp2k compare``)."""
-    from ..analysis.report import compare_runs
+    from ..analysis.compare import compare_runs
     from ..analysis.seeds import seed_names
     from ..launch.trainer import run_training
     from ..storage import join, read_text
