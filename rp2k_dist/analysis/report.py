@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import run_folder, storage
-from ..evaluation.ensemble import table3_markdown, verdict
+from ..evaluation.table3_text import table3_markdown, verdict
 from ..evaluation.metrics import PAPER_TABLE3, format_percent
 
 from .document import Document, markdown_rows
