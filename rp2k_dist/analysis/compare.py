@@ -8,7 +8,6 @@ from typing import Any
 
 from .. import run_folder, storage
 from ..evaluation.metrics import PAPER_TABLE4, format_percent
-
 from .document import markdown_rows
 from .run import Run
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from .. import run_folder, storage
 from ..evaluation.table3_text import table3_markdown, verdict
 from ..evaluation.metrics import PAPER_TABLE3, format_percent
-
 from .document import Document, markdown_rows
 from .plots import confusion_examples, pair_label, plot_categories, plot_curves
 from .run import Run, table_from_dict

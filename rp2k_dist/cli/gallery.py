@@ -7,7 +7,6 @@ import argparse
 
 from ..errors import ConfigError
 from ..storage import display
-
 from .common import _ray_init
 
 

@@ -9,7 +9,6 @@ from ..config import ExperimentConfig, SweepConfig, load_config
 from ..errors import ConfigError
 from ..run_folder import TABLE2
 from ..storage import display
-
 from .common import _positive, add_run_options, load_experiment, run_overrides
 from .jobs import _follow_job
 

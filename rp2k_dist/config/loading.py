@@ -10,7 +10,6 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-
 from .coercion import _build
 from .sections import ExperimentConfig
 

@@ -48,7 +48,6 @@ from .manifest import Manifest
 from .transforms import stack_images
 from .workers import worker_context
 from ..errors import ConfigError, CorruptDataError, DataError
-
 from .batching import _class_balanced_batches, _plain_batches
 
 

@@ -10,7 +10,6 @@ from torch import nn
 
 from ..config import ExperimentConfig
 from ..losses import ClassBalancedLoss
-
 from .run_data import RunData
 
 

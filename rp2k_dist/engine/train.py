@@ -41,7 +41,6 @@ from .scalars import ScalarLog
 from .selection import SelectedEpoch
 from .step_checkpoints import StepCheckpoints, StepObserver
 from ..errors import NonFiniteLossError
-
 from .optim import (
     _drop_frozen_grads, build_criterion, build_optimizer, learning_rates, set_backbone_frozen,
     warmup_cosine,

@@ -10,7 +10,6 @@ from dataclasses import replace
 import numpy as np
 
 from ..metadata import TYPES
-
 from .config import (
     ACCENTS, ClassSpec, Design, EDITIONS, FINE_CUE_SIZE, FINE_SHAPE, FINE_TYPE, FIRST_GROUPS,
     ImageSpec, MARK_SPOTS, OTHERS, SIZE_ASPECTS, STYLES, SynthConfig, TYPE_SHAPES,

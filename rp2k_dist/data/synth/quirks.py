@@ -9,7 +9,6 @@ from dataclasses import replace
 import numpy as np
 
 from ...errors import ConfigError
-
 from .config import ClassSpec, _pick
 from .naming import _relpath
 

@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from ...errors import DataError
 from ..metadata import FIELDS
-
 from .catalogue import _catalogue, _random_design
 from .config import ClassSpec, ImageSpec, MARKER, METADATA_FILE, SynthConfig, SynthSummary, _IMAGE
 from .photo import _encode, _photo
