@@ -38,7 +38,8 @@ from rp2k_dist.data.loader import LoaderConfig, ShardLoader
 from rp2k_dist.data.manifest import Manifest
 from rp2k_dist.data.transforms import RawJpeg, TrainTransform
 from rp2k_dist.engine.batches import CpuBatches, DeviceBatches
-from rp2k_dist.engine.train import build_optimizer, train_one_epoch
+from rp2k_dist.engine.optim import build_optimizer
+from rp2k_dist.engine.train import train_one_epoch
 from rp2k_dist.losses import ClassBalancedLoss
 from rp2k_dist.models import create_model, input_spec
 

@@ -76,7 +76,7 @@ def run_demo(out: Path, size: str = "default", address: str | None = None, seed:
     from .analysis.report import write_report
     from .engine.machine_speed import reference_line
     from .analysis.umap_plot import embed_and_project, plot_umap
-    from .evaluation.ensemble import verdict
+    from .evaluation.table3_text import verdict
     from .evaluation.ensemble_eval import evaluate_ensemble
     from .evaluation.openset import evaluate_openset
     from .run_folder import find_checkpoint

@@ -18,10 +18,11 @@ import yaml
 from PIL import Image
 
 from rp2k_dist.analysis import iter_shard_images
-from rp2k_dist.analysis import report as report_module
+from rp2k_dist.analysis import run as run_module
 from rp2k_dist.analysis.export import export_onnx, export_safetensors
 from rp2k_dist.evaluation.predict import COLUMNS, predict_folder, predict_images
-from rp2k_dist.analysis.report import compare_runs, write_report
+from rp2k_dist.analysis.compare import compare_runs
+from rp2k_dist.analysis.report import write_report
 from rp2k_dist.analysis.umap_plot import DPI, FIGSIZE, embed_and_project, plot_umap, project, select_samples
 from rp2k_dist.config import load_config
 from rp2k_dist.engine.context import LocalContext
@@ -145,7 +146,7 @@ def test_report_table2_matches_predictions_and_html_is_self_contained(run_dir, t
 
 
 def test_report_shows_the_paper_columns_on_real_rp2k(run_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(report_module, "REAL_RP2K_MIN_CLASSES", 1)  # pretend the synthetic set is RP2K
+    monkeypatch.setattr(run_module, "REAL_RP2K_MIN_CLASSES", 1)  # pretend the synthetic set is RP2K
     md = Path(write_report(run_dir, tmp_path)[0]).read_text(encoding="utf-8")
     assert "| meta-category | samples | top-1 | 95 % CI | top-5 | 95 % CI | paper top-1 | paper top-5 |" in md
     assert re.search(r"\| average \(micro\) \| \d+ \| [\d.]+ \| \[.+?\] \| [\d.]+ \| \[.+?\] \| 95\.18 \| 99\.01 \|", md)
@@ -287,7 +288,8 @@ def test_confused_pairs_figure_names_the_classes(run_dir, synth_shards, tmp_path
     from matplotlib.figure import Figure
 
     from rp2k_dist.analysis.fonts import drawable
-    from rp2k_dist.analysis.report import Run, confusion_examples, pair_label
+    from rp2k_dist.analysis.plots import confusion_examples, pair_label
+    from rp2k_dist.analysis.run import Run
 
     saved = []
     original = Figure.savefig

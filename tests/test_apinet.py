@@ -180,7 +180,8 @@ def _official_loss(out: ApiNetOutput) -> torch.Tensor:
 
 def test_default_api_net_loss_is_the_official_one_and_cbl_only_when_asked_for():
     from rp2k_dist.config import load_config
-    from rp2k_dist.engine.train import RunData, build_criterion
+    from rp2k_dist.engine.optim import build_criterion
+    from rp2k_dist.engine.run_data import RunData
     from rp2k_dist.losses import class_balanced_weights
 
     torch.manual_seed(0)

@@ -12,7 +12,8 @@ import torch
 from rp2k_dist.config import ConfigError, load_config
 from rp2k_dist.run_folder import CHECKPOINT, checkpoint_dir, load_checkpoint, resume_mismatch
 from rp2k_dist.engine.context import LocalContext
-from rp2k_dist.engine.train import NonFiniteLossError, train_worker, warmup_cosine
+from rp2k_dist.engine.optim import warmup_cosine
+from rp2k_dist.engine.train import NonFiniteLossError, train_worker
 from rp2k_dist.storage import RunStorage
 from tests.conftest import tiny_run_overrides
 
@@ -165,7 +166,7 @@ def test_nan_loss_stops_the_run_with_a_clear_error(synth_shards, tmp_path):
 @pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4), reason="no fused CPU kernels")
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_fused_optimizer_on_cpu_takes_the_steps_of_the_per_tensor_one(optimizer):
-    from rp2k_dist.engine.train import build_optimizer
+    from rp2k_dist.engine.optim import build_optimizer
 
     torch.manual_seed(0)
     models = [torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)]

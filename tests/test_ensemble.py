@@ -267,7 +267,7 @@ def test_meta_categories_match_in_any_case(general):
 def _row(name: str, n: int, general: int, restricted: int, specialist: int, ensemble: int) -> dict:
     """A Table 3 row whose columns get the given number of the category's n images right
     (the first ones), with its paired differences."""
-    from rp2k_dist.evaluation.ensemble import DIFFERENCES
+    from rp2k_dist.evaluation.table3_text import DIFFERENCES
     from rp2k_dist.evaluation.stats import paired_difference
 
     hits = {key: np.arange(n) < right for key, right in (("general", general), ("restricted", restricted),
@@ -280,7 +280,7 @@ def _row(name: str, n: int, general: int, restricted: int, specialist: int, ense
 
 
 def test_the_verdict_says_helped_only_when_the_interval_excludes_zero():
-    from rp2k_dist.evaluation.ensemble import verdict
+    from rp2k_dist.evaluation.table3_text import verdict
 
     # a planted 15-point gain on 200 images is detected; one image more on 19 is not
     planted = _row("liquor", 200, general=100, restricted=110, specialist=140, ensemble=130)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from rp2k_dist import cli, errors
+from rp2k_dist.cli import data as cli_data
 from rp2k_dist.errors import (
     ConfigError, NotFoundError, PreflightError, Rp2kError, StorageError, TROUBLESHOOTING, is_retryable,
 )
@@ -82,7 +83,7 @@ def test_errors_survive_pickling_with_their_hint_and_flags():
 def _command_raising(monkeypatch, error: BaseException):
     def boom(args):
         raise error
-    monkeypatch.setattr(cli, "cmd_verify", boom)
+    monkeypatch.setattr(cli_data, "cmd_verify", boom)
 
 
 def test_the_cli_prints_an_rp2k_error_as_one_line_and_its_hint(monkeypatch, capsys):

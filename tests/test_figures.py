@@ -16,7 +16,7 @@ from matplotlib.text import Text
 
 from rp2k_dist.analysis import fonts
 from rp2k_dist.analysis.figures import GREY, MAX_COLOURS, category_colours, short
-from rp2k_dist.analysis.report import plot_categories
+from rp2k_dist.analysis.plots import plot_categories
 from rp2k_dist.analysis.umap_plot import plot_umap
 from rp2k_dist.evaluation.metrics import AccuracyRow, AccuracyTable
 
@@ -254,7 +254,7 @@ def test_without_a_cjk_font_names_become_ids_with_one_warning(no_cjk_font, tmp_p
 
 
 def test_without_a_cjk_font_confused_classes_are_named_by_index_and_sku(no_cjk_font):
-    from rp2k_dist.analysis.report import pair_caption
+    from rp2k_dist.analysis.plots import pair_caption
 
     pair = {"true": 6, "true_name": "牛栏山珍品（绵柔）42度475ml", "true_product_name": "珍品", "true_sku": "0624266",
             "predicted": 0, "predicted_name": "others", "predicted_product_name": "others", "predicted_sku": ""}

@@ -138,7 +138,8 @@ def _fed_ddp_steps(rank: int, world: int, port: int, out: str, global_batch: int
         dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch.nn.parallel import DistributedDataParallel
 
-    from rp2k_dist.engine.train import build_optimizer, train_one_epoch
+    from rp2k_dist.engine.optim import build_optimizer
+    from rp2k_dist.engine.train import train_one_epoch
     from rp2k_dist.losses import ClassBalancedLoss
     from rp2k_dist.models import create_model
 

@@ -11,7 +11,8 @@ import webdataset as wds
 from rp2k_dist.config import DataConfig
 from rp2k_dist.data.augment import AugmentConfig
 from rp2k_dist.data.chunks import SampleTable, plan_epoch, plan_training_epoch
-from rp2k_dist.data.loader import CorruptDataError, LoaderConfig, ShardLoader, _class_balanced_batches
+from rp2k_dist.data.batching import _class_balanced_batches
+from rp2k_dist.data.loader import CorruptDataError, LoaderConfig, ShardLoader
 from rp2k_dist.data.manifest import Manifest
 from rp2k_dist.data.transforms import EvalTransform, InputSpec, TrainTransform
 from rp2k_dist.errors import ConfigError, ManifestError

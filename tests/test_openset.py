@@ -16,7 +16,8 @@ from PIL import Image
 
 from rp2k_dist.config import ConfigError, load_config
 from rp2k_dist.data.holdout import held_out_classes
-from rp2k_dist.engine.train import build_checkpoint, build_loaders, select_data
+from rp2k_dist.engine.checkpoint import build_checkpoint
+from rp2k_dist.engine.run_data import build_loaders, select_data
 from rp2k_dist.errors import GalleryModelMismatchError
 from rp2k_dist.data.tar_index import iter_shard_images
 from rp2k_dist.data.transforms import EvalTransform

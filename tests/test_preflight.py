@@ -7,7 +7,7 @@ import pytest
 
 from rp2k_dist.cli import main
 from rp2k_dist.config import load_config
-from rp2k_dist.engine.train import select_data
+from rp2k_dist.engine.run_data import select_data
 from rp2k_dist.launch.preflight import PreflightError, local_resources, preflight
 from tests.conftest import tiny_run_overrides
 

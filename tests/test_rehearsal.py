@@ -209,8 +209,8 @@ def _trained(folder: RunStorage) -> dict[str, tuple[float | None, bytes | int]]:
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # two passes of the block and a restart: ~3 min on a quiet 2-core machine
 def test_the_documented_rehearsal_survives_a_lost_node_and_a_stopped_job(rented, tmp_path):
-    from rp2k_dist.analysis.report import table_from_dict
-    from rp2k_dist.evaluation.ensemble import table3_markdown
+    from rp2k_dist.analysis.run import table_from_dict
+    from rp2k_dist.evaluation.table3_text import table3_markdown
     from rp2k_dist.evaluation.metrics import PAPER_TABLE2
     from rp2k_dist.launch.submit import connect, jobs_list
 

@@ -172,8 +172,8 @@ def _state(runs: Path) -> dict:
 
 @pytest.mark.slow
 def test_reproduce_runs_the_graph_survives_a_killed_driver_and_reports_every_table(ray_head, paper_shards, tmp_path):
-    from rp2k_dist.analysis.report import table_from_dict
-    from rp2k_dist.evaluation.ensemble import table3_markdown
+    from rp2k_dist.analysis.run import table_from_dict
+    from rp2k_dist.evaluation.table3_text import table3_markdown
     from rp2k_dist.evaluation.metrics import PAPER_TABLE2, format_percent
 
     runs = tmp_path / "runs"

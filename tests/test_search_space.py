@@ -14,15 +14,14 @@ from ray.tune.search.sample import Float
 
 from rp2k_dist.config import ConfigError, load_config
 from rp2k_dist.data.transforms import TrainTransform
-from rp2k_dist.launch.tuner import (
+from rp2k_dist.launch.search_space import (
     DEFAULT_LR_RANGES,
     check_search_space,
     load_search_space,
-    load_sweep,
     parse_search_space,
     resolve_search_space,
-    trial_config,
 )
+from rp2k_dist.launch.tuner import load_sweep, trial_config
 from rp2k_dist.models import input_spec
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"

@@ -72,7 +72,7 @@ def test_a_frozen_epoch_leaves_batchnorm_running_stats_unchanged(synth_shards, t
 
 
 def test_two_parameter_groups_with_their_learning_rates_before_and_after_scheduler_steps():
-    from rp2k_dist.engine.train import build_optimizer, learning_rates, warmup_cosine
+    from rp2k_dist.engine.optim import build_optimizer, learning_rates, warmup_cosine
     from rp2k_dist.models import create_model
 
     config = load_config(None, ["model.name=apinet", "optim.optimizer=sgd", "optim.lr=0.02", "optim.lr_reference_batch=32",

@@ -19,7 +19,8 @@ import torch
 
 from rp2k_dist.config import load_config
 from rp2k_dist.engine import train as engine_train
-from rp2k_dist.engine.train import NonFiniteLossError, train_one_epoch, warmup_cosine
+from rp2k_dist.engine.optim import warmup_cosine
+from rp2k_dist.engine.train import NonFiniteLossError, train_one_epoch
 from rp2k_dist.losses import ClassBalancedLoss
 from rp2k_dist.models import create_model
 

@@ -217,7 +217,8 @@ def test_export_on_s3_equals_local(runs):
 
 
 def test_a_failed_upload_is_an_error_and_leaves_nothing(runs, bucket, monkeypatch):
-    from rp2k_dist.analysis.report import compare_runs, write_report
+    from rp2k_dist.analysis.compare import compare_runs
+    from rp2k_dist.analysis.report import write_report
 
     target = f"{bucket}/denied"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")

@@ -106,7 +106,7 @@ def test_repository_upload_is_small_and_has_the_code(tmp_path):
     package = tmp_path / "repo.zip"
     create_package(str(REPO), package, include_gitignore=True, excludes=build_runtime_env(REPO)["excludes"])
     names = zipfile.ZipFile(package).namelist()
-    assert "rp2k_dist/data/synth.py" in names and "rp2k_dist/launch/submit.py" in names and "pyproject.toml" in names
+    assert "rp2k_dist/data/synth/writer.py" in names and "rp2k_dist/launch/submit.py" in names and "pyproject.toml" in names
     assert not any(n.startswith((".venv/", ".git/", "shards/", "runs/", "data/")) or "__pycache__" in n for n in names)
     assert package.stat().st_size < 20e6
 

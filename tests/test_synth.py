@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from rp2k_dist.data import synth
+from rp2k_dist.data.synth import writer as synth_writer
 from rp2k_dist.data.metadata import SHAPES, TYPES, load_metadata
 from rp2k_dist.data.rp2k import scan_rp2k
 from rp2k_dist.data.synth import SynthConfig, SynthSummary, make_synthetic_rp2k
@@ -275,8 +276,8 @@ def test_a_crash_leaves_no_dataset_behind(tmp_path: Path, monkeypatch: pytest.Mo
             raise RuntimeError("disk full")
         return render(chunk)
 
-    render = synth._render_chunk
-    monkeypatch.setattr(synth, "_render_chunk", crash_on_second_chunk)
+    render = synth_writer._render_chunk
+    monkeypatch.setattr(synth_writer, "_render_chunk", crash_on_second_chunk)
     with pytest.raises(RuntimeError, match="disk full"):
         make_synthetic_rp2k(tmp_path / "rp2k", SMALL)
     assert list(tmp_path.iterdir()) == []

@@ -19,15 +19,8 @@ import ray
 
 from rp2k_dist.config import ConfigError, SweepConfig, is_sweep_preset, load_config
 from rp2k_dist.launch.trainer import read_metrics, run_training
-from rp2k_dist.launch.tuner import (
-    TRIAL_RECORD,
-    check_search_space,
-    is_grid,
-    load_search_space,
-    load_sweep,
-    parse_search_space,
-    run_sweep,
-)
+from rp2k_dist.launch.search_space import check_search_space, is_grid, load_search_space, parse_search_space
+from rp2k_dist.launch.tuner import TRIAL_RECORD, load_sweep, run_sweep
 from tests.conftest import tiny_run_overrides
 from tests.ray_clusters import SHARED_CPUS
 

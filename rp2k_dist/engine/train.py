@@ -4,227 +4,50 @@
 optimiser from the config, resumes from the context's latest checkpoint, runs the epoch
 loop (train, evaluate, report, checkpoint) and leaves the evaluation artefacts
 (predictions, accuracy tables) in the run folder. Written in the spirit of torchvision's
-``references/classification/train.py``: plain functions, read top to bottom.
+``references/classification/train.py``: plain functions, read top to bottom; the data and
+loaders are built in :mod:`.run_data`, the optimiser, schedule and loss in :mod:`.optim`, the
+checkpoint in :mod:`.checkpoint`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import ConfigError, ExperimentConfig, parse_meta_category
-from ..data.loader import LoaderConfig, ShardLoader
-from ..data.manifest import Manifest
-from ..data.transforms import EvalTransform, RawJpeg, TrainTransform
-from .batches import CpuBatches, DeviceBatches
+from ..config import ConfigError, ExperimentConfig
+from ..data.loader import ShardLoader
 from ..evaluation.inference import autocast, predict_batches
 from ..evaluation.metrics import accuracy_table, confused_pairs
 from ..evaluation.predictions import Predictions
-from ..losses import ClassBalancedLoss
 from .. import run_folder
-from ..input_spec import InputSpec
 from ..models import create_model, input_spec, load_weights_file
-from ..run_folder import FORMAT, VERSION, write_metrics
+from ..run_folder import write_metrics
 from ..storage import RunStorage, display
 from . import distributed as dist_utils
 from ..data.epoch_state import consumed_of
-from ..data.holdout import HOLDOUT, held_out_classes, held_out_per_class
-from .checkpoint import rng_state, set_rng_state
+from .checkpoint import build_checkpoint, set_rng_state
 from .batchnorm import batchnorm_eval, prepare_batchnorm, synced_layers
 from .context import WorkerContext
-from .global_batch import BatchPlan, plan_batch
+from .global_batch import plan_batch
 from .scalars import ScalarLog
 from .selection import SelectedEpoch
 from .step_checkpoints import StepCheckpoints, StepObserver
-from ..errors import DataError, NonFiniteLossError
-
-
-@dataclass
-class RunData:
-    """The dataset as this run sees it (a specialist sees a subset of classes)."""
-
-    manifest: Manifest
-    class_subset: list[int] | None  # global indices, in the run's label order
-    classes: list[dict[str, Any]]  # the run's class table, "index" = run label
-    train_counts: list[int]
-    unseen: list[int] = dataclasses.field(default_factory=list)  # data.holdout_classes (global indices)
-
-
-def select_data(config: ExperimentConfig) -> RunData:
-    manifest = Manifest.load(config.data.shards)
-    subset = None
-    if config.data.meta_category:
-        subset = manifest.classes_of(*parse_meta_category(config.data.meta_category))
-    chosen = subset if subset is not None else list(range(manifest.num_classes))
-    unseen = held_out_classes(manifest.classes, config.data.holdout_classes)
-    classes = [{**manifest.classes[g], "index": i, "global_index": g, **({"unseen": True} if g in unseen else {})}
-               for i, g in enumerate(chosen)]
-    # the images each class trains on (the CBL's n_c): train less the held-out share; none
-    # for an unseen class (its CBL weight is then 0: it is never a target)
-    held = held_out_per_class(manifest, config.data.holdout, config.data.holdout_by)
-    counts = [0 if g in unseen else n - int(held[g]) for g, n in enumerate(manifest.class_counts("train"))]
-    return RunData(manifest, subset, classes, [counts[g] for g in chosen], unseen)
-
-
-def uses_device_decode(config: ExperimentConfig, device: torch.device) -> bool:
-    """Decode and augment on the accelerator (``data.decode``: auto = when on CUDA)."""
-    return config.data.decode == "device" or (config.data.decode == "auto" and device.type == "cuda")
-
-
-#: Turns a loader batch into (normalised images, labels) on the device and the samples' keys.
-BatchToDevice = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor, list[str]]]
-
-
-def build_batches(config: ExperimentConfig, spec: InputSpec, device: torch.device) -> tuple[BatchToDevice, BatchToDevice]:
-    """(train, eval) callables turning loader batches into device tensors."""
-    channels_last = config.model.channels_last
-    if uses_device_decode(config, device):  # augmentation seeds come with the loader's batches
-        return DeviceBatches(spec, config.augment, device, channels_last), DeviceBatches(spec, None, device, channels_last)
-    return CpuBatches(spec, device, channels_last), CpuBatches(spec, device, channels_last)
-
-
-def build_loaders(config: ExperimentConfig, data: RunData, spec: InputSpec, rank: int, world: int, device: torch.device,
-                  batches: BatchPlan | None = None):
-    """(train, eval) loaders of this rank; ``batches``: the global batch's split (training
-    micro-batches and steps per epoch), default ``data.batch_size`` per worker."""
-    c = config.data
-    raw = uses_device_decode(config, device)
-    common = dict(data=c, seed=config.run.seed, pin_memory=device.type == "cuda")
-    balanced = (c.classes_per_batch, c.images_per_class) if c.classes_per_batch else None
-    fixed = {} if batches is None or not batches.fixed else dict(
-        global_batch=batches.target, micro_batch=batches.micro_batch, step_batches=batches.accumulation)
-    # unseen classes (data.holdout_classes) are out of training and of the closed-set evaluation
-    train = ShardLoader(data.manifest, "train", RawJpeg() if raw else TrainTransform(spec, config.augment),
-                        LoaderConfig(**common, **fixed), rank, world, train=True,
-                        classes=data.class_subset, class_balanced=balanced, exclude=data.unseen)
-    return train, build_eval_loader(config, data, spec, rank, world, device)
-
-
-def build_eval_loader(config: ExperimentConfig, data: RunData, spec: InputSpec, rank: int, world: int,
-                      device: torch.device, split: str = "test") -> ShardLoader:
-    """This rank's share of ``split`` ("test", or "holdout": the validation split carved from
-    train), each sample once over all ranks, the run's classes only."""
-    raw = uses_device_decode(config, device)
-    common = dict(data=config.data, seed=config.run.seed, pin_memory=device.type == "cuda")
-    return ShardLoader(data.manifest, split, RawJpeg() if raw else EvalTransform(spec),
-                       LoaderConfig(evaluation=True, **common),
-                       rank, world, train=False, classes=data.class_subset, exclude=data.unseen)
-
-
-def build_holdout_loader(config: ExperimentConfig, data: RunData, spec: InputSpec, rank: int, world: int,
-                         device: torch.device) -> ShardLoader:
-    """The validation split's loader for ``run.select_epoch=holdout``; a clear error when
-    ``data.holdout`` leaves no image of the run's classes (too few train images per class)."""
-    try:
-        return build_eval_loader(config, data, spec, rank, world, device, split=HOLDOUT)
-    except DataError as error:
-        raise ConfigError(f"run.select_epoch=holdout: data.holdout={config.data.holdout:g} holds out no train image of "
-                          f"this run's classes ({error})",
-                          hint="raise data.holdout (a class keeps at least 2 train images and holds out "
-                               "floor(n x holdout + 0.5) of n), or set run.select_epoch=last") from None
-
-
-def build_optimizer(model: nn.Module, config: ExperimentConfig, global_batch: int):
-    """SGD/AdamW with the learning rate scaled linearly by the global batch size; returns
-    (optimizer, head learning rate).
-
-    A model with a backbone / head split (API-Net) gets two parameter groups: "backbone" at
-    lr x ``optim.backbone_lr_scale`` and "head" at lr; other models one group "all". Weight
-    decay, momentum and the fused kernels are the optimiser's defaults, so they apply to
-    every group, and the schedule (:func:`warmup_cosine` through ``LambdaLR``) multiplies
-    each group's own initial rate. Parameters without gradient (``model.bn=frozen``) are
-    left out."""
-    o = config.optim
-    lr = o.lr * global_batch / o.lr_reference_batch
-    model_without_ddp = getattr(model, "module", model)
-
-    def trained(params) -> list[nn.Parameter]:
-        return [p for p in params if p.requires_grad]
-
-    if hasattr(model_without_ddp, "backbone_parameters"):
-        groups = [{"params": trained(model_without_ddp.backbone_parameters()), "name": "backbone",
-                   "lr": lr * o.backbone_lr_scale},
-                  {"params": trained(model_without_ddp.head_parameters()), "name": "head", "lr": lr}]
-    else:
-        groups = [{"params": trained(model.parameters()), "name": "all"}]
-    if o.optimizer == "sgd":
-        kind, options = torch.optim.SGD, {"momentum": o.momentum, "weight_decay": o.weight_decay}
-    else:
-        kind, options = torch.optim.AdamW, {"weight_decay": o.weight_decay}
-    if o.fused:
-        # fused kernels: CUDA, and CPU since torch 2.4 (there 2.4-5x faster than the default
-        # kernels for ResNet-34's AdamW step on 2 cores); a device without them gets the defaults
-        try:
-            return kind(groups, lr=lr, fused=True, **options), lr
-        except RuntimeError:
-            pass
-    return kind(groups, lr=lr, **options), lr
-
-
-def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """The current rate of the head (``lr``; the only group of other models) and, for a
-    backbone / head split, of the backbone (``backbone_lr``)."""
-    rates = {"lr": optimizer.param_groups[-1]["lr"]}
-    rates.update({"backbone_lr": g["lr"] for g in optimizer.param_groups if g.get("name") == "backbone"})
-    return rates
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int, warmup_start: int = 0):
-    """LR multiplier per step: cosine from 1 to 0 over the steps outside the warm-up, with
-    a linear warm-up (from 1 % of the rate the cosine has there) of ``warmup_steps`` steps
-    starting at step ``warmup_start``. API-Net's frozen-backbone epochs come before the
-    warm-up (``warmup_start`` = their steps): the head trains at the full rate while the
-    backbone is frozen, and the warm-up, if any, eases the backbone in after unfreezing."""
-    cosine_steps = max(1, total_steps - warmup_steps)
-
-    def cosine(step: int) -> float:
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / cosine_steps)))
-
-    def factor(step: int) -> float:
-        if step < warmup_start:
-            return cosine(step)
-        if step < warmup_start + warmup_steps:
-            return cosine(warmup_start) * (0.01 + 0.99 * (step - warmup_start) / max(1, warmup_steps))
-        return cosine(step - warmup_steps)
-
-    return factor
-
-
-def build_criterion(config: ExperimentConfig, data: RunData) -> nn.Module:
-    """The classification loss: Class-Balanced Loss with ``loss.cbl_beta``, or without
-    class weights (beta 0: plain cross-entropy for the softmax variant). ``loss.criterion``
-    auto: API-Net trains without class weights as its official code does (its P x K
-    sampler already draws classes uniformly), the other models with the paper's CBL."""
-    c = config.loss
-    use_cbl = c.criterion == "cbl" or (c.criterion == "auto" and config.model.name != "apinet")
-    return ClassBalancedLoss(data.train_counts, c.cbl_beta if use_cbl else 0.0, c.variant,
-                             c.focal_gamma, c.label_smoothing)
-
-
-def set_backbone_frozen(optimizer: torch.optim.Optimizer, frozen: bool) -> None:
-    """Mark the backbone group frozen (API-Net's first epochs). The gradients are still
-    computed, so DDP's buckets stay the same; :func:`_drop_frozen_grads` discards them
-    before the step, and the optimiser skips parameters without a gradient entirely."""
-    for group in optimizer.param_groups:
-        if group.get("name") == "backbone":
-            group["frozen"] = frozen
-
-
-def _drop_frozen_grads(optimizer: torch.optim.Optimizer) -> None:
-    for group in optimizer.param_groups:
-        if group.get("frozen"):
-            for param in group["params"]:
-                param.grad = None
+from ..errors import NonFiniteLossError
+from .optim import (
+    _drop_frozen_grads, build_criterion, build_optimizer, learning_rates, set_backbone_frozen,
+    warmup_cosine,
+)
+from .run_data import (
+    BatchToDevice, RunData, build_batches, build_holdout_loader, build_loaders, select_data,
+)
 
 
 CHECK_EVERY_STEPS = 50
@@ -381,40 +204,6 @@ def select_on_holdout(
     selected.consider(epoch, top1, model)
     return {"holdout_top1": top1, **({"holdout_top5": val["val_top5"], "holdout_samples": val["val_samples"]}
                                      if val else {}), "selected_epoch": selected.epoch}
-
-
-def build_checkpoint(
-    *,
-    model_without_ddp: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-    config: ExperimentConfig,
-    data: RunData,
-    spec: InputSpec,
-    epoch: int,
-    history: list[dict[str, Any]],
-    selected: SelectedEpoch | None = None,
-) -> dict[str, Any]:
-    """Everything needed to resume the run or to use the model (see :mod:`rp2k_dist.run_folder`);
-    with ``run.select_epoch=holdout`` also the best epoch so far (``selected``)."""
-    extra = {} if selected is None else {"selected": selected.to_checkpoint()}
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "model_name": config.model.name,
-        "model_args": {"num_classes": len(data.classes), **config.model.head_args()},
-        "input_spec": spec.to_dict(),
-        "classes": data.classes,
-        "class_subset": data.class_subset,
-        "config": config.to_dict(),
-        "epoch": epoch,
-        "model": model_without_ddp.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": lr_scheduler.state_dict(),
-        "rng": rng_state(),
-        "metrics": history,
-        **extra,
-    }
 
 
 def validation_gap(history: list[dict[str, Any]], test_top1: float) -> dict[str, Any] | None:

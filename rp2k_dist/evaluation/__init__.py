@@ -10,8 +10,6 @@ from .ensemble import (
     route,
     route_by_mass,
     table3,
-    table3_markdown,
-    verdict,
     within_category,
 )
 from .metrics import (
@@ -26,6 +24,7 @@ from .metrics import (
     top_k_accuracy,
 )
 from .predictions import Predictions
+from .table3_text import table3_markdown, verdict
 
 __all__ = [
     "PAPER_TABLE2",

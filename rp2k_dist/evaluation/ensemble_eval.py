@@ -22,12 +22,13 @@ from ..data.holdout import HOLDOUT, holdout_of
 from ..storage import RunStorage
 from ..errors import CheckpointError
 from .ensemble import (
-    Specialist, calibrate_threshold, combine, in_global_classes, route, route_by_mass, table3, table3_markdown, differences_markdown,
+    Specialist, calibrate_threshold, combine, in_global_classes, route, route_by_mass, table3,
     within_category,
 )
 from .inference import load_trained, predict_shards
 from .metrics import accuracy_table
 from .predictions import Predictions, class_column
+from .table3_text import differences_markdown, table3_markdown
 
 
 @dataclass

@@ -1,5 +1,10 @@
 """Submit training runs to a running Ray cluster through Ray's Job Submission API.
 
+Kept in one module because it is one client of one API: the upload (root, excludes, runtime
+env), the entrypoint, the connection (address, token, the translation of its errors) and the
+job verbs (submit, wait, follow, status, logs, stop, list) all go through :func:`connect` and
+share its constants; no part of it is used without the others.
+
 ``rp2k submit PRESET --address http://HEAD:8265 [--set k=v ...]`` uploads the repository
 (the folder holding ``pyproject.toml``) as the job's ``working_dir`` and runs
 ``python -m rp2k_dist.cli train PRESET --set ...`` as the job's driver on the cluster; that

@@ -14,9 +14,11 @@ import re
 from collections.abc import Mapping
 
 from ... import run_folder, storage
-from ...analysis.report import REAL_RP2K_MIN_CLASSES, Document, Run, compare_runs, compare_table, markdown_rows, paper_table4
+from ...analysis.compare import compare_runs, compare_table, paper_table4
+from ...analysis.document import Document, markdown_rows
+from ...analysis.run import REAL_RP2K_MIN_CLASSES, Run
 from ...config import ExperimentConfig
-from ...evaluation.ensemble import table3_markdown
+from ...evaluation.table3_text import table3_markdown
 from ...evaluation.metrics import PAPER_TABLE2, format_percent
 from ...storage import RunStorage
 from .graph import GENERAL, TABLE4, RunRecord

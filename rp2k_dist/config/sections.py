@@ -1,31 +1,17 @@
-"""Typed experiment configuration: defaults < YAML preset < ``--set key=value`` overrides.
-
-One :class:`ExperimentConfig` flows from the command line to every layer (loader, model,
-loss, optimiser, Ray scaling); the resolved config is saved next to every run. Each field
-has a default and each section validates itself, so a typo or an out-of-range value fails
-at start-up with a message naming the key, never hours into a run. A sweep preset adds a
-``tune:`` section (:class:`SweepConfig`), built and checked by the same code.
-
-Presets are found by path or by name (``table2_resnet34``): the ``jobs/`` folder of a source
-checkout, or the copy shipped inside the installed package (``rp2k_dist/presets``).
-
-This module imports no heavy library (no OpenCV, no torch): the model registry is only
-imported when a config is validated.
-"""
+"""The config's sections: one dataclass per YAML section, a docstring per field, each section
+validating itself in ``__post_init__``; :class:`ExperimentConfig` holds them all."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path
-from types import UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .coercion import _build, _check
 
 
 #: The paper's augmentation magnitudes (30 px of border, 10 px of crop) as fractions of a
@@ -191,7 +177,7 @@ class ModelConfig:
     scale: float = 64.0  # cosine head: s of both papers
 
     def __post_init__(self) -> None:
-        from .models.registry import model_names  # torch is only needed once a config is checked
+        from ..models.registry import model_names  # torch is only needed once a config is checked
 
         _check(self.name in model_names(), f"model.name {self.name!r} is not a registered model; known: "
                f"{', '.join(model_names())}")
@@ -379,7 +365,7 @@ class ExperimentConfig:
         """A copy whose local paths (``run.storage_path``, ``data.shards``,
         ``model.weights``) are absolute, as Ray workers and job drivers start in other
         folders; URIs are kept as they are. The config itself is not changed."""
-        from .storage import absolute  # pyarrow: only once a run is launched
+        from ..storage import absolute  # pyarrow: only once a run is launched
 
         copy = config_from_dict(self.to_dict())
         copy.run.storage_path = absolute(copy.run.storage_path)
@@ -423,192 +409,6 @@ class SweepConfig:
 def sweep_config(data: Mapping[str, Any] | None) -> SweepConfig:
     """The ``tune:`` section of a sweep preset, checked like every other section."""
     return _build(SweepConfig, dict(data or {}), "tune.")
-
-
-#: Command-line flags of ``rp2k train``/``tune``/``submit`` that set one config key each
-#: (argparse dest -> config key); ``--gpus-per-worker`` also implies ``run.use_gpu=true``.
-RUN_FLAGS: dict[str, str] = {
-    "workers": "run.workers", "gpus_per_worker": "run.gpus_per_worker", "name": "run.name",
-    "storage_path": "run.storage_path", "shards": "data.shards",
-}
-
-
-def flag_overrides(flags: Mapping[str, Any]) -> list[str]:
-    """The ``key=value`` overrides of the :data:`RUN_FLAGS` in ``flags`` (None: not given)."""
-    overrides = [f"{key}={flags[flag]}" for flag, key in RUN_FLAGS.items() if flags.get(flag) is not None]
-    if flags.get("gpus_per_worker"):
-        overrides.append("run.use_gpu=true")
-    return overrides
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check/convert a YAML value to the field's declared type."""
-    if get_origin(hint) in (Union, UnionType):
-        options = [o for o in get_args(hint) if o is not type(None)]
-        if value is None and len(options) < len(get_args(hint)):
-            return None
-        exact = [o for o in options if type(value) is o]
-        for option in exact + [o for o in options if o not in exact]:
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} is none of {[o.__name__ for o in options]}")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    if hint is str:
-        if value is None:
-            return ""
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key} must be a string, got {value!r}")
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; known: {sorted(known)}")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, hint, prefix + name)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from err
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"optim.lr=0.05"`` -> (["optim", "lr"], 0.05); the value is parsed as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {text!r} must look like section.key=value")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
-
-
-def merge(base: dict[str, Any], path: list[str], value: Any) -> None:
-    node = base
-    for part in path[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"cannot set {'.'.join(path)}: {part} is not a section")
-    node[path[-1]] = value
-
-
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
-) -> ExperimentConfig:
-    """Defaults < YAML file (``path``; may name a ``base:`` preset to extend) < overrides."""
-    data: dict[str, Any] = dict(base or {})
-    if path is not None:
-        data = _deep_update(data, read_yaml(path))
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        merge(data, keys, value)
-    return _build(ExperimentConfig, data, "")
-
-
-def preset_dirs() -> list[Path]:
-    """Where named presets are looked up: the installed package's ``presets/``, then the
-    ``jobs/`` folder of a source checkout (an editable install or ``PYTHONPATH``)."""
-    package = Path(__file__).resolve().parent
-    return [folder for folder in (package / "presets", package.parent / "jobs") if folder.is_dir()]
-
-
-def resolve_preset(preset: str | Path) -> Path:
-    """A preset file by path, or by name (``table2_resnet34`` or ``table2_resnet34.yaml``)."""
-    path = Path(preset).expanduser()
-    if path.is_file() or path.parent != Path("."):
-        return path
-    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
-    for folder in preset_dirs():
-        if (folder / name).is_file():
-            return folder / name
-    return path
-
-
-def preset_names() -> list[str]:
-    """Names of the shipped presets."""
-    return sorted({p.stem for folder in preset_dirs() for p in folder.glob("*.yaml")})
-
-
-def is_sweep_preset(path: str | Path) -> bool:
-    """Whether the preset (or a preset it extends) holds a ``search_space:``."""
-    return "search_space" in read_yaml(path)
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A preset (path, URI such as a sweep's ``s3://…/best.yaml``, or name) as a dict, with
-    ``base: other.yaml`` (relative to the file) merged under it."""
-    if "://" in str(path):
-        from . import storage  # pyarrow: only for presets in object storage
-
-        try:
-            text = storage.read_text(path)
-        except storage.NotFoundError:
-            raise ConfigError(f"config file {storage.display(path)} not found") from None
-        data = _parse_preset(text, storage.display(path))
-        parent = data.pop("base", None)
-        return _deep_update(read_yaml(storage.join(storage.parent(path), parent)), data) if parent else data
-    path = resolve_preset(path)
-    if not path.exists():
-        raise ConfigError(f"config file {path} not found; give a path or a preset name "
-                          f"({', '.join(preset_names())})")
-    data = _parse_preset(path.read_text(encoding="utf-8"), str(path))
-    parent = data.pop("base", None)
-    if parent:
-        data = _deep_update(read_yaml(path.parent / parent), data)
-    return data
-
-
-def _parse_preset(text: str, source: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source} is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source} must hold a mapping of sections")
-    return data
-
-
-def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_update(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
