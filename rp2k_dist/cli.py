@@ -737,6 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_submit_parser(sub)
     add_jobs_parser(sub)
+    from .serving.command import add_parser as add_serve_parser  # rp2k serve
+    add_serve_parser(sub)
     return parser
 
 
