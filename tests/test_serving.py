@@ -147,6 +147,7 @@ def _answers(response) -> list[dict]:
     return response.json()["predictions"]
 
 
+@pytest.mark.slow  # a Serve application starts (about a minute on 2 cores)
 def test_health_and_model_describe_the_service(service, model_dir, gallery_dir):
     import requests
 
@@ -156,6 +157,7 @@ def test_health_and_model_describe_the_service(service, model_dir, gallery_dir):
     assert info["input"]["crop_size"] == 32 and info["gallery"]["vectors"] == len(Gallery.load(gallery_dir))
 
 
+@pytest.mark.slow  # a Serve application starts (about a minute on 2 cores)
 def test_served_predictions_equal_rp2k_predict(service, model_dir, synth_shards):
     files = [sorted(_photos(synth_shards, "test", index).iterdir())[0] for index in range(5, 10)]
     expected, rejected = predict_images(model_dir, files, workers=1)
@@ -181,6 +183,7 @@ def _reencoded(path: Path) -> bytes:
     return out.getvalue()
 
 
+@pytest.mark.slow  # a Serve application starts (about a minute on 2 cores)
 def test_a_gallery_add_is_served_without_a_restart(service, gallery_dir, synth_shards):
     photos = sorted(_photos(synth_shards, "train", 10).iterdir())
     queries = [_reencoded(p) for p in sorted(_photos(synth_shards, "train", 10).iterdir())[:4]]
@@ -233,6 +236,7 @@ def test_a_crashed_add_leaves_the_previous_generation_serving(model_dir, gallery
     assert len(again) == size and again.generation == generation
 
 
+@pytest.mark.slow  # a Serve application starts (about a minute on 2 cores)
 def test_every_bad_input_gets_its_4xx_and_the_service_keeps_answering(service, synth_shards):
     good = sorted(_photos(synth_shards, "test", 3).iterdir())[0].read_bytes()
     truncated = good[: len(good) // 2]
