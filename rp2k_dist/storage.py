@@ -282,6 +282,16 @@ def walk(location: str | Path) -> list[str]:
     return sorted(info.path[len(base):] for info in infos if info.type == pafs.FileType.File)
 
 
+def delete_file(location: str | Path) -> None:
+    """Delete one file or object; nothing when it does not exist."""
+    if is_file(location):
+        fs, path = resolve(location)
+        try:
+            fs.delete_file(path)
+        except OSError as err:
+            raise _error("delete", location, err) from err
+
+
 def delete_dir(location: str | Path) -> None:
     if exists(location):
         fs, path = resolve(location)

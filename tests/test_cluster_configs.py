@@ -75,7 +75,7 @@ def _expected_image() -> str:
 def test_cluster_folder_has_the_expected_files():
     names = {p.relative_to(CLUSTER).as_posix() for p in _all_yaml_files()}
     assert {"aws-gpu.yaml", "gcp-gpu.yaml", "kuberay/raycluster.yaml",
-            "kuberay/rayjob.yaml", "kuberay/storage.yaml"} <= names
+            "kuberay/rayjob.yaml", "kuberay/rayservice.yaml", "kuberay/storage.yaml"} <= names
     assert (CLUSTER / "README.md").is_file()
 
 
@@ -91,7 +91,7 @@ def test_every_image_is_the_same_ray_gpu_image():
     images = set()
     for name in LAUNCHER_FILES:
         images.add(_load_one(CLUSTER / name)["docker"]["image"])
-    for name in ("raycluster.yaml", "rayjob.yaml"):
+    for name in ("raycluster.yaml", "rayjob.yaml", "rayservice.yaml"):
         text = (KUBERAY / name).read_text(encoding="utf-8")
         images.update(re.findall(r"^\s*image:\s*(\S+)", text, flags=re.M))
     assert images == {_expected_image()}
@@ -424,6 +424,42 @@ def test_rayjob_runtime_env(rayjob):
     wheel = f"{project['name'].replace('-', '_')}-{project['version']}-py3-none-any.whl"
     packages = runtime_env.pip_config()["packages"]
     assert any(p.startswith(SHARED_MOUNT + "/") and p.endswith("/" + wheel) for p in packages), packages
+
+
+@pytest.fixture(scope="module")
+def rayservice():
+    return _load_one(KUBERAY / "rayservice.yaml")
+
+
+def test_rayservice(rayservice, storage):
+    """`rp2k serve` on KubeRay: a RayService whose cluster passes the RayCluster checks and
+    whose Serve config passes Serve's own schema and builds the application."""
+    from ray.runtime_env import RuntimeEnv
+    from ray.serve.schema import ServeDeploySchema
+
+    assert rayservice["apiVersion"] == "ray.io/v1" and rayservice["kind"] == "RayService"
+    gpus = _check_cluster_spec("RayService", rayservice["spec"]["rayClusterConfig"], set(storage))
+    config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") else \
+        ServeDeploySchema.parse_obj(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "rp2k_dist.serving.app:from_config"
+    args = app["args"]
+    assert args["checkpoint"].startswith(SHARED_MOUNT + "/") and args["gallery"].startswith(SHARED_MOUNT + "/")
+    assert args["replicas"] * args["gpus_per_replica"] <= gpus
+    env = RuntimeEnv(**app["runtime_env"])
+    assert env.working_dir().startswith(f"local://{SHARED_MOUNT}/")
+    # the builder accepts these args (binding needs no running Ray)
+    from ray.serve import Application
+
+    from rp2k_dist.serving.app import from_config
+
+    assert isinstance(from_config(args), Application)
+    # the gallery token reaches the replicas from a Secret, never written here
+    workers = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    for group in workers:
+        env_vars = {e["name"]: e for e in group["template"]["spec"]["containers"][0].get("env", [])}
+        assert "secretKeyRef" in env_vars["RP2K_SERVE_TOKEN"]["valueFrom"]
 
 
 def test_readme_commands_name_real_files():

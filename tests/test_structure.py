@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"data", "run_folder"},
     {"evaluation"},
     {"engine"},
-    {"launch", "analysis"},
+    {"launch", "analysis", "serving"},  # serving: `rp2k serve` (uses launch.submit)
     {"demo", "cli"},
 ]
 

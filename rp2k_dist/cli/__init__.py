@@ -1,7 +1,8 @@
 """The ``rp2k`` command line: one subcommand per stage of the pipeline.
 
 Each command group's module (``data``, ``train``, ``ensemble``, ``demo``, ``report``,
-``gallery``, ``export``, ``jobs``) holds its handlers beside its ``add_parser``, and every
+``gallery``, ``export``, ``jobs``; ``rp2k serve`` in :mod:`rp2k_dist.serving.command`) holds
+its handlers beside its ``add_parser``, and every
 flag that sets a config key goes through one function, :func:`~rp2k_dist.cli.common.run_overrides`
 (preset < ``--set`` < flags). The commands turn their arguments into typed objects
 (:class:`~rp2k_dist.config.ExperimentConfig`, :class:`~rp2k_dist.config.SweepConfig`) before
@@ -14,6 +15,7 @@ import argparse
 import sys
 
 from ..errors import Rp2kError
+from ..serving import command as serve
 from . import data, demo, ensemble, export, gallery, jobs, report, train
 from .common import add_run_options, error_lines, load_experiment, run_overrides
 from .jobs import add_jobs_parser, add_submit_parser
@@ -22,7 +24,7 @@ __all__ = ["add_jobs_parser", "add_run_options", "add_submit_parser", "build_par
            "load_experiment", "main", "run_overrides"]
 
 #: The command groups, in the order ``rp2k --help`` lists their commands.
-GROUPS = (data, train, ensemble, demo, report, gallery, export, jobs)
+GROUPS = (data, train, ensemble, demo, report, gallery, export, jobs, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,8 +16,14 @@ measured by ``bench/gallery.py``). ``auto`` is flat up to :data:`EXACT_LIMIT` ve
 
 A gallery is a folder (local, mounted, ``s3://``, ``gs://``; read and written whole through
 :mod:`rp2k_dist.storage`): ``gallery.json`` (model id and checkpoint, dimension, count, index
-settings, threshold and how it was chosen), ``vectors.parquet`` (the embedding table of
-:mod:`.embeddings`) and ``index.faiss``. A gallery answers only queries embedded by the model
+settings, threshold and how it was chosen, generation), the embedding table of
+:mod:`.embeddings` and the index. Each save is a new generation: its table and index go to
+files named after it (``vectors-000003.parquet``, ``index-000003.faiss``) and
+``gallery.json``, written last in one write that readers never see half done, then points at
+them. A save that stops before that leaves the previous generation in place, whole; the one
+before the previous is deleted (a reader that has just read the previous ``gallery.json``
+still finds its files). A gallery written before generations (``vectors.parquet``,
+``index.faiss``) is read as generation 0. A gallery answers only queries embedded by the model
 that built it (:class:`~rp2k_dist.errors.GalleryModelMismatchError` otherwise).
 """
 
@@ -125,6 +131,7 @@ class Gallery:
     nlist: int = 0
     nprobe: int = 0
     index: Any = field(default=None, repr=False)
+    generation: int = 0  # of the save it was read from (0: never saved)
 
     @classmethod
     def create(cls, embedded: Embedded, checkpoint: str = "", index: str = "auto", nlist: int = 0,
@@ -199,14 +206,24 @@ class Gallery:
                 "threshold": self.threshold, "threshold_source": self.threshold_source}
 
     def save(self, location: str | Path) -> str:
-        """Write the folder: vectors, index, then ``gallery.json`` (which marks it complete)."""
+        """Write the next generation (see the module docstring): its vectors and index, then
+        ``gallery.json`` pointing at them; then delete the generation before the previous."""
         import faiss
 
+        previous = read_manifest(location) if storage.is_file(storage.join(location, GALLERY_JSON)) else {}
+        generation = max(self.generation, int(previous.get("generation", 0))) + 1
+        files = generation_files(generation)
         table = self.table.copy()
         table["embedding"] = list(self.vectors)
-        write_embeddings(Embedded(table, [], self.model_id), storage.join(location, VECTORS))
-        storage.write_bytes(storage.join(location, INDEX), faiss.serialize_index(self.index).tobytes())
-        storage.write_text(storage.join(location, GALLERY_JSON), json.dumps(self.manifest(), indent=1) + "\n")
+        write_embeddings(Embedded(table, [], self.model_id), storage.join(location, files["vectors"]))
+        storage.write_bytes(storage.join(location, files["index"]), faiss.serialize_index(self.index).tobytes())
+        info = {**self.manifest(), "generation": generation, "files": files}
+        storage.write_text(storage.join(location, GALLERY_JSON), json.dumps(info, indent=1) + "\n")
+        self.generation = generation
+        keep = set(files.values()) | set(previous.get("files", {}).values())
+        for name in storage.listdir(location):
+            if _is_generation_file(name) and name not in keep:
+                storage.delete_file(storage.join(location, name))
         return str(location)
 
     @classmethod
@@ -216,21 +233,48 @@ class Gallery:
         where = storage.display(location)
         if not storage.is_file(storage.join(location, GALLERY_JSON)):
             raise GalleryError(f"{where} is not a gallery: no {GALLERY_JSON}")
-        info = json.loads(storage.read_text(storage.join(location, GALLERY_JSON)))
-        if info.get("format") != FORMAT or info.get("version") != VERSION:
-            raise GalleryError(f"{where}/{GALLERY_JSON} is not a version {VERSION} gallery of this project")
-        for name in (VECTORS, INDEX):
+        info = read_manifest(location)
+        files = info.get("files", {"vectors": VECTORS, "index": INDEX})
+        for name in files.values():
             if not storage.is_file(storage.join(location, name)):
                 raise GalleryError(f"{where} lacks {name}: the gallery is incomplete")
-        embedded = read_embeddings(storage.join(location, VECTORS))
-        index = faiss.deserialize_index(np.frombuffer(storage.read_bytes(storage.join(location, INDEX)), np.uint8))
+        embedded = read_embeddings(storage.join(location, files["vectors"]))
+        raw = storage.read_bytes(storage.join(location, files["index"]))
+        index = faiss.deserialize_index(np.frombuffer(raw, np.uint8))
         vectors = np.stack(list(embedded.table["embedding"])).astype(np.float32)
         if index.ntotal != len(vectors):
-            raise GalleryError(f"{where}: {INDEX} holds {index.ntotal} vectors, {VECTORS} {len(vectors)}")
+            raise GalleryError(f"{where}: {files['index']} holds {index.ntotal} vectors, "
+                               f"{files['vectors']} {len(vectors)}")
         settings = info["index"]
         return cls(embedded.table[list(LABEL_COLUMNS)], vectors, info["model_id"], info.get("checkpoint", ""),
                    info.get("threshold"), info.get("threshold_source", "none"), settings["kind"],
-                   settings.get("nlist", 0), settings.get("nprobe", 0), index)
+                   settings.get("nlist", 0), settings.get("nprobe", 0), index, int(info.get("generation", 0)))
+
+
+def read_manifest(location: str | Path) -> dict[str, Any]:
+    """A gallery's ``gallery.json`` (checked to be this project's format)."""
+    info = json.loads(storage.read_text(storage.join(location, GALLERY_JSON)))
+    if info.get("format") != FORMAT or info.get("version") != VERSION:
+        raise GalleryError(f"{storage.display(location)}/{GALLERY_JSON} is not a version {VERSION} gallery "
+                           "of this project")
+    return info
+
+
+def generation_of(location: str | Path) -> int:
+    """The generation ``gallery.json`` names now (0: a gallery from before generations):
+    one small read, for a server that reloads the gallery when it changes."""
+    return int(read_manifest(location).get("generation", 0))
+
+
+def generation_files(generation: int) -> dict[str, str]:
+    """The file names of one generation's embedding table and index."""
+    return {"vectors": f"vectors-{generation:06d}.parquet", "index": f"index-{generation:06d}.faiss"}
+
+
+def _is_generation_file(name: str) -> bool:
+    stem, _, kind = name.partition("-")
+    return stem in ("vectors", "index") and (kind.endswith(".parquet") or kind.endswith(".faiss")) \
+        and kind.split(".")[0].isdigit() or name in (VECTORS, INDEX)
 
 
 # -- building from a checkpoint --------------------------------------------------------------------

@@ -78,12 +78,24 @@ def prepare(path: str | Path, transform: EvalTransform) -> tuple[torch.Tensor | 
     except (OSError, StorageError) as err:
         return reject("unreadable", f"cannot read file: {err}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL's palette-transparency chatter
-            return transform(data), None
+        return decode_image(data, transform), None
     except DECODE_ERRORS as err:
-        message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))  # PIL names the buffer
-        return reject("corrupt", f"cannot decode image: {type(err).__name__}: {message}")
+        return reject("corrupt", decode_error_reason(err))
+
+
+def decode_image(data: bytes, transform: EvalTransform) -> torch.Tensor:
+    """An image file's bytes -> the uint8 CHW model input: the one decode and preprocessing
+    of ``rp2k predict``, ``rp2k gallery`` and ``rp2k serve`` (:mod:`rp2k_dist.serving`).
+    Raises one of :data:`~rp2k_dist.data.images.DECODE_ERRORS` for bytes that are no image."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's palette-transparency chatter
+        return transform(data)
+
+
+def decode_error_reason(err: BaseException) -> str:
+    """The reason given for bytes :func:`decode_image` could not decode."""
+    message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))  # PIL names the buffer
+    return f"cannot decode image: {type(err).__name__}: {message}"
 
 
 def prepared_batches(paths: Sequence[str], transform: EvalTransform, rejected: list[dict[str, str]],
@@ -116,6 +128,19 @@ def _describe(classes: list[dict[str, Any]], label: int, rank: int, score: float
     return {"rank": rank, "class": int(info.get("global_index", info["index"])), "name": info["name"],
             "product_name": info.get("product_name", ""), "sku": info.get("sku", ""), "type": info.get("type", ""),
             "shape": info.get("shape", ""), "score": float(score)}
+
+
+def describe_top(classes: list[dict[str, Any]], predictions: Predictions, i: int) -> list[dict[str, Any]]:
+    """Row ``i`` of ``predictions`` as ranked entries ``{"rank", "class", "name",
+    "product_name", "sku", "type", "shape", "score"}`` (the ``top5`` of :func:`predict_images`)."""
+    return [_describe(classes, c, r + 1, s) for r, (c, s) in enumerate(zip(predictions.topk[i], predictions.scores[i]))]
+
+
+def top5_of(trained: TrainedModel, images: torch.Tensor) -> list[list[dict[str, Any]]]:
+    """A uint8 NCHW batch -> each image's ranked top-5 entries (:func:`describe_top`):
+    :func:`predict_images`' scoring of one batch, without specialists."""
+    predictions = _predictions(trained, [str(i) for i in range(len(images))], images)
+    return [describe_top(trained.classes, predictions, i) for i in range(len(images))]
 
 
 def _with_specialists(
@@ -175,8 +200,7 @@ def predict_images(
             routes = route(predictions.topk, general.classes, routing, rule)
             predictions = _with_specialists(predictions, routes, general, experts, routing, images)
         for i, key in enumerate(keys):
-            top = [_describe(general.classes, c, r + 1, s)
-                   for r, (c, s) in enumerate(zip(predictions.topk[i], predictions.scores[i]))]
+            top = describe_top(general.classes, predictions, i)
             routed = routing[routes[i]].meta_category if routes[i] >= 0 else None
             results.append({"path": storage.display(key), "routed_to": routed, "top5": top})
     return results, rejected
