@@ -184,3 +184,19 @@ class SubmitError(Rp2kError):
     """A Ray job could not be submitted or queried."""
 
     hint = f"{TROUBLESHOOTING}#submiterror"
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+class RequestError(Rp2kError):
+    """A request ``rp2k serve`` refuses: the HTTP ``status`` and a JSON body with a ``code``."""
+
+    hint = "see docs/serving.md (what a request may carry)"
+
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.code, "detail": self.detail}

@@ -35,6 +35,8 @@ import email.policy
 import struct
 from dataclasses import dataclass
 
+from ..errors import RequestError
+
 #: Content types of an image body or part (what ``rp2k predict`` decodes).
 IMAGE_TYPES = frozenset({"image/jpeg", "image/jpg", "image/png", "image/webp", "image/bmp"})
 #: A part that names no image type is accepted as bytes to decode (curl -F without ;type=).
@@ -52,17 +54,6 @@ class Limits:
     max_bytes: int = MAX_BYTES
     max_images: int = MAX_IMAGES
     max_pixels: int = MAX_PIXELS
-
-
-class RequestError(Exception):
-    """A request the service refuses: HTTP ``status`` and a JSON body."""
-
-    def __init__(self, status: int, code: str, detail: str):
-        super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
-
-    def body(self) -> dict[str, str]:
-        return {"error": self.code, "detail": self.detail}
 
 
 def media_type(content_type: str | None) -> str:
