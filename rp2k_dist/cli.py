@@ -270,12 +270,14 @@ def cmd_gallery_build(args: argparse.Namespace) -> int:
 
     built = build_gallery(args.checkpoint, args.source, args.out, split=args.split, per_class=args.per_class,
                           index=args.index, nlist=args.nlist, nprobe=args.nprobe, threshold=args.threshold,
-                          tar=args.tar, batch_size=args.batch_size, workers=args.workers)
+                          tar=args.tar, batch_size=args.batch_size, workers=args.workers, score=args.score)
     info = built.gallery.manifest()
     threshold = "none (every query gets its best SKU)" if info["threshold"] is None else \
         f"{info['threshold']:.4f}, {info['threshold_source']}"
+    score = info["score"] + (f" (k={info['k']})" if info["k"] else "")
     print(f"gallery {display(built.location)}: {info['vectors']} vectors of {info['skus']} SKUs, "
-          f"{info['index']['kind']} index, model {info['model_id']}\nthreshold: {threshold}")
+          f"{info['index']['kind']} index, model {info['model_id']}\nthreshold: {threshold}\n"
+          f"open-set score: {score}, {info['score_source']}")
     _print_rejected(built.rejected)
     return 0
 
@@ -300,7 +302,7 @@ def cmd_openset(args: argparse.Namespace) -> int:
                               batch_size=args.batch_size, workers=args.workers)
     where = args.out or find_run_dir(args.run)
     print(f"unseen classes: {', '.join(c['name'] for c in result.unseen)}")
-    print(result.to_markdown())
+    print(result.full_markdown())
     print(f"threshold {result.threshold:.4f}: {result.threshold_source}")
     print(f"written to {display(join(where, OPENSET))} and {display(join(where, OPENSET_TABLE))}")
     return 0
@@ -706,6 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threshold", type=float,
                    help="similarity below which a query is unknown (default: calibrated on the run's validation split)")
     q.add_argument("--tar", type=float, default=0.95, help="share of validation images the calibrated threshold accepts")
+    q.add_argument("--score", choices=["msp", "max_logit", "energy", "knn", "gallery"],
+                   help="open-set score the threshold applies to (default: the run's, chosen by rp2k openset; else gallery)")
     q.add_argument("--batch-size", type=int, default=64)
     q.add_argument("--workers", type=int, default=2, help="decoding threads")
     q.set_defaults(func=cmd_gallery_build)

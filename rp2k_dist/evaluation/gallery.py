@@ -14,6 +14,15 @@ coarse quantiser of ``nlist`` cells (default about 4 sqrt(N)) trained by k-means
 vectors, searching ``nprobe`` cells (approximate: its recall against the exact search is
 measured by ``bench/gallery.py``). ``auto`` is flat up to :data:`EXACT_LIMIT` vectors.
 
+**The open-set score** (:mod:`.ood_scores`): a gallery records which score decides
+"known" (``gallery``, the best similarity, by default; or the score ``rp2k openset`` chose on
+validation for the run, or ``--score``), its k for ``knn`` and its threshold. ``knn``
+searches the gallery's own vectors; ``msp``, ``max_logit`` and ``energy`` come from the
+classifier, which can vouch only for the classes it trained on, so a query whose best SKU is
+another one (added later by ``rp2k gallery add``, or a class the run never trained on) is
+judged by its similarity against ``similarity_threshold`` instead, calibrated on the same
+validation images. Both thresholds are chosen on validation, never on test.
+
 A gallery is a folder (local, mounted, ``s3://``, ``gs://``; read and written whole through
 :mod:`rp2k_dist.storage`): ``gallery.json`` (model id and checkpoint, dimension, count, index
 settings, threshold and how it was chosen), ``vectors.parquet`` (the embedding table of
@@ -42,6 +51,7 @@ from .embeddings import (
     write_embeddings,
 )
 from .inference import TrainedModel, load_trained
+from .ood_scores import LOGIT_SCORES, SCORES, calibrate_threshold, knn, logit_scores
 from .predict import FolderPrediction, _check_format, list_files, write_table
 
 GALLERY_JSON = "gallery.json"
@@ -92,17 +102,6 @@ def build_index(vectors: np.ndarray, kind: str = "auto", nlist: int = 0, nprobe:
     return index, kind, nlist, int(index.nprobe)
 
 
-def calibrate_threshold(scores: np.ndarray, tar: float = DEFAULT_TAR) -> float:
-    """The highest similarity threshold that still accepts at least ``tar`` of the known
-    queries whose best-match ``scores`` are given: the ``floor((1 - tar) n)``-th smallest."""
-    scores = np.sort(np.asarray(scores, np.float64))
-    if not len(scores):
-        raise DataError("no validation queries to calibrate the threshold on")
-    if not 0.0 < tar <= 1.0:
-        raise ConfigError(f"--tar must be in (0, 1], got {tar}")
-    return float(scores[min(len(scores) - 1, math.floor((1.0 - tar) * len(scores)))])
-
-
 @dataclass
 class Match:
     """One SKU of a query's ranking: its label columns and best similarity."""
@@ -125,6 +124,10 @@ class Gallery:
     nlist: int = 0
     nprobe: int = 0
     index: Any = field(default=None, repr=False)
+    score: str = "gallery"  # the open-set score the threshold applies to (:mod:`.ood_scores`)
+    k: int | None = None  # its k (knn)
+    score_source: str = "default"  # why this score
+    similarity_threshold: float | None = None  # for SKUs the classifier cannot score (logit scores)
 
     @classmethod
     def create(cls, embedded: Embedded, checkpoint: str = "", index: str = "auto", nlist: int = 0,
@@ -185,18 +188,41 @@ class Gallery:
         return {"class": int(info["class"]), "name": str(info["name"]), "sku": str(info["sku"]),
                 "type": str(info["type"]), "shape": str(info["shape"])}
 
-    def answer(self, matches: list[Match]) -> str:
-        """The best SKU, or :data:`UNKNOWN` when it scores below the threshold."""
-        if not matches or (self.threshold is not None and matches[0].score < self.threshold):
+    def answer(self, matches: list[Match], known: float | None = None, trained: set[int] | None = None) -> str:
+        """The best SKU, or :data:`UNKNOWN` when the query scores below the threshold.
+
+        ``known``: the query's open-set score (:meth:`known_scores`; None: the best match's
+        similarity, the ``gallery`` score). With a classifier score and ``trained`` (the
+        classes the model trained on), a best SKU outside ``trained`` is judged by its
+        similarity against :attr:`similarity_threshold`."""
+        if not matches:
             return UNKNOWN
-        return matches[0].label["sku"]
+        best = matches[0]
+        if self.score in LOGIT_SCORES and trained is not None and best.label["class"] not in trained:
+            limit, value = self.similarity_threshold, best.score
+        else:
+            limit, value = self.threshold, best.score if known is None or self.score == "gallery" else known
+        return UNKNOWN if limit is not None and value < limit else best.label["sku"]
+
+    def known_scores(self, vectors: np.ndarray, logits: np.ndarray | None, ranked: list[list[Match]]) -> np.ndarray:
+        """The gallery's open-set score of each query (unit-norm ``vectors`` [M, D], the trained
+        classes' ``logits`` [M, C] for a classifier score): higher = more known."""
+        if self.score == "gallery":
+            return np.array([m[0].score if m else -np.inf for m in ranked], np.float64)
+        if self.score == "knn":
+            return knn(vectors, self.vectors, min(self.k or 10, len(self)))
+        if logits is None:
+            raise ConfigError(f"the gallery's score {self.score} needs the classifier's logits")
+        return logit_scores(logits)[self.score]
 
     # -- persistence --------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "model_id": self.model_id, "checkpoint": self.checkpoint,
                 "dim": int(self.vectors.shape[1]), "vectors": len(self), "skus": int(len(set(self.skus))),
                 "index": {"kind": self.index_kind, "nlist": self.nlist, "nprobe": self.nprobe},
-                "threshold": self.threshold, "threshold_source": self.threshold_source}
+                "threshold": self.threshold, "threshold_source": self.threshold_source,
+                "score": self.score, "k": self.k, "score_source": self.score_source,
+                "similarity_threshold": self.similarity_threshold}
 
     def save(self, location: str | Path) -> str:
         """Write the folder: vectors, index, then ``gallery.json`` (which marks it complete)."""
@@ -230,7 +256,8 @@ class Gallery:
         settings = info["index"]
         return cls(embedded.table[list(LABEL_COLUMNS)], vectors, info["model_id"], info.get("checkpoint", ""),
                    info.get("threshold"), info.get("threshold_source", "none"), settings["kind"],
-                   settings.get("nlist", 0), settings.get("nprobe", 0), index)
+                   settings.get("nlist", 0), settings.get("nprobe", 0), index, info.get("score", "gallery"),
+                   info.get("k"), info.get("score_source", "default"), info.get("similarity_threshold"))
 
 
 # -- building from a checkpoint --------------------------------------------------------------------
@@ -265,19 +292,71 @@ class Built:
     calibration_queries: int  # validation images the threshold was chosen on (0: given or none)
 
 
+def run_score(checkpoint: str | Path) -> tuple[str, int | None, str] | None:
+    """(score, k, why) chosen on validation by ``rp2k openset`` for the run of ``checkpoint``
+    (its ``openset.json``), or None when it has none."""
+    from .. import run_folder
+    from ..run_folder import find_run_dir, read_json
+    from ..storage import RunStorage
+
+    try:
+        data = read_json(RunStorage.at(find_run_dir(checkpoint)), run_folder.OPENSET)
+    except Exception:  # noqa: BLE001 - a checkpoint outside a run folder has no open-set choice
+        return None
+    if not data or not data.get("scores"):
+        return None
+    return data["chosen"], data.get("chosen_k"), f"chosen on validation by rp2k openset ({data.get('chosen_reason', '')})"
+
+
+def resolve_score(checkpoint: str | Path, score: str | None) -> tuple[str, int | None, str]:
+    """The gallery's score: ``score`` (``--score``), else the run's open-set choice, else
+    ``gallery``; k for ``knn`` from the run's open-set table, else 10."""
+    chosen = run_score(checkpoint)
+    if score is None:
+        return chosen or ("gallery", None, "default (the run has no open-set choice: rp2k openset)")
+    if score not in SCORES:
+        raise ConfigError(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
+    k = None
+    if score == "knn":
+        k = chosen[1] if chosen and chosen[0] == "knn" else 10
+    return score, k, "given (--score)"
+
+
+def query_scores(trained: TrainedModel, gallery: Gallery, raw: np.ndarray, k: int = 5
+                 ) -> tuple[list[list[Match]], np.ndarray, np.ndarray]:
+    """(ranked SKUs, similarity of the best SKU, the gallery's open-set score) of queries'
+    raw pooled features [M, D]."""
+    from .embeddings import logits_of_features
+
+    vectors = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
+    ranked = gallery.rank(vectors.astype(np.float32), k) if len(vectors) else []
+    logits = logits_of_features(trained, raw) if gallery.score in LOGIT_SCORES else None
+    similarity = np.array([m[0].score if m else -np.inf for m in ranked], np.float64)
+    return ranked, similarity, gallery.known_scores(vectors, logits, ranked) if len(vectors) else similarity
+
+
+def trained_classes(trained: TrainedModel) -> set[int]:
+    """Global indices of the classes the model trained on (not a run's unseen classes)."""
+    return {int(c["global_index"]) for c in trained.classes if not c.get("unseen")}
+
+
 def build_gallery(
     checkpoint: str | Path, source: str | Path, out: str | Path, split: str = "train", per_class: int = 0,
     index: str = "auto", nlist: int = 0, nprobe: int = 0, threshold: float | None = None,
-    tar: float = DEFAULT_TAR, batch_size: int = 64, workers: int = 2,
+    tar: float = DEFAULT_TAR, batch_size: int = 64, workers: int = 2, score: str | None = None,
 ) -> Built:
     """Embed ``source`` (a packed dataset's ``split``, or a folder of ``<sku>/<image>``)
     into a gallery at ``out``, ``per_class`` images per SKU (0 = all).
 
-    Threshold: ``threshold`` when given; else, for a packed dataset whose checkpoint was
-    trained with ``data.holdout`` > 0, calibrated to accept ``tar`` of that validation split
-    (images of the classes the model trained on, never in the gallery); else none (every
-    query gets its best SKU)."""
+    Score (:func:`resolve_score`): ``score``, else the one ``rp2k openset`` chose on
+    validation for the run, else ``gallery``. Threshold: ``threshold`` when given; else, for
+    a packed dataset whose checkpoint was trained with ``data.holdout`` > 0, calibrated to
+    accept ``tar`` of that validation split (images of the classes the model trained on,
+    never in the gallery), scored against this gallery; else none (every query gets its
+    best SKU). A classifier score also gets a similarity threshold, calibrated alike, for
+    the SKUs the classifier does not know."""
     trained = load_trained(checkpoint)
+    name, k, why = resolve_score(checkpoint, score)
     validation: set[str] = set()
     manifest = None
     if is_shards(source):
@@ -292,19 +371,27 @@ def build_gallery(
     samples = shots(samples, per_class)
     embedded = embed_samples(trained, samples, manifest, batch_size, workers)
     gallery = Gallery.create(embedded, storage.absolute(str(checkpoint)), index, nlist, nprobe)
+    gallery.score, gallery.k, gallery.score_source = name, (min(k, len(gallery)) if k else k), why
     queries = 0
     if threshold is not None:
         gallery.threshold, gallery.threshold_source = float(threshold), "given (--threshold)"
-    elif validation:
-        seen = {c["global_index"] for c in trained.classes if not c.get("unseen")}
+    if validation and (threshold is None or name in LOGIT_SCORES):
+        from .embeddings import shard_features
+
+        seen = trained_classes(trained)
         frame = shard_samples(manifest, "train")
         frame = frame[frame["key"].isin(validation) & frame["class"].isin(seen)]
-        known = embed_samples(trained, frame, manifest, batch_size, workers)
-        best = [m[0].score for m in gallery.rank(np.stack(list(known.table["embedding"])), k=1)]
-        gallery.threshold = calibrate_threshold(np.array(best), tar)
-        gallery.threshold_source = (f"calibrated: accepts {tar:.0%} of {len(best)} validation images "
-                                    f"(data.holdout {trained.checkpoint['config']['data']['holdout']})")
-        queries = len(best)
+        found = shard_features(trained, manifest, frame["key"].tolist(), batch_size, workers, normalise=False)
+        raw = np.stack([found[key] for key in frame["key"]]).astype(np.float32)
+        _, similarity, known = query_scores(trained, gallery, raw)
+        where = (f"{len(raw)} validation images (data.holdout "
+                 f"{trained.checkpoint['config']['data']['holdout']})")
+        if threshold is None:
+            gallery.threshold = calibrate_threshold(known, tar)
+            gallery.threshold_source = f"calibrated: {gallery.score} accepting {tar:.0%} of {where}"
+        if name in LOGIT_SCORES:
+            gallery.similarity_threshold = calibrate_threshold(similarity, tar)
+        queries = len(raw)
     gallery.save(out)
     return Built(gallery, str(out), embedded.rejected, queries)
 
@@ -339,7 +426,7 @@ class GalleryPrediction(FolderPrediction):
 
 GALLERY_DTYPES = {"path": "string", "answer": "string", "rank": "Int64", "class": "Int64", "name": "string",
                   "sku": "string", "type": "string", "shape": "string", "score": "float64",
-                  "threshold": "float64", "error": "string", "reason": "string"}
+                  "threshold": "float64", "open_set_score": "float64", "error": "string", "reason": "string"}
 
 
 def predict_with_gallery(
@@ -354,16 +441,17 @@ def predict_with_gallery(
     trained = checkpoint if isinstance(checkpoint, TrainedModel) else load_trained(checkpoint)
     gallery = gallery if isinstance(gallery, Gallery) else Gallery.load(gallery)
     gallery.check_model(model_id(trained), "the checkpoint given to predict")
-    paths, vectors, rejected = image_features(trained, list_files(folder), batch_size, workers)
+    paths, raw, rejected = image_features(trained, list_files(folder), batch_size, workers, normalise=False)
     rows: list[dict[str, Any]] = []
-    ranked = gallery.rank(vectors, k) if len(paths) else []
+    ranked, _, known = query_scores(trained, gallery, raw, k) if len(paths) else ([], None, [])
+    trained_set = trained_classes(trained)
     unknown = 0
-    for path, matches in zip(paths, ranked):
-        answer = gallery.answer(matches)
+    for path, matches, value in zip(paths, ranked, known):
+        answer = gallery.answer(matches, float(value), trained_set)
         unknown += answer == UNKNOWN
         for rank, match in enumerate(matches, 1):
             rows.append({"path": storage.display(path), "answer": answer, "rank": rank, **match.label,
-                         "score": match.score, "threshold": gallery.threshold})
+                         "score": match.score, "threshold": gallery.threshold, "open_set_score": float(value)})
     table = pd.DataFrame(rows + list(rejected), columns=list(GALLERY_DTYPES)).astype(GALLERY_DTYPES)
     return GalleryPrediction(write_table(table, out), len(paths), rejected, unknown)
 
