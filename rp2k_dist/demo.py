@@ -167,7 +167,7 @@ def run_demo(out: Path, size: str = "default", address: str | None = None, seed:
         n = len(result.unseen)
         print(f"open set: {n} {'class' if n == 1 else 'classes'} never trained on ({', '.join(c['name'] for c in result.unseen)}); "
               f"galleries of 1 or 5 of their train images, known-product gallery of 5 per seen class, threshold "
-              f"{result.threshold:.3f} ({result.threshold_source}):\n{result.to_markdown()}")
+              f"{result.threshold:.3f} ({result.threshold_source}):\n{result.full_markdown()}")
     frame = embed_and_project(run_dir, shards)
     plot_umap(frame, run_dir / run_folder.UMAP_PNG, "UMAP of the demo ResNet-34's test-set features")
     markdown, html = write_report(run_dir)

@@ -192,7 +192,7 @@ class SubmitError(Rp2kError):
 class RequestError(Rp2kError):
     """A request ``rp2k serve`` refuses: the HTTP ``status`` and a JSON body with a ``code``."""
 
-    hint = "see docs/serving.md (what a request may carry)"
+    hint = f"docs/serving.md#limits; {TROUBLESHOOTING}#requesterror"
 
     def __init__(self, status: int, code: str, detail: str):
         super().__init__(detail)

@@ -5,6 +5,8 @@ what training gives (bench/openset_heads.py measures that)."""
 
 from __future__ import annotations
 
+import json
+
 import math
 from pathlib import Path
 
@@ -24,10 +26,9 @@ from rp2k_dist.data.transforms import EvalTransform
 from rp2k_dist.evaluation.embeddings import (
     Embedded, embed_samples, embed_source, embeddings_of, folder_samples, model_id, read_embeddings, write_embeddings,
 )
-from rp2k_dist.evaluation.gallery import (
-    UNKNOWN, Gallery, add_to_gallery, answers, build_gallery, calibrate_threshold, predict_with_gallery,
-    recall_against_exact,
-)
+from rp2k_dist.evaluation.gallery import UNKNOWN, Gallery, recall_against_exact
+from rp2k_dist.evaluation.gallery_build import add_to_gallery, answers, build_gallery, predict_with_gallery
+from rp2k_dist.evaluation.ood_scores import calibrate_threshold
 from rp2k_dist.evaluation.inference import features_of, load_trained
 from rp2k_dist.evaluation.openset import auroc, evaluate_openset
 from rp2k_dist.losses import ClassBalancedLoss
@@ -260,6 +261,40 @@ def test_openset_writes_its_table_for_a_run_with_unseen_classes(run, synth_shard
 
     written = json.loads((run["dir"] / OPENSET).read_text(), parse_constant=refuse)
     assert type(result).from_dict(written).to_markdown() == result.to_markdown()
+    json.dumps(written, allow_nan=False)
+    # the score is chosen on validation-unseen classes and reported on test-unseen ones: disjoint, never trained on
+    assert not set(result.validation_unseen) & set(result.test_unseen)
+    assert sorted(result.validation_unseen + result.test_unseen) == sorted(run["data"].unseen)
+    assert result.validation_unseen and all(run["data"].train_counts[c] == 0 for c in result.validation_unseen + result.test_unseen)
+    assert {s["score"] for s in written["scores"]} == {"msp", "max_logit", "energy", "knn", "gallery"}
+    chosen = next(s for s in written["scores"] if s["score"] == written["chosen"])
+    assert chosen["validation_auroc"] == max(s["validation_auroc"] for s in written["scores"])
+    assert result.threshold == chosen["threshold"] and overall.far == chosen["far"]
+    assert "**(chosen)**" in (run["dir"] / OPENSET_TABLE).read_text() and "Chosen on validation" in result.full_markdown()
+    for s in (1, 5):  # a gallery of every class is a harder search space than the unseen classes alone
+        for k in (1, 5):
+            assert overall.recall[f"catalogue r@{k} {s}-shot"] <= overall.recall[f"r@{k} {s}-shot"]
+    assert 0.0 <= overall.accuracy <= 100.0
+
+
+def test_a_gallery_records_the_runs_score_and_recognises_an_added_sku(run, synth_shards, tmp_path):
+    result = evaluate_openset(run["dir"])  # openset.json: the score chosen on validation
+    built = build_gallery(run["dir"], synth_shards.root, tmp_path / "g", per_class=3)
+    recorded = json.loads((tmp_path / "g" / "gallery.json").read_text())
+    assert recorded["score"] == result.chosen and "chosen on validation" in recorded["score_source"]
+    assert recorded["threshold"] is not None and built.calibration_queries > 0
+    override = build_gallery(run["dir"], synth_shards.root, tmp_path / "msp", per_class=3, score="msp")
+    assert override.gallery.score == "msp" and override.gallery.similarity_threshold is not None
+    unseen = run["data"].unseen[0]
+    photos = synth_shards.root.parent / "rp2k" / "all" / "train" / synth_shards.classes[unseen]["name"]
+    queries = _reencoded(photos, tmp_path / "queries")
+    for gallery in (tmp_path / "g", tmp_path / "msp"):
+        add_to_gallery(gallery, photos, "NEW-SKU")
+        predict_with_gallery(run["dir"], queries, gallery, tmp_path / "after.parquet")
+        table = pd.read_parquet(tmp_path / "after.parquet")
+        after = answers(table)
+        assert sum(a == "NEW-SKU" for a in after.values()) >= 0.8 * len(after)
+        assert table["open_set_score"].notna().all()
 
 
 @pytest.mark.slow

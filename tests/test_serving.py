@@ -15,7 +15,8 @@ from PIL import Image
 
 from rp2k_dist.engine.train import build_checkpoint, select_data
 from rp2k_dist.config import load_config
-from rp2k_dist.evaluation.gallery import Gallery, build_gallery, generation_of
+from rp2k_dist.evaluation.gallery import Gallery, generation_of
+from rp2k_dist.evaluation.gallery_build import build_gallery
 from rp2k_dist.evaluation.predict import predict_images
 from rp2k_dist.models import create_model, input_spec
 from rp2k_dist.run_folder import checkpoint_dir, to_bytes
@@ -202,7 +203,7 @@ def test_a_gallery_add_is_served_without_a_restart(service, gallery_dir, synth_s
     assert added.json()["added"] == 4 and generation_of(gallery_dir) == before + 1
     assert sum(a == "NEW-SKU" for a in answers()) >= 3
     # an add written by `rp2k gallery add` on the storage location reaches the replica too
-    from rp2k_dist.evaluation.gallery import add_to_gallery
+    from rp2k_dist.evaluation.gallery_build import add_to_gallery
 
     add_to_gallery(gallery_dir, _photos(synth_shards, "train", 11), "OTHER-SKU")
     deadline = time.monotonic() + 20

@@ -89,19 +89,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tupl
 
     openset = run_folder.read_json(run.folder, run_folder.OPENSET)
     if openset is not None:
-        from ..evaluation.openset import OpenSetResult, OpenSetRow
+        from ..evaluation.openset import report_parts
 
-        result = OpenSetResult([OpenSetRow(**row) for row in openset["rows"]], openset["threshold"],
-                               openset["threshold_source"], openset["unseen"], openset["seen_shots"])
         doc.heading("Open set: products the model never trained on")
-        doc.para(f"{len(result.unseen)} unseen classes (`data.holdout_classes`): "
-                 f"{', '.join(c['name'] for c in result.unseen)}. Closed-set top-1 / top-5: the classifier on the "
-                 "seen classes' test images. Recall@k, 1- and 5-shot: unseen test images against a gallery of 1 or 5 "
-                 "train images per unseen class. AUROC: seen vs unseen test images, scored by their best cosine "
-                 f"similarity to a {result.seen_shots}-shot gallery of the seen classes. FAR: unseen test images "
-                 f"accepted at the threshold {result.threshold:.4f} ({result.threshold_source}); test TAR: seen test "
-                 "images accepted at it (percent; AUROC 0 to 1).")
-        doc.table(result.to_markdown())
+        for kind, text in report_parts(openset):
+            getattr(doc, kind)(text)
 
     if run.metrics:
         doc.heading("Training curves")

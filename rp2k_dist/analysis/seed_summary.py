@@ -77,6 +77,14 @@ def headline(run: Location) -> dict[str, float]:
         overall = rows[-1]
         figures.update({"open set AUROC (known vs unseen)": overall.get("auroc"),
                         "open set FAR @ TAR 95 %": overall.get("far")})
+        for score in openset.get("scores") or []:  # every open-set score on the test-unseen classes
+            figures[f"open set test AUROC, {score['score']}"] = score.get("auroc")
+        recall = overall.get("recall") or {}
+        for name in ("r@1 1-shot", "catalogue r@1 1-shot"):
+            if name in recall:
+                figures[f"open set {name}"] = recall[name]
+        if overall.get("accuracy") is not None:
+            figures["open set accuracy (right SKU or unknown)"] = overall["accuracy"]
     return {name: _number(value) for name, value in figures.items()}
 
 

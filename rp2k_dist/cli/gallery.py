@@ -35,22 +35,24 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_gallery_build(args: argparse.Namespace) -> int:
-    from ..evaluation.gallery import build_gallery
+    from ..evaluation.gallery_build import build_gallery
 
     built = build_gallery(args.checkpoint, args.source, args.out, split=args.split, per_class=args.per_class,
                           index=args.index, nlist=args.nlist, nprobe=args.nprobe, threshold=args.threshold,
-                          tar=args.tar, batch_size=args.batch_size, workers=args.workers)
+                          tar=args.tar, batch_size=args.batch_size, workers=args.workers, score=args.score)
     info = built.gallery.manifest()
     threshold = "none (every query gets its best SKU)" if info["threshold"] is None else \
         f"{info['threshold']:.4f}, {info['threshold_source']}"
+    score = info["score"] + (f" (k={info['k']})" if info["k"] else "")
     print(f"gallery {display(built.location)}: {info['vectors']} vectors of {info['skus']} SKUs, "
-          f"{info['index']['kind']} index, model {info['model_id']}\nthreshold: {threshold}")
+          f"{info['index']['kind']} index, model {info['model_id']}\nthreshold: {threshold}\n"
+          f"open-set score: {score}, {info['score_source']}")
     _print_rejected(built.rejected)
     return 0
 
 
 def cmd_gallery_add(args: argparse.Namespace) -> int:
-    from ..evaluation.gallery import add_to_gallery
+    from ..evaluation.gallery_build import add_to_gallery
 
     gallery, added, rejected = add_to_gallery(args.gallery, args.images, args.label, args.checkpoint,
                                               args.batch_size, args.workers)
@@ -69,7 +71,7 @@ def cmd_openset(args: argparse.Namespace) -> int:
                               batch_size=args.batch_size, workers=args.workers)
     where = args.out or find_run_dir(args.run)
     print(f"unseen classes: {', '.join(c['name'] for c in result.unseen)}")
-    print(result.to_markdown())
+    print(result.full_markdown())
     print(f"threshold {result.threshold:.4f}: {result.threshold_source}")
     print(f"written to {display(join(where, OPENSET))} and {display(join(where, OPENSET_TABLE))}")
     return 0
@@ -79,7 +81,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..evaluation.predict import predict_folder, predict_folder_ray
 
     if args.gallery:
-        from ..evaluation.gallery import predict_with_gallery
+        from ..evaluation.gallery_build import predict_with_gallery
 
         if args.specialist or args.ray:
             raise ConfigError("--gallery answers from the gallery alone: leave out --specialist and --ray")
@@ -151,6 +153,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--threshold", type=float,
                    help="similarity below which a query is unknown (default: calibrated on the run's validation split)")
     q.add_argument("--tar", type=float, default=0.95, help="share of validation images the calibrated threshold accepts")
+    q.add_argument("--score", choices=["msp", "max_logit", "energy", "knn", "gallery"],
+                   help="open-set score the threshold applies to (default: the run's, chosen by rp2k openset; else gallery)")
     q.add_argument("--batch-size", type=int, default=64)
     q.add_argument("--workers", type=int, default=2, help="decoding threads")
     q.set_defaults(func=cmd_gallery_build)

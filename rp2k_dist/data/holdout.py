@@ -181,3 +181,30 @@ def held_out_per_class(manifest, fraction: float, by: str = "groups") -> np.ndar
     labels = np.array([label for label, split in zip(rows["label"], rows["split"]) if split == "train"], np.int64)
     held = train_holdout(rows, fraction, by)
     return np.bincount(labels[held], minlength=manifest.num_classes).astype(np.int64)
+
+
+def split_unseen(classes: Sequence[dict], unseen: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The unseen classes (``data.holdout_classes``) in two disjoint sets, (validation-unseen,
+    test-unseen), global indices sorted: the open-set score and its threshold are chosen on
+    the first, and reported on the second.
+
+    Deterministic and stratified by ``type``: the types in order of name, within a type the
+    classes in the order of a hash of their name, dealt alternately to test and validation
+    by one counter running across the types (so each type splits evenly and the two sets
+    differ in size by at most one). Test gets the first class, and so the larger half: one
+    unseen class is a test set and no validation set."""
+    by_type: dict[str, list[dict]] = defaultdict(list)
+    for index in unseen:
+        info = classes[int(index)]
+        by_type[str(info.get("type", "unknown"))].append(info)
+    validation, test = [], []
+    turn = 0
+    for t in sorted(by_type):
+        for info in sorted(by_type[t], key=lambda c: (_split_rank(str(c["name"])), str(c["name"]))):
+            (test if turn % 2 == 0 else validation).append(int(info["index"]))
+            turn += 1
+    return sorted(validation), sorted(test)
+
+
+def _split_rank(name: str) -> bytes:
+    return hashlib.blake2b(name.encode(), digest_size=8, person=b"rp2k-unseen-val").digest()

@@ -62,6 +62,24 @@ def embeddings_of(trained: TrainedModel, images: torch.Tensor) -> torch.Tensor:
     return F.normalize(features_of(trained, images), dim=1)
 
 
+@torch.no_grad()
+def logits_of_features(trained: TrainedModel, features: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Raw pooled features [N, D] (``normalise=False``) -> the logits [N, C'] of the classes
+    the model trained on (a run's unseen classes, ``data.holdout_classes``, keep an output
+    that was never a target: left out), float64, by the model's own classifier."""
+    columns = seen_columns(trained)
+    parts = []
+    for start in range(0, len(features), batch_size):
+        chunk = torch.as_tensor(np.asarray(features[start:start + batch_size], np.float32), device=trained.device)
+        parts.append(trained.model.classifier(chunk).float().cpu().numpy()[:, columns])
+    return np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, len(columns)))
+
+
+def seen_columns(trained: TrainedModel) -> list[int]:
+    """Logit columns of the classes the model trained on (not ``unseen``)."""
+    return [int(c["index"]) for c in trained.classes if not c.get("unseen")]
+
+
 def shard_features(
     trained: TrainedModel, shards: str | Path | Manifest, keys: Sequence[str], batch_size: int = 64, workers: int = 2,
     normalise: bool = True, progress: bool = True,
@@ -84,9 +102,11 @@ def shard_features(
 
 def image_features(
     trained: TrainedModel, paths: Sequence[str | Path], batch_size: int = 64, workers: int = 2,
+    normalise: bool = True,
 ) -> tuple[list[str], np.ndarray, list[dict[str, str]]]:
     """Unit-norm embeddings of image files (local or URIs): (paths embedded, [N, D] float32,
-    rejected files as ``{"path", "error", "reason"}``, see :func:`~.predict.prepare`)."""
+    rejected files as ``{"path", "error", "reason"}``, see :func:`~.predict.prepare`); the
+    raw pooled features without ``normalise``."""
     transform = EvalTransform(trained.spec)
     kept: list[str] = []
     parts: list[np.ndarray] = []
@@ -95,7 +115,7 @@ def image_features(
     for keys, images in prepared_batches(paths, transform, rejected, batch_size, workers, desc="embed"):
         if images:
             kept.extend(keys)
-            parts.append(embeddings_of(trained, torch.stack(images)).numpy())
+            parts.append((embeddings_of if normalise else features_of)(trained, torch.stack(images)).numpy())
     dim = parts[0].shape[1] if parts else 0
     return kept, (np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)), rejected
 

@@ -14,6 +14,15 @@ coarse quantiser of ``nlist`` cells (default about 4 sqrt(N)) trained by k-means
 vectors, searching ``nprobe`` cells (approximate: its recall against the exact search is
 measured by ``bench/gallery.py``). ``auto`` is flat up to :data:`EXACT_LIMIT` vectors.
 
+**The open-set score** (:mod:`.ood_scores`): a gallery records which score decides
+"known" (``gallery``, the best similarity, by default; or the score ``rp2k openset`` chose on
+validation for the run, or ``--score``), its k for ``knn`` and its threshold. ``knn``
+searches the gallery's own vectors; ``msp``, ``max_logit`` and ``energy`` come from the
+classifier, which can vouch only for the classes it trained on, so a query whose best SKU is
+another one (added later by ``rp2k gallery add``, or a class the run never trained on) is
+judged by its similarity against ``similarity_threshold`` instead, calibrated on the same
+validation images. Both thresholds are chosen on validation, never on test.
+
 A gallery is a folder (local, mounted, ``s3://``, ``gs://``; read and written whole through
 :mod:`rp2k_dist.storage`): ``gallery.json`` (model id and checkpoint, dimension, count, index
 settings, threshold and how it was chosen, generation), the embedding table of
@@ -40,15 +49,11 @@ import numpy as np
 import pandas as pd
 
 from .. import storage
-from ..data.holdout import holdout_of, train_holdout
-from ..data.manifest import Manifest
 from ..errors import ConfigError, DataError, GalleryError, GalleryModelMismatchError
 from .embeddings import (
-    LABEL_COLUMNS, Embedded, embed_samples, folder_samples, is_shards, model_id, read_embeddings, shard_samples,
-    write_embeddings,
+    LABEL_COLUMNS, Embedded, read_embeddings, write_embeddings,
 )
-from .inference import TrainedModel, load_trained
-from .predict import FolderPrediction, _check_format, list_files, write_table
+from .ood_scores import LOGIT_SCORES, knn, logit_scores
 
 GALLERY_JSON = "gallery.json"
 VECTORS = "vectors.parquet"
@@ -98,17 +103,6 @@ def build_index(vectors: np.ndarray, kind: str = "auto", nlist: int = 0, nprobe:
     return index, kind, nlist, int(index.nprobe)
 
 
-def calibrate_threshold(scores: np.ndarray, tar: float = DEFAULT_TAR) -> float:
-    """The highest similarity threshold that still accepts at least ``tar`` of the known
-    queries whose best-match ``scores`` are given: the ``floor((1 - tar) n)``-th smallest."""
-    scores = np.sort(np.asarray(scores, np.float64))
-    if not len(scores):
-        raise DataError("no validation queries to calibrate the threshold on")
-    if not 0.0 < tar <= 1.0:
-        raise ConfigError(f"--tar must be in (0, 1], got {tar}")
-    return float(scores[min(len(scores) - 1, math.floor((1.0 - tar) * len(scores)))])
-
-
 @dataclass
 class Match:
     """One SKU of a query's ranking: its label columns and best similarity."""
@@ -132,6 +126,10 @@ class Gallery:
     nprobe: int = 0
     index: Any = field(default=None, repr=False)
     generation: int = 0  # of the save it was read from (0: never saved)
+    score: str = "gallery"  # the open-set score the threshold applies to (:mod:`.ood_scores`)
+    k: int | None = None  # its k (knn)
+    score_source: str = "default"  # why this score
+    similarity_threshold: float | None = None  # for SKUs the classifier cannot score (logit scores)
 
     @classmethod
     def create(cls, embedded: Embedded, checkpoint: str = "", index: str = "auto", nlist: int = 0,
@@ -192,18 +190,41 @@ class Gallery:
         return {"class": int(info["class"]), "name": str(info["name"]), "sku": str(info["sku"]),
                 "type": str(info["type"]), "shape": str(info["shape"])}
 
-    def answer(self, matches: list[Match]) -> str:
-        """The best SKU, or :data:`UNKNOWN` when it scores below the threshold."""
-        if not matches or (self.threshold is not None and matches[0].score < self.threshold):
+    def answer(self, matches: list[Match], known: float | None = None, trained: set[int] | None = None) -> str:
+        """The best SKU, or :data:`UNKNOWN` when the query scores below the threshold.
+
+        ``known``: the query's open-set score (:meth:`known_scores`; None: the best match's
+        similarity, the ``gallery`` score). With a classifier score and ``trained`` (the
+        classes the model trained on), a best SKU outside ``trained`` is judged by its
+        similarity against :attr:`similarity_threshold`."""
+        if not matches:
             return UNKNOWN
-        return matches[0].label["sku"]
+        best = matches[0]
+        if self.score in LOGIT_SCORES and trained is not None and best.label["class"] not in trained:
+            limit, value = self.similarity_threshold, best.score
+        else:
+            limit, value = self.threshold, best.score if known is None or self.score == "gallery" else known
+        return UNKNOWN if limit is not None and value < limit else best.label["sku"]
+
+    def known_scores(self, vectors: np.ndarray, logits: np.ndarray | None, ranked: list[list[Match]]) -> np.ndarray:
+        """The gallery's open-set score of each query (unit-norm ``vectors`` [M, D], the trained
+        classes' ``logits`` [M, C] for a classifier score): higher = more known."""
+        if self.score == "gallery":
+            return np.array([m[0].score if m else -np.inf for m in ranked], np.float64)
+        if self.score == "knn":
+            return knn(vectors, self.vectors, min(self.k or 10, len(self)))
+        if logits is None:
+            raise ConfigError(f"the gallery's score {self.score} needs the classifier's logits")
+        return logit_scores(logits)[self.score]
 
     # -- persistence --------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "model_id": self.model_id, "checkpoint": self.checkpoint,
                 "dim": int(self.vectors.shape[1]), "vectors": len(self), "skus": int(len(set(self.skus))),
                 "index": {"kind": self.index_kind, "nlist": self.nlist, "nprobe": self.nprobe},
-                "threshold": self.threshold, "threshold_source": self.threshold_source}
+                "threshold": self.threshold, "threshold_source": self.threshold_source,
+                "score": self.score, "k": self.k, "score_source": self.score_source,
+                "similarity_threshold": self.similarity_threshold}
 
     def save(self, location: str | Path) -> str:
         """Write the next generation (see the module docstring): its vectors and index, then
@@ -248,7 +269,9 @@ class Gallery:
         settings = info["index"]
         return cls(embedded.table[list(LABEL_COLUMNS)], vectors, info["model_id"], info.get("checkpoint", ""),
                    info.get("threshold"), info.get("threshold_source", "none"), settings["kind"],
-                   settings.get("nlist", 0), settings.get("nprobe", 0), index, int(info.get("generation", 0)))
+                   settings.get("nlist", 0), settings.get("nprobe", 0), index, generation=int(info.get("generation", 0)),
+                   score=info.get("score", "gallery"), k=info.get("k"), score_source=info.get("score_source", "default"),
+                   similarity_threshold=info.get("similarity_threshold"))
 
 
 def read_manifest(location: str | Path) -> dict[str, Any]:
@@ -275,147 +298,6 @@ def _is_generation_file(name: str) -> bool:
     stem, _, kind = name.partition("-")
     return stem in ("vectors", "index") and (kind.endswith(".parquet") or kind.endswith(".faiss")) \
         and kind.split(".")[0].isdigit() or name in (VECTORS, INDEX)
-
-
-# -- building from a checkpoint --------------------------------------------------------------------
-def shots(samples: pd.DataFrame, per_class: int) -> pd.DataFrame:
-    """At most ``per_class`` rows of each label (``sku``), the first by a hash of the key:
-    the same images whatever the order of ``samples`` (0 = all rows)."""
-    if not per_class:
-        return samples
-    import hashlib
-
-    rank = samples["key"].map(lambda k: hashlib.blake2b(str(k).encode(), digest_size=8).hexdigest())
-    ordered = samples.assign(_rank=rank).sort_values(["sku", "_rank", "key"])
-    return ordered.groupby("sku", sort=False).head(per_class).drop(columns="_rank").sort_values("key").reset_index(drop=True)
-
-
-def validation_keys(manifest: Manifest, fraction: float, by: str = "groups") -> set[str]:
-    """Keys of the train images held out as the validation split (``data.holdout``,
-    drawn ``by`` groups of near-duplicates or single keys: :mod:`rp2k_dist.data.holdout`)."""
-    index = manifest.index()
-    rows = index.select(["key", "split", "label"] + (["phash"] if "phash" in index.column_names else [])).to_pydict()
-    train = [key for key, split in zip(rows["key"], rows["split"]) if split == "train"]
-    return {key for key, held in zip(train, train_holdout(rows, fraction, by)) if held}
-
-
-@dataclass
-class Built:
-    """What :func:`build_gallery` did."""
-
-    gallery: Gallery
-    location: str
-    rejected: list[dict[str, str]]
-    calibration_queries: int  # validation images the threshold was chosen on (0: given or none)
-
-
-def build_gallery(
-    checkpoint: str | Path, source: str | Path, out: str | Path, split: str = "train", per_class: int = 0,
-    index: str = "auto", nlist: int = 0, nprobe: int = 0, threshold: float | None = None,
-    tar: float = DEFAULT_TAR, batch_size: int = 64, workers: int = 2,
-) -> Built:
-    """Embed ``source`` (a packed dataset's ``split``, or a folder of ``<sku>/<image>``)
-    into a gallery at ``out``, ``per_class`` images per SKU (0 = all).
-
-    Threshold: ``threshold`` when given; else, for a packed dataset whose checkpoint was
-    trained with ``data.holdout`` > 0, calibrated to accept ``tar`` of that validation split
-    (images of the classes the model trained on, never in the gallery); else none (every
-    query gets its best SKU)."""
-    trained = load_trained(checkpoint)
-    validation: set[str] = set()
-    manifest = None
-    if is_shards(source):
-        manifest = Manifest.load(source)
-        samples = shard_samples(manifest, split)
-        fraction, by = holdout_of(trained.checkpoint["config"]["data"])
-        if split == "train" and fraction > 0:
-            validation = validation_keys(manifest, fraction, by)
-            samples = samples[~samples["key"].isin(validation)]
-    else:
-        samples = folder_samples(source, trained.classes)
-    samples = shots(samples, per_class)
-    embedded = embed_samples(trained, samples, manifest, batch_size, workers)
-    gallery = Gallery.create(embedded, storage.absolute(str(checkpoint)), index, nlist, nprobe)
-    queries = 0
-    if threshold is not None:
-        gallery.threshold, gallery.threshold_source = float(threshold), "given (--threshold)"
-    elif validation:
-        seen = {c["global_index"] for c in trained.classes if not c.get("unseen")}
-        frame = shard_samples(manifest, "train")
-        frame = frame[frame["key"].isin(validation) & frame["class"].isin(seen)]
-        known = embed_samples(trained, frame, manifest, batch_size, workers)
-        best = [m[0].score for m in gallery.rank(np.stack(list(known.table["embedding"])), k=1)]
-        gallery.threshold = calibrate_threshold(np.array(best), tar)
-        gallery.threshold_source = (f"calibrated: accepts {tar:.0%} of {len(best)} validation images "
-                                    f"(data.holdout {trained.checkpoint['config']['data']['holdout']})")
-        queries = len(best)
-    gallery.save(out)
-    return Built(gallery, str(out), embedded.rejected, queries)
-
-
-def add_to_gallery(
-    location: str | Path, images: str | Path, label: str, checkpoint: str | Path | None = None,
-    batch_size: int = 64, workers: int = 2,
-) -> tuple[Gallery, int, list[dict[str, str]]]:
-    """Embed every image under ``images`` as SKU ``label`` with the gallery's model (its
-    recorded checkpoint, or ``checkpoint``, which must have the same weights) and save the
-    gallery; returns (gallery, images added, rejected files)."""
-    gallery = Gallery.load(location)
-    trained = load_trained(checkpoint or gallery.checkpoint)
-    gallery.check_model(model_id(trained), f"checkpoint {storage.display(checkpoint or gallery.checkpoint)}")
-    embedded = embed_samples(trained, folder_samples(images, trained.classes, label), None, batch_size, workers)
-    if embedded.table.empty:
-        raise DataError(f"no image under {storage.display(images)} could be embedded",
-                        hint="give a folder holding .jpg / .png photos of the product")
-    gallery.add(embedded)
-    gallery.save(location)
-    return gallery, len(embedded.table), embedded.rejected
-
-
-#: Columns of ``rp2k predict --gallery``: one row per (image, rank) of the top SKUs, with the
-#: image's answer (a SKU or ``unknown``) and the threshold it was compared with.
-@dataclass
-class GalleryPrediction(FolderPrediction):
-    """:class:`~.predict.FolderPrediction` plus the images answered ``unknown``."""
-
-    unknown: int = 0
-
-
-GALLERY_DTYPES = {"path": "string", "answer": "string", "rank": "Int64", "class": "Int64", "name": "string",
-                  "sku": "string", "type": "string", "shape": "string", "score": "float64",
-                  "threshold": "float64", "error": "string", "reason": "string"}
-
-
-def predict_with_gallery(
-    checkpoint: str | Path | TrainedModel, folder: str | Path, gallery: str | Path | Gallery, out: str | Path,
-    k: int = 5, batch_size: int = 64, workers: int = 2,
-) -> GalleryPrediction:
-    """Answer every image under ``folder`` with a SKU of the gallery or ``unknown`` and write
-    the table (:data:`GALLERY_DTYPES`) to ``out`` (``.parquet``, ``.csv`` or ``.json``)."""
-    from .embeddings import image_features
-
-    _check_format(out)
-    trained = checkpoint if isinstance(checkpoint, TrainedModel) else load_trained(checkpoint)
-    gallery = gallery if isinstance(gallery, Gallery) else Gallery.load(gallery)
-    gallery.check_model(model_id(trained), "the checkpoint given to predict")
-    paths, vectors, rejected = image_features(trained, list_files(folder), batch_size, workers)
-    rows: list[dict[str, Any]] = []
-    ranked = gallery.rank(vectors, k) if len(paths) else []
-    unknown = 0
-    for path, matches in zip(paths, ranked):
-        answer = gallery.answer(matches)
-        unknown += answer == UNKNOWN
-        for rank, match in enumerate(matches, 1):
-            rows.append({"path": storage.display(path), "answer": answer, "rank": rank, **match.label,
-                         "score": match.score, "threshold": gallery.threshold})
-    table = pd.DataFrame(rows + list(rejected), columns=list(GALLERY_DTYPES)).astype(GALLERY_DTYPES)
-    return GalleryPrediction(write_table(table, out), len(paths), rejected, unknown)
-
-
-def answers(table: pd.DataFrame) -> dict[str, str]:
-    """path -> answer of a :func:`predict_with_gallery` table."""
-    first = table[table["rank"] == 1]
-    return dict(zip(first["path"], first["answer"]))
 
 
 def recall_against_exact(vectors: np.ndarray, queries: np.ndarray, k: int, nlist: int = 0,
