@@ -6,7 +6,6 @@ what training gives (bench/openset_heads.py measures that)."""
 from __future__ import annotations
 
 import json
-
 import math
 from pathlib import Path
 
@@ -18,8 +17,7 @@ from PIL import Image
 
 from rp2k_dist.config import ConfigError, load_config
 from rp2k_dist.data.holdout import held_out_classes
-from rp2k_dist.engine.checkpoint import build_checkpoint
-from rp2k_dist.engine.run_data import build_loaders, select_data
+from rp2k_dist.engine.run_data import build_loaders
 from rp2k_dist.errors import GalleryModelMismatchError
 from rp2k_dist.data.tar_index import iter_shard_images
 from rp2k_dist.data.transforms import EvalTransform
@@ -36,6 +34,7 @@ from rp2k_dist.models import create_model, input_spec
 from rp2k_dist.models.cosine import CosineHead
 from rp2k_dist.run_folder import OPENSET, OPENSET_TABLE, checkpoint_dir, to_bytes
 from tests.conftest import tiny_run_overrides
+from tests.helpers import untrained_run
 
 
 def _classes(types: list[str]) -> list[dict]:
@@ -95,17 +94,8 @@ def run(synth_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("openset")
     config = load_config(None, tiny_run_overrides(synth_shards.root, root, "cos") + [
         "model.head=cosine", "data.holdout_classes=3", "data.holdout=0.2"])
-    data = select_data(config)
-    torch.manual_seed(0)
-    model = create_model("resnet34", len(data.classes), **config.model.head_args())
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    checkpoint = build_checkpoint(model_without_ddp=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
-                                  data=data, spec=input_spec("resnet34", 32), epoch=1, history=[])
-    folder = root / "cos" / checkpoint_dir(1)
-    folder.mkdir(parents=True)
-    (folder / "checkpoint.pt").write_bytes(to_bytes(checkpoint))
-    return {"dir": root / "cos", "config": config, "data": data, "checkpoint": checkpoint, "root": root}
+    made = untrained_run(config, root / "cos")
+    return {"dir": root / "cos", "config": config, "root": root, **made}
 
 
 def test_unseen_classes_never_reach_training_batches(run):
@@ -275,6 +265,20 @@ def test_openset_writes_its_table_for_a_run_with_unseen_classes(run, synth_shard
         for k in (1, 5):
             assert overall.recall[f"catalogue r@{k} {s}-shot"] <= overall.recall[f"r@{k} {s}-shot"]
     assert 0.0 <= overall.accuracy <= 100.0
+
+
+def test_an_earlier_epoch_is_not_given_the_runs_closed_set_table(run, synth_shards, tmp_path):
+    """The closed-set columns come from the run's evaluation.json, which is its latest
+    checkpoint's: an earlier epoch's open-set table leaves them empty instead of borrowing them."""
+    import shutil
+
+    folder = tmp_path / "cos"
+    shutil.copytree(run["dir"], folder, ignore=shutil.ignore_patterns("openset*"))
+    shutil.copytree(folder / checkpoint_dir(1), folder / checkpoint_dir(2))  # a later epoch
+    (folder / "evaluation.json").write_text(json.dumps({"table2": {"overall": {"top1": 12.5, "top5": 50.0}}}))
+    assert evaluate_openset(folder, out=tmp_path / "latest").overall.top1 == 12.5
+    earlier = evaluate_openset(folder / checkpoint_dir(1), out=tmp_path / "earlier").overall
+    assert math.isnan(earlier.top1) and math.isnan(earlier.top5) and 0.0 <= earlier.auroc <= 1.0
 
 
 def test_a_gallery_records_the_runs_score_and_recognises_an_added_sku(run, synth_shards, tmp_path):

@@ -48,7 +48,7 @@ from ..data.holdout import holdout_of, split_unseen
 from ..data.manifest import Manifest
 from ..data.metadata import TYPES
 from ..errors import DataError
-from ..run_folder import find_run_dir, read_json
+from ..run_folder import find_checkpoint, find_run_dir, read_json
 from ..storage import RunStorage
 from .embeddings import logits_of_features, shard_features, shard_samples
 from .gallery import DEFAULT_TAR
@@ -386,7 +386,9 @@ def evaluate_openset(
             hits[f"{CATALOGUE}r@{k} {s}-shot"] = recall_at(unknown_vectors, labels, matrix(catalogue),
                                                            catalogue["class"].to_numpy(), k)
     run_dir = None if isinstance(run, TrainedModel) else find_run_dir(run)
-    evaluation = read_json(RunStorage.at(run_dir), run_folder.EVALUATION) if run_dir else None
+    # The run's Table 2 (closed-set columns) is its latest checkpoint's: not an earlier epoch's.
+    latest = run_dir is not None and find_checkpoint(run) == find_checkpoint(run_dir)
+    evaluation = read_json(RunStorage.at(run_dir), run_folder.EVALUATION) if latest else None
     closed = {r["group"]: r for r in (evaluation or {}).get("table2", {}).get("by_type", [])}
     overall = (evaluation or {}).get("table2", {}).get("overall", {})
     types = {int(c["index"]): c["type"] for c in manifest.classes}
