@@ -50,3 +50,26 @@ def after_epoch(config, epoch: int, action):
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
+
+
+def untrained_run(config, folder: Path, crop: int = 32) -> dict:
+    """An epoch-1 checkpoint of a freshly initialised ResNet-34 (seed 0) for ``config``,
+    written into run folder ``folder``: a run the evaluation commands can load, in seconds.
+    Returns the data selection and the checkpoint."""
+    import torch
+
+    from rp2k_dist.engine.checkpoint import build_checkpoint
+    from rp2k_dist.engine.run_data import select_data
+    from rp2k_dist.models import create_model, input_spec
+    from rp2k_dist.run_folder import checkpoint_dir, to_bytes
+
+    data = select_data(config)
+    torch.manual_seed(0)
+    model = create_model("resnet34", len(data.classes), **config.model.head_args())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    checkpoint = build_checkpoint(model_without_ddp=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+                                  data=data, spec=input_spec("resnet34", crop), epoch=1, history=[])
+    (folder / checkpoint_dir(1)).mkdir(parents=True)
+    (folder / checkpoint_dir(1) / "checkpoint.pt").write_bytes(to_bytes(checkpoint))
+    return {"data": data, "checkpoint": checkpoint}

@@ -10,18 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from rp2k_dist.engine.train import build_checkpoint, select_data
 from rp2k_dist.config import load_config
 from rp2k_dist.evaluation.gallery import Gallery, generation_of
 from rp2k_dist.evaluation.gallery_build import build_gallery
 from rp2k_dist.evaluation.predict import predict_images
-from rp2k_dist.models import create_model, input_spec
-from rp2k_dist.run_folder import checkpoint_dir, to_bytes
 from rp2k_dist.serving.requests import Limits, RequestError, check_pixels, image_size, parse_images
 from tests.conftest import tiny_run_overrides
+from tests.helpers import untrained_run
 from tests.ports import free_port
 
 TOKEN = "test-token-0123"
@@ -91,16 +88,7 @@ def model_dir(synth_shards, tmp_path_factory) -> Path:
     """An (untrained) ResNet-34 checkpoint at 32 px over the synthetic classes, as the engine writes it."""
     root = tmp_path_factory.mktemp("serve")
     config = load_config(None, tiny_run_overrides(synth_shards.root, root, "served"))
-    data = select_data(config)
-    torch.manual_seed(0)
-    model = create_model("resnet34", len(data.classes))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    checkpoint = build_checkpoint(model_without_ddp=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
-                                  data=data, spec=input_spec("resnet34", 32), epoch=1, history=[])
-    folder = root / "served" / checkpoint_dir(1)
-    folder.mkdir(parents=True)
-    (folder / "checkpoint.pt").write_bytes(to_bytes(checkpoint))
+    untrained_run(config, root / "served")
     return root / "served"
 
 
