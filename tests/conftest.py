@@ -222,7 +222,7 @@ LONGEST_FIRST = ("tests/test_tune.py", "tests/test_rehearsal.py", "tests/test_ra
                  "tests/test_ray_multinode.py", "tests/test_reproduce.py", "tests/test_ray_elastic.py",
                  "tests/test_engine.py", "tests/test_ray_train.py", "tests/test_demo.py",
                  "tests/test_storage_seam.py", "tests/test_gpu_bundle.py", "tests/test_object_storage.py",
-                 "tests/test_submit.py", "tests/test_console.py", "tests/test_global_batch.py")
+                 "tests/test_serving.py", "tests/test_submit.py", "tests/test_console.py", "tests/test_global_batch.py")
 
 
 def _order(module: str) -> tuple[int, int]:
