@@ -310,3 +310,41 @@ def test_auth_errors_say_what_to_do(ray_head, tmp_path):
     assert "Traceback" not in done.stderr
     with pytest.raises(SubmitError, match="cannot reach the Ray Jobs API"):
         connect(f"http://127.0.0.1:{free_port()}")
+
+
+def test_serve_submits_itself_as_a_job_that_answers_over_http(ray_head, tiny_shards, tmp_path, capsys):
+    """`rp2k serve --submit`: the job's driver starts the Serve application on the cluster,
+    which answers /health and /predict on its port; stopping the job stops the service."""
+    import urllib.request
+
+    from rp2k_dist.config import load_config
+    from tests.conftest import tiny_run_overrides
+    from tests.helpers import jpeg_bytes, untrained_run
+
+    config = load_config(None, tiny_run_overrides(tiny_shards, tmp_path / "runs", "served"))
+    untrained_run(config, tmp_path / "runs" / "served")
+    port = free_port()
+    connection = ["--address", ray_head["url"], "--auth-token-file", str(ray_head["token_file"])]
+    assert main(["serve", str(tmp_path / "runs" / "served"), "--submit", *connection, "--port", str(port),
+                 "--max-batch", "2"]) == 0
+    job_id = re.search(r"^submitted job (\S+) to ", capsys.readouterr().out, re.M).group(1)
+    client = connect(ray_head["url"], auth_token_file=ray_head["token_file"])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline, health = time.monotonic() + 240, None
+        while time.monotonic() < deadline and str(client.get_job_status(job_id)) in ("PENDING", "RUNNING"):
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                    health = response.status
+                break
+            except OSError:
+                time.sleep(1.0)
+        assert health == 200, client.get_job_logs(job_id)[-3000:]
+        request = urllib.request.Request(f"{url}/predict", data=jpeg_bytes(0, (64, 64)),
+                                         headers={"Content-Type": "image/jpeg"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        assert len(answer["predictions"][0]["top5"]) == 5
+    finally:
+        jobs_stop(job_id, client=client)
+    assert str(wait(client, job_id, timeout_s=90)) == "STOPPED"
