@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from rp2k_dist.config import load_config
@@ -259,3 +260,35 @@ def test_serve_submit_runs_the_same_command_without_the_submission_flags():
     assert words[words.index("--replicas") + 1] == "3" and words[words.index("--gpus-per-replica") + 1] == "0.5"
     assert words[words.index("--host") + 1] == "0.0.0.0" and words[words.index("--gallery") + 1] == "s3://b/g"
     assert args.func.__name__ == "cmd_serve"
+
+
+@pytest.mark.parametrize("score", ["gallery", "msp"])
+def test_a_replica_answers_with_the_gallerys_score_as_predict_gallery_does(model_dir, synth_shards, tmp_path, score):
+    """A gallery that records a classifier score (msp) is answered by that score and its
+    threshold in the service too, not by the best similarity against the score's threshold:
+    the service and `rp2k predict --gallery` give the same SKU or unknown for every photo."""
+    import pandas as pd
+
+    from rp2k_dist.evaluation.embeddings import image_features
+    from rp2k_dist.evaluation.gallery_build import answers, predict_with_gallery, query_scores
+    from rp2k_dist.evaluation.inference import load_trained
+    from rp2k_dist.serving.model import Classifier
+
+    source, queries = tmp_path / "source", tmp_path / "queries"
+    for index in range(4):
+        shutil.copytree(_photos(synth_shards, "train", index), source / synth_shards.classes[index]["name"])
+        shutil.copytree(_photos(synth_shards, "test", index), queries / str(index))
+    built = build_gallery(model_dir, source, tmp_path / "g", threshold=0.0, score=score)
+    gallery, trained = built.gallery, load_trained(model_dir, "cpu")
+    files = sorted(p for p in queries.rglob("*") if p.is_file())
+    _, raw, _ = image_features(trained, files, 8, 1, normalise=False)
+    _, _, known = query_scores(trained, gallery, raw)
+    gallery.threshold = float(np.median(known))  # half of the queries fall below: both answers occur
+    gallery.save(tmp_path / "g")
+    predict_with_gallery(model_dir, queries, tmp_path / "g", tmp_path / "p.parquet", workers=1)
+    expected = {str(Path(p).resolve()): a for p, a in answers(pd.read_parquet(tmp_path / "p.parquet")).items()}
+    served = Classifier(model_dir, gallery=tmp_path / "g", device="cpu")
+    batch = torch.stack(served.decode([f.read_bytes() for f in files]))
+    got = {str(f.resolve()): a["gallery"]["answer"] for f, a in zip(files, served.predict(batch))}
+    assert got == expected
+    assert "unknown" in got.values() and set(got.values()) - {"unknown"}

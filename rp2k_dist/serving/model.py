@@ -5,9 +5,10 @@ Serve deployment, tests and ``bench/serve_load.py`` can call it directly.
 Every image goes through :func:`rp2k_dist.evaluation.predict.decode_image` and
 :func:`~rp2k_dist.evaluation.predict.top5_of`, the decode, preprocessing and scoring of
 ``rp2k predict`` (bf16 autocast on CUDA, as the engine evaluates), so the service and the
-batch path give the same top-5 for the same file. With a gallery, each image's embedding
-(:func:`~rp2k_dist.evaluation.embeddings.embeddings_of`, as ``rp2k gallery`` embeds) is
-answered with the gallery's SKU or ``unknown`` (:meth:`~rp2k_dist.evaluation.gallery.Gallery.answer`).
+batch path give the same top-5 for the same file. With a gallery, each image is answered with
+the gallery's SKU or ``unknown`` by the open-set score and threshold the gallery records
+(:func:`~rp2k_dist.evaluation.gallery_build.query_scores` and
+:meth:`~rp2k_dist.evaluation.gallery.Gallery.answer`, as ``rp2k predict --gallery`` answers).
 
 The gallery is re-read when its generation changes (:func:`~rp2k_dist.evaluation.gallery.generation_of`,
 one small read of ``gallery.json``, at most every ``reload_s`` seconds): an add by any replica,
@@ -31,7 +32,8 @@ from ..data.transforms import EvalTransform
 from ..errors import GalleryError
 from ..evaluation.embeddings import LABEL_COLUMNS, Embedded, embeddings_of, label_of, model_id
 from ..evaluation.gallery import Gallery, generation_of
-from ..evaluation.inference import TrainedModel, load_trained
+from ..evaluation.gallery_build import query_scores, trained_classes
+from ..evaluation.inference import TrainedModel, features_of, load_trained
 from ..evaluation.predict import decode_error_reason, decode_image, top5_of
 from .requests import Limits, RequestError, check_pixels
 
@@ -48,6 +50,7 @@ class Classifier:
         self.checkpoint = "" if isinstance(checkpoint, TrainedModel) else storage.absolute(str(checkpoint))
         self.transform = EvalTransform(self.trained.spec)
         self.model_id = model_id(self.trained)
+        self.trained_set = trained_classes(self.trained)  # for a classifier score (Gallery.answer)
         self.limits = limits
         self.reload_s = reload_s
         self.gallery_location = str(gallery) if gallery else None
@@ -121,11 +124,13 @@ class Classifier:
         answers = [{"top5": top, "meta_category": top[0]["type"] if top else ""} for top in tops]
         gallery = self.gallery
         if gallery is not None and len(gallery):
-            ranked = gallery.rank(embeddings_of(self.trained, batch).numpy(), k=5)
-            for answer, matches in zip(answers, ranked):
+            # the gallery's recorded open-set score and threshold, as `rp2k predict --gallery` applies them
+            ranked, _, known = query_scores(self.trained, gallery, features_of(self.trained, batch).numpy(), k=5)
+            for answer, matches, value in zip(answers, ranked, known):
                 answer["gallery"] = {
-                    "answer": gallery.answer(matches), "score": matches[0].score if matches else None,
-                    "threshold": gallery.threshold,
+                    "answer": gallery.answer(matches, float(value), self.trained_set),
+                    "score": matches[0].score if matches else None, "threshold": gallery.threshold,
+                    "open_set_score": gallery.score, "open_set_value": float(value),
                     "top5": [{"rank": r, **m.label, "score": m.score} for r, m in enumerate(matches, 1)],
                 }
         return answers
