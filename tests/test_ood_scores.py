@@ -15,8 +15,8 @@ from rp2k_dist.data.holdout import split_unseen
 from rp2k_dist.evaluation.embeddings import Embedded
 from rp2k_dist.evaluation.gallery import UNKNOWN, Gallery
 from rp2k_dist.evaluation.ood_scores import (
-    choose, energy, far_at, fpr_at_tpr, fpr_interval, gallery, knn, max_logit, msp, score_row, scores_markdown,
-    threshold_at,
+    calibrate_threshold, choose, energy, far_at, fpr_at_tpr, fpr_interval, gallery, knn, max_logit, msp, score_row,
+    scores_markdown,
 )
 from rp2k_dist.evaluation.openset import CATALOGUE, OpenSetResult, OpenSetRow, recall_at
 from rp2k_dist.evaluation.stats import auroc
@@ -69,7 +69,7 @@ def test_a_threshold_chosen_on_validation_is_applied_unchanged_to_test():
     t_known, t_unknown = rng.normal(1.0, 1.0, 150), rng.normal(0.0, 1.0, 60)
     strata = np.repeat([7, 8], 30)
     row = score_row("energy", None, v_known, v_unknown, t_known, t_unknown, strata)
-    assert row.threshold == threshold_at(v_known) and np.mean(v_known >= row.threshold) >= 0.95
+    assert row.threshold == calibrate_threshold(v_known) and np.mean(v_known >= row.threshold) >= 0.95
     assert row.far == pytest.approx(100 * np.mean(t_unknown >= row.threshold))
     assert row.tar == pytest.approx(100 * np.mean(t_known >= row.threshold))
     assert row.validation_auroc == pytest.approx(auroc(v_known, v_unknown))
@@ -80,7 +80,7 @@ def test_a_threshold_chosen_on_validation_is_applied_unchanged_to_test():
     low, high = row.intervals["auroc"]
     assert low <= row.auroc <= high
     # FPR at 95 % TPR: on the test set's own known images
-    cut = threshold_at(t_known)
+    cut = calibrate_threshold(t_known)
     assert row.fpr95 == pytest.approx(fpr_at_tpr(t_known, t_unknown)) == pytest.approx(
         100 * far_at(t_unknown, cut).mean())
     interval = fpr_interval(t_known, t_unknown)

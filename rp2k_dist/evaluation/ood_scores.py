@@ -112,12 +112,6 @@ def calibrate_threshold(scores: np.ndarray, tar: float = TPR) -> float:
     return float(scores[min(len(scores) - 1, math.floor((1.0 - tar) * len(scores)))])
 
 
-def threshold_at(known: np.ndarray, tpr: float = TPR) -> float:
-    """The highest threshold accepting (score >= threshold) at least ``tpr`` of ``known``
-    (:func:`calibrate_threshold`, the galleries' rule)."""
-    return calibrate_threshold(known, tpr)
-
-
 def far_at(unknown: np.ndarray, threshold: float) -> np.ndarray:
     """bool [N]: unknown images accepted (score >= threshold)."""
     return np.asarray(unknown, np.float64) >= threshold
@@ -128,7 +122,7 @@ def fpr_at_tpr(known: np.ndarray, unknown: np.ndarray, tpr: float = TPR) -> floa
     (FPR at 95 % TPR); nan when a side is empty."""
     if not len(known) or not len(unknown):
         return math.nan
-    return 100.0 * float(np.mean(far_at(unknown, threshold_at(known, tpr))))
+    return 100.0 * float(np.mean(far_at(unknown, calibrate_threshold(known, tpr))))
 
 
 def fpr_interval(known: np.ndarray, unknown: np.ndarray, tpr: float = TPR, *, resamples: int = RESAMPLES,
@@ -175,7 +169,7 @@ def score_row(name: str, k: int | None, validation_known: np.ndarray, validation
               known: np.ndarray, unknown: np.ndarray, unknown_strata: np.ndarray, tpr: float = TPR) -> ScoreRow:
     """The figures of one score: the threshold accepts ``tpr`` of the validation known images,
     and is applied unchanged to the test images (``known`` vs ``unknown``)."""
-    threshold = threshold_at(validation_known, tpr)
+    threshold = calibrate_threshold(validation_known, tpr)
     accepted, kept = far_at(unknown, threshold), far_at(known, threshold)
     auc = auroc_interval(known, unknown)
     fpr = fpr_interval(known, unknown, tpr)
